@@ -1,0 +1,5 @@
+import sys
+
+from timm_pf.cli import main
+
+sys.exit(main())

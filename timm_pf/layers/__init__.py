@@ -1,0 +1,1 @@
+"""Operators introduced by the papers (parameter-free pooling, deformable pooling, dynamic convolution)."""

@@ -1,0 +1,118 @@
+"""Model statistics measured by running the model: parameters, MACs and activations.
+
+MACs are counted with ``torch.utils.flop_counter.FlopCounterMode`` (MACs = FLOPs / 2), which counts
+convolutions and matrix products, the convention the papers' tables follow (pooling and element-wise
+ops are free). Activations follow "Fast and Accurate Model Scaling" (Dollar et al., 2021): the number of
+elements written by convolutions and matrix products.
+"""
+from dataclasses import asdict, dataclass
+from typing import Dict, Optional, Sequence
+
+import torch
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+
+__all__ = ['ModelStats', 'count_params', 'count_macs', 'count_activations', 'model_stats']
+
+_ACTIVATION_OPS = {
+    torch.ops.aten.convolution.default,
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten.baddbmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+}
+
+
+def _cpu_flash_attention_flop(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+    # FlopCounterMode knows the CUDA attention kernels only; the CPU kernel has the same cost.
+    return sdpa_flop(query_shape, key_shape, value_shape)
+
+
+# Ops that FlopCounterMode does not count by itself.
+_EXTRA_FLOP_FORMULAS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_attention_flop,
+}
+
+
+@dataclass
+class ModelStats:
+    params: int
+    macs: int
+    activations: int
+    input_size: Sequence[int]
+
+    def as_dict(self) -> Dict[str, object]:
+        return asdict(self)
+
+
+def count_params(model: nn.Module, trainable_only: bool = False) -> int:
+    """Number of parameters (shared tensors counted once)."""
+    seen = set()
+    total = 0
+    for p in model.parameters():
+        if id(p) in seen or (trainable_only and not p.requires_grad):
+            continue
+        seen.add(id(p))
+        total += p.numel()
+    return total
+
+
+def _dummy_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -> torch.Tensor:
+    ref = next(model.parameters(), None)
+    kw = dict(device=ref.device, dtype=ref.dtype) if ref is not None else {}
+    return torch.randn(batch_size, *input_size, **kw)
+
+
+@torch.no_grad()
+def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
+    """Multiply-accumulates of one forward pass per image (FLOPs / 2 from ``FlopCounterMode``)."""
+    was_training = model.training
+    model.eval()
+    x = _dummy_input(model, input_size, batch_size)
+    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+        model(x)
+    model.train(was_training)
+    return counter.get_total_flops() // 2 // batch_size
+
+
+class _ActivationCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.total = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func in _ACTIVATION_OPS:
+            first = out[0] if isinstance(out, (tuple, list)) else out
+            self.total += first.numel()
+        return out
+
+
+@torch.no_grad()
+def count_activations(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
+    """Elements written by convolutions and matrix products in one forward pass, per image."""
+    was_training = model.training
+    model.eval()
+    x = _dummy_input(model, input_size, batch_size)
+    counter = _ActivationCounter()
+    with counter:
+        model(x)
+    model.train(was_training)
+    return counter.total // batch_size
+
+
+def model_stats(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ModelStats:
+    """Params, MACs and activations at ``input_size`` (default: the model's pretrained cfg input size)."""
+    if input_size is None:
+        input_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
+    input_size = tuple(input_size)
+    return ModelStats(
+        params=count_params(model),
+        macs=count_macs(model, input_size),
+        activations=count_activations(model, input_size),
+        input_size=input_size,
+    )

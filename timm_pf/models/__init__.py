@@ -3,3 +3,4 @@ from . import resnet_pf
 from . import vit_pf
 from . import pit_pf
 from . import parameternet
+from . import replace

@@ -1,1 +1,476 @@
-"""(being written)"""
+"""Parameter-free ResNets: "Learning Features with Parameter-Free Layers" (Han et al., ICLR 2022).
+
+Paper: https://arxiv.org/abs/2202.02777 (§3.2, §4.1, Tables 2-4, Appendix A).
+Official code: https://github.com/naver-ai/PfLayer (``resnet_pf.py``).
+
+The efficient bottleneck (§3.2, Fig. A.1c) replaces the 3x3 conv + BN + ReLU triplet of a ResNet
+bottleneck by a parameter-free 3x3 max-pool. Every model here is timm's :class:`~timm.models.ResNet`
+built from one block class, :class:`PfBottleneck`, whose spatial operation is looked up by name in
+:data:`SPATIAL_OPS`; which op each block gets is set by one ``block_pattern`` string:
+
+* ``'E'`` efficient bottleneck: the ``spatial_op`` (default ``'max'``) replaces the triplet; where the
+  block downsamples, the op carries the stride (3x3 max-pool stride 2).
+* ``'B'`` regular bottleneck: 3x3 conv + BN + ReLU with the stride on the conv (ResNet v1.5).
+* ``'H'`` hybrid: where the block downsamples, a regular bottleneck with a 2x2 average pool before its
+  3x3 conv (which then has stride 1); every other block is efficient (§4.1 "hybrid architecture",
+  Appendix A).
+
+A pattern is one letter per stage (``'EEBB'``, the stage-level models of Table 2), or groups separated
+by ``'-'`` (or the paper's ``'→'``), each either one letter for the whole stage or one letter per block
+(``'EBE-BEBE-BEBEBE-BEB'``). Named patterns: ``'hybrid'`` (= ``'HHHH'``), ``'efficient'`` (= ``'EEEE'``),
+``'regular'`` (= ``'BBBB'``) and ``'eb'`` (Table 2 "E/B": efficient and regular bottlenecks alternate
+block by block, starting with an efficient one; in ResNet-50 every downsampling block is then regular).
+
+The downsampling shortcut is a 1x1 conv with stride 2 + BN, as in the official code. The stem and head
+are those of ResNet-50. Spatial ops receive ``(channels, stride)``; register more in
+:data:`SPATIAL_OPS` (e.g. deformable pooling) and they become usable as ``spatial_op=...``.
+"""
+import re
+from collections import OrderedDict
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Type
+
+import torch
+from torch import nn
+from timm.layers import BatchNormAct2d, create_attn, create_conv2d
+from timm.models import build_model_with_cfg, register_model
+from timm.models.resnet import ResNet
+
+from timm_pf.layers.pf_pool import PfMaxPool2d
+from ._cfg import generate_pf_cfgs
+
+__all__ = [
+    'SPATIAL_OPS', 'BLOCK_LETTERS', 'NAMED_BLOCK_PATTERNS', 'PfBottleneck', 'PfResNet',
+    'parse_block_pattern', 'checkpoint_filter_fn',
+]
+
+
+def _conv_bn_act(channels: int, kernel_size: int, stride: int, groups: int = 1, pre_pool: bool = False) -> nn.Module:
+    """Conv + BN + ReLU on ``channels`` (keys ``conv``/``bn``), optionally after a 2x2 average pool."""
+    layers = OrderedDict()
+    if pre_pool and stride > 1:
+        # Official code: nn.AvgPool2d(2, 2). ceil_mode/count_include_pad only matter for odd sizes,
+        # where the official block fails (its shortcut output is one pixel larger); here it matches it.
+        layers['pool'] = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
+        stride = 1
+    layers['conv'] = create_conv2d(channels, channels, kernel_size, stride=stride, groups=groups)
+    layers['bn'] = BatchNormAct2d(channels, act_layer=nn.ReLU)
+    return nn.Sequential(layers)
+
+
+# Spatial operation of a bottleneck, by name: ``factory(channels, stride) -> nn.Module``. The module
+# replaces the 3x3 conv + BN + ReLU of a regular bottleneck (input and output have ``channels``
+# channels; ``stride`` is 1 or 2). Extend it to add operations; ``spatial_op=<name>`` then selects them.
+SPATIAL_OPS: Dict[str, Callable[[int, int], nn.Module]] = {
+    # the paper's eff-layer: 3x3 max-pool, no BN / ReLU after it (§4.1 footnote 3)
+    'max': lambda channels, stride: PfMaxPool2d(3, stride),
+    # Table 2 competitors: the 3x3 conv replaced by a 1x1 conv or a 3x3 depthwise conv (BN + ReLU kept)
+    'conv1x1': lambda channels, stride: _conv_bn_act(channels, 1, stride),
+    'dwconv3x3': lambda channels, stride: _conv_bn_act(channels, 3, stride, groups=channels),
+    # regular bottleneck ('B') and the hybrid's downsampling block ('H' with stride 2, Appendix A)
+    'conv3x3': lambda channels, stride: _conv_bn_act(channels, 3, stride),
+    'avg_conv3x3': lambda channels, stride: _conv_bn_act(channels, 3, stride, pre_pool=True),
+}
+
+BLOCK_LETTERS: Dict[str, str] = {
+    'E': 'efficient bottleneck (spatial_op replaces 3x3 conv + BN + ReLU)',
+    'B': 'regular bottleneck (3x3 conv + BN + ReLU)',
+    'H': 'hybrid (regular with a 2x2 avg-pool before the 3x3 conv where it downsamples, else efficient)',
+}
+
+NAMED_BLOCK_PATTERNS: Tuple[str, ...] = ('hybrid', 'efficient', 'regular', 'eb')
+_STAGE_SEPARATORS = re.compile(r'\s*(?:-|→|->)\s*')
+
+
+def _pattern_error(pattern: str, problem: str) -> ValueError:
+    letters = ', '.join(f'{k} = {v}' for k, v in BLOCK_LETTERS.items())
+    return ValueError(
+        f'block_pattern {pattern!r}: {problem}. Use one letter per stage (e.g. "EEBB"), stages separated '
+        f'by "-" with one letter per stage or per block (e.g. "EBE-BEBE-BEBEBE-BEB"), or a name '
+        f'({", ".join(NAMED_BLOCK_PATTERNS)}). Letters: {letters}.')
+
+
+def parse_block_pattern(pattern: str, layers: Sequence[int]) -> List[str]:
+    """Expand ``pattern`` to one string of block letters (``E``/``B``/``H``) per stage.
+
+    >>> parse_block_pattern('EEBB', (3, 4, 6, 3))
+    ['EEE', 'EEEE', 'BBBBBB', 'BBB']
+    """
+    name = pattern.strip().lower()
+    if name in ('hybrid', 'efficient', 'regular'):
+        letter = {'hybrid': 'H', 'efficient': 'E', 'regular': 'B'}[name]
+        return [letter * n for n in layers]
+    if name in ('eb', 'e/b'):
+        flat = ''.join('EB'[i % 2] for i in range(sum(layers)))
+        starts = [sum(layers[:i]) for i in range(len(layers))]
+        return [flat[s:s + n] for s, n in zip(starts, layers)]
+
+    text = pattern.strip().upper()
+    for char in _STAGE_SEPARATORS.sub('', text):
+        if char not in BLOCK_LETTERS:
+            raise _pattern_error(pattern, f'unknown letter {char!r} (allowed: {", ".join(BLOCK_LETTERS)})')
+    groups = _STAGE_SEPARATORS.split(text) if _STAGE_SEPARATORS.search(text) else list(text)
+    if len(groups) != len(layers):
+        raise _pattern_error(pattern, f'{len(groups)} stage groups for a network with {len(layers)} stages')
+    stages = []
+    for idx, (group, num_blocks) in enumerate(zip(groups, layers)):
+        if len(group) == 1:
+            group = group * num_blocks
+        if len(group) != num_blocks:
+            raise _pattern_error(pattern, f'stage {idx + 1} has {num_blocks} blocks, the pattern gives {len(group)}')
+        stages.append(group)
+    return stages
+
+
+def _resolve_spatial_op(letter: str, stride: int, spatial_op: str) -> str:
+    if letter == 'B':
+        return 'conv3x3'
+    if letter == 'H' and stride > 1:
+        return 'avg_conv3x3'
+    return spatial_op
+
+
+class PfBottleneck(nn.Module):
+    """ResNet bottleneck whose spatial op (3x3 conv + BN + ReLU in ResNet) comes from :data:`SPATIAL_OPS`.
+
+    1x1 conv + BN + ReLU -> spatial op -> 1x1 conv + BN [-> SE] -> + shortcut -> ReLU (§3.2, Fig. A.1c).
+    In ResNet-SE the SE module stays at its place in every block, efficient ones included (Appendix A).
+    """
+    expansion = 4
+
+    def __init__(
+            self,
+            inplanes: int,
+            planes: int,
+            stride: int = 1,
+            downsample: Optional[nn.Module] = None,
+            spatial_op: str = 'max',
+            cardinality: int = 1,
+            base_width: int = 64,
+            reduce_first: int = 1,
+            dilation: int = 1,
+            first_dilation: Optional[int] = None,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+            attn_layer: Optional[Any] = None,
+            aa_layer: Optional[Type[nn.Module]] = None,
+            drop_block: Optional[Callable[[], nn.Module]] = None,
+            drop_path: Optional[nn.Module] = None,
+            device=None,
+            dtype=None,
+    ) -> None:
+        super().__init__()
+        if spatial_op not in SPATIAL_OPS:
+            raise ValueError(f'unknown spatial_op {spatial_op!r}; registered: {", ".join(SPATIAL_OPS)}')
+        unsupported = dict(cardinality=(cardinality, 1), reduce_first=(reduce_first, 1),
+                           dilation=(max(dilation, first_dilation or 1), 1), aa_layer=(aa_layer, None))
+        for arg, (value, supported) in unsupported.items():
+            if value != supported:
+                raise ValueError(f'PfBottleneck supports only {arg}={supported!r}, got {value!r}')
+        dd = dict(device=device, dtype=dtype)
+        width = int(planes * base_width / 64)
+        outplanes = planes * self.expansion
+        self.spatial_op = spatial_op
+
+        self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False, **dd)
+        self.bn1 = norm_layer(width, **dd)
+        self.act1 = act_layer(inplace=True)
+        self.spatial = SPATIAL_OPS[spatial_op](width, stride).to(**dd)
+        self.drop_block = drop_block() if drop_block is not None else nn.Identity()
+        self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
+        self.bn3 = norm_layer(outplanes, **dd)
+        self.se = create_attn(attn_layer, outplanes, **dd)
+        self.act3 = act_layer(inplace=True)
+        self.downsample = downsample
+        self.stride = stride
+        self.drop_path = drop_path
+
+    def zero_init_last(self) -> None:
+        if getattr(self.bn3, 'weight', None) is not None:
+            nn.init.zeros_(self.bn3.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = x
+        x = self.act1(self.bn1(self.conv1(x)))
+        x = self.drop_block(self.spatial(x))
+        x = self.bn3(self.conv3(x))
+        if self.se is not None:
+            x = self.se(x)
+        if self.drop_path is not None:
+            x = self.drop_path(x)
+        if self.downsample is not None:
+            shortcut = self.downsample(shortcut)
+        x += shortcut
+        return self.act3(x)
+
+
+class _StageBlocks:
+    """Block factory for one stage: each call (from timm's ``make_blocks``) builds the next block of the pattern."""
+    expansion = PfBottleneck.expansion
+
+    def __init__(self, letters: str, spatial_op: str):
+        self.letters = letters
+        self.spatial_op = spatial_op
+        self.built = 0
+
+    def __call__(self, inplanes: int, planes: int, stride: int = 1, downsample: Optional[nn.Module] = None,
+                 **kwargs) -> PfBottleneck:
+        letter = self.letters[self.built]
+        self.built += 1
+        op = _resolve_spatial_op(letter, stride, self.spatial_op)
+        return PfBottleneck(inplanes, planes, stride, downsample, spatial_op=op, **kwargs)
+
+
+class PfResNet(ResNet):
+    """timm ResNet of :class:`PfBottleneck` blocks laid out by ``block_pattern`` (see module docstring).
+
+    The stem max-pool uses the fast parameter-free pool too (same result as ``nn.MaxPool2d``). Inputs
+    are checked: ``in_chans`` channels and at least the network stride (32) pixels per side.
+    """
+
+    def __init__(
+            self,
+            layers: Sequence[int] = (3, 4, 6, 3),
+            block_pattern: str = 'hybrid',
+            spatial_op: str = 'max',
+            **kwargs,
+    ):
+        if spatial_op not in SPATIAL_OPS:
+            raise ValueError(f'unknown spatial_op {spatial_op!r}; registered: {", ".join(SPATIAL_OPS)}')
+        stages = parse_block_pattern(block_pattern, layers)
+        if kwargs.get('output_stride', 32) != 32:
+            raise ValueError('PfResNet supports output_stride=32 only (its pooling blocks do not dilate)')
+        block_fns = tuple(_StageBlocks(letters, spatial_op) for letters in stages)
+        super().__init__(block=block_fns, layers=tuple(layers), **kwargs)
+        self.block_pattern = '-'.join(stages)
+        self.spatial_op = spatial_op
+        self.maxpool = PfMaxPool2d(3, stride=2)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans:
+            raise ValueError(
+                f'{type(self).__name__} expects images of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}')
+        min_size = self.feature_info[-1]['reduction']
+        if x.shape[-2] < min_size or x.shape[-1] < min_size:
+            raise ValueError(
+                f'input of {x.shape[-2]}x{x.shape[-1]} px is smaller than the network stride {min_size}; '
+                f'use images of at least {min_size}x{min_size}')
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        return super().forward_features(x)
+
+    def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
+        self._check_input(x)
+        return super().forward_intermediates(x, *args, **kwargs)
+
+
+# Official (naver-ai/PfLayer resnet_pf.py) parameter names -> ours.
+_OFFICIAL_KEY_RULES = (
+    (re.compile(r'^conv1\.0\.'), 'conv1.'),
+    (re.compile(r'^conv1\.1\.'), 'bn1.'),
+    (re.compile(r'\.reduction_block\.0\.'), '.conv1.'),
+    (re.compile(r'\.reduction_block\.1\.'), '.bn1.'),
+    (re.compile(r'\.conv_block\.1\.0\.'), '.spatial.conv.'),  # avg-pool + conv of hybrid downsampling blocks
+    (re.compile(r'\.conv_block\.1\.1\.'), '.spatial.bn.'),
+    (re.compile(r'\.conv_block\.0\.'), '.spatial.conv.'),  # regular bottleneck
+    (re.compile(r'\.conv_block\.1\.'), '.spatial.bn.'),
+    (re.compile(r'\.expansion_block\.0\.'), '.conv3.'),
+    (re.compile(r'\.expansion_block\.1\.'), '.bn3.'),
+)
+
+
+def _unwrap_checkpoint(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    for wrapper in ('state_dict', 'model'):
+        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
+            state_dict = state_dict[wrapper]
+            break
+    out = {}
+    for key, value in state_dict.items():
+        if not isinstance(value, torch.Tensor):
+            raise ValueError(f'checkpoint entry {key!r} is a {type(value).__name__}, not a tensor')
+        out[key[len('module.'):] if key.startswith('module.') else key] = value
+    return out
+
+
+def _block_layout(keys) -> str:
+    """Per stage, 'C' for each block whose spatial op has parameters, 'P' for parameter-free ones."""
+    blocks = {}
+    for key in keys:
+        match = re.match(r'^layer(\d+)\.(\d+)\.', key)
+        if match:
+            block = (int(match.group(1)), int(match.group(2)))
+            blocks[block] = blocks.get(block, False) or '.spatial.' in key
+    stages = {}
+    for (stage, idx), has_conv in sorted(blocks.items()):
+        stages.setdefault(stage, []).append('C' if has_conv else 'P')
+    return '-'.join(''.join(v) for _, v in sorted(stages.items()))
+
+
+def _describe_layout(layout: str) -> str:
+    stages = layout.split('-')
+    if 'C' not in layout:
+        return 'an all-efficient model like ours_r50_max'
+    if 'P' not in layout:
+        return 'a model with parameters in every spatial op (regular, conv1x1 or dwconv)'
+    if stages[0] == 'P' * len(stages[0]) and all(s == 'C' + 'P' * (len(s) - 1) for s in stages[1:]):
+        return 'a hybrid model like ours_r50_hybrid'
+    return 'a mixed block pattern'
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert an official PfLayer checkpoint to this model's keys; our own format passes through unchanged.
+
+    Accepts a plain state dict or one wrapped in ``state_dict`` / ``model``, with or without the
+    ``module.`` prefix of DataParallel. Raises ``ValueError`` naming missing, unexpected and mis-shaped
+    parameters when the checkpoint does not fit ``model`` (the classifier and the input channels of the
+    first conv are left to timm's pretrained loader, which adapts them).
+    """
+    state_dict = _unwrap_checkpoint(state_dict)
+    if any('.reduction_block.' in k or k.startswith('conv1.0.') for k in state_dict):
+        converted = {}
+        for key, value in state_dict.items():
+            for pattern, replacement in _OFFICIAL_KEY_RULES:
+                key, count = pattern.subn(replacement, key)
+                if count:
+                    break
+            converted[key] = value
+        state_dict = converted
+    _check_fits(state_dict, model)
+    return state_dict
+
+
+def _check_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
+    expected = {k: v.shape for k, v in model.state_dict().items()}
+    adapted_by_timm = lambda k: k.startswith('fc.') or k == 'conv1.weight'
+    missing = [k for k in expected if k not in state_dict and not adapted_by_timm(k)]
+    unexpected = [k for k in state_dict if k not in expected and not adapted_by_timm(k)]
+    mis_shaped = [
+        f'{k} has shape {tuple(v.shape)}, model expects {tuple(expected[k])}'
+        for k, v in state_dict.items() if k in expected and not adapted_by_timm(k) and v.shape != expected[k]]
+    if not (missing or unexpected or mis_shaped):
+        return
+    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
+    problems = []
+    ckpt_layout, model_layout = _block_layout(state_dict), _block_layout(expected)
+    if ckpt_layout != model_layout:
+        problems.append(
+            f'checkpoint is for {_describe_layout(ckpt_layout)}, not {name}? Block layout (C = spatial op '
+            f'with parameters, P = parameter-free): checkpoint {ckpt_layout}, model {model_layout}')
+    for label, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', mis_shaped)):
+        if items:
+            shown = '; '.join(items[:5]) + (f'; ... ({len(items) - 5} more)' if len(items) > 5 else '')
+            problems.append(f'{len(items)} {label}: {shown}')
+    raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
+
+
+def _create_resnet_pf(variant: str, pretrained: bool, kwargs: Dict[str, Any], **defaults) -> PfResNet:
+    """Build ``variant``; the entrypoint's ``defaults`` (layers, block_pattern, ...) yield to user ``kwargs``."""
+    return build_model_with_cfg(
+        PfResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(defaults, **kwargs))
+
+
+_PAPER = dict(
+    license='apache-2.0',
+    paper_ids='arXiv:2202.02777',
+    paper_name='Learning Features with Parameter-Free Layers',
+    origin_url='https://github.com/naver-ai/PfLayer',
+)
+
+
+def _cfg(*notes: str, **kwargs) -> Dict[str, Any]:
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bilinear',
+        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
+        'first_conv': 'conv1', 'classifier': 'fc', 'notes': notes, **_PAPER, **kwargs,
+    }
+
+
+def _official(top1: float, top5: float, drive_id: str, recipe: str) -> Dict[str, Any]:
+    return _cfg(
+        f'ImageNet-1k top-1 {top1} / top-5 {top5} (paper Table 3 and PfLayer README; {recipe})',
+        f"authors' weights: https://drive.google.com/file/d/{drive_id}/view "
+        f'(convert with timm_pf.models.resnet_pf.checkpoint_filter_fn)',
+    )
+
+
+def _to_train(note: str) -> Dict[str, Any]:
+    return _cfg(note, 'weights to be trained with the timm-pf recipes; none released by the authors')
+
+
+_LONG = 'further training recipe of Appendix C, 600 epochs'
+_RECIPE = 'further training recipe of Appendix C, 400 epochs'
+
+default_cfgs = generate_pf_cfgs({
+    'ours_r50_max.pf_in1k_long': _official(75.5, 92.1, '1TQfwMXENn7s78Myc58svKVpHi5OVsdGX', _LONG),
+    'ours_r50_max.pf_in1k': _official(74.3, 92.0, '1MoCdVLPau4XuI0BVGEwDkiwibpybqWTX', _RECIPE),
+    'ours_r50_hybrid.pf_in1k_long': _official(78.0, 93.5, '1f5fOwEItFITqzofvQ6d-kLLOTs-c1k3o', _LONG),
+    'ours_r50_hybrid.pf_in1k': _official(77.1, 93.1, '1CyajEQUfWo9oetqcIhexVjfRXU-iGHk1', _RECIPE),
+    'ours_r50_eb.in1k': _to_train('paper Table 2 (E/B, 90 epochs): top-1 75.3'),
+    'ours_r50_conv1x1.in1k': _to_train('paper Table 2 (1x1 conv, 90 epochs): top-1 30.1'),
+    'ours_r50_dwconv.in1k': _to_train('paper Table 2 (3x3 dwconv, 90 epochs): top-1 74.9'),
+    'ours_r101_hybrid.in1k': _to_train('paper Table 4 (Ours-R101): top-1 78.2 / top-5 93.8'),
+    'ours_wrn50_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN50-2): top-1 78.1 / top-5 93.8'),
+    'ours_wrn101_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN101-2): top-1 78.9 / top-5 94.2'),
+    'ours_r50se_hybrid.in1k': _to_train('paper Table 4 (Ours-R50-SE): top-1 78.2 / top-5 93.9'),
+})
+
+
+@register_model
+def ours_r50_max(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50-max: efficient bottlenecks everywhere (Table 2 E→E→E→E, Table 3 Ours-R50 (max))."""
+    return _create_resnet_pf('ours_r50_max', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='efficient')
+
+
+@register_model
+def ours_r50_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50-hybrid: regular bottlenecks (with 2x2 avg-pool) only where downsampling (§4.1, Tables 2-4)."""
+    return _create_resnet_pf('ours_r50_hybrid', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='hybrid')
+
+
+@register_model
+def ours_r50_eb(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50 E/B: efficient and regular bottlenecks alternate block by block (Table 2)."""
+    return _create_resnet_pf('ours_r50_eb', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='eb')
+
+
+@register_model
+def ours_r50_conv1x1(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50 with every 3x3 conv replaced by a 1x1 conv (Table 2 competitor)."""
+    return _create_resnet_pf(
+        'ours_r50_conv1x1', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='efficient', spatial_op='conv1x1')
+
+
+@register_model
+def ours_r50_dwconv(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50 with every 3x3 conv replaced by a 3x3 depthwise conv (Table 2 competitor)."""
+    return _create_resnet_pf(
+        'ours_r50_dwconv', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='efficient', spatial_op='dwconv3x3')
+
+
+@register_model
+def ours_r101_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
+    """ResNet-101 with the hybrid design (Table 4 Ours-R101)."""
+    return _create_resnet_pf('ours_r101_hybrid', pretrained, kwargs, layers=(3, 4, 23, 3), block_pattern='hybrid')
+
+
+@register_model
+def ours_wrn50_2_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
+    """Wide ResNet-50-2 with the hybrid design (Table 4 Ours-WRN50-2)."""
+    return _create_resnet_pf(
+        'ours_wrn50_2_hybrid', pretrained, kwargs, layers=(3, 4, 6, 3), base_width=128, block_pattern='hybrid')
+
+
+@register_model
+def ours_wrn101_2_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
+    """Wide ResNet-101-2 with the hybrid design (Table 4 Ours-WRN101-2)."""
+    return _create_resnet_pf(
+        'ours_wrn101_2_hybrid', pretrained, kwargs, layers=(3, 4, 23, 3), base_width=128, block_pattern='hybrid')
+
+
+@register_model
+def ours_r50se_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
+    """SE-ResNet-50 with the hybrid design, SE kept in every block (Table 4 Ours-R50-SE, Appendix A)."""
+    return _create_resnet_pf(
+        'ours_r50se_hybrid', pretrained, kwargs,
+        layers=(3, 4, 6, 3), block_pattern='hybrid', block_args=dict(attn_layer='se'))

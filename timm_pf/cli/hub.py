@@ -1,0 +1,119 @@
+"""``timm-pf convert``, ``timm-pf push`` and ``timm-pf card``: publish weights and model cards on the Hub."""
+import argparse
+import sys
+import tempfile
+from pathlib import Path
+
+EXIT_BAD_INPUT = 2  # mismatched or corrupted checkpoint, unknown model/tag, no token
+EXIT_HUB_ERROR = 1  # the Hub refused or failed the upload
+
+
+def register(subparsers) -> None:
+    convert = subparsers.add_parser(
+        'convert', help="convert a checkpoint (authors' .pth, timm train.py, safetensors) to timm's Hub layout",
+        description="Convert a checkpoint into a folder with model.safetensors + config.json (timm's save_for_hf "
+                    "layout). The authors' checkpoints go through the family's checkpoint_filter_fn; the result "
+                    "must load strictly into the model. A mismatched or corrupted checkpoint exits with code 2.",
+    )
+    _add_source_args(convert)
+    convert.add_argument('-o', '--output', required=True, type=Path, help='output folder')
+    convert.set_defaults(func=run_convert)
+
+    push = subparsers.add_parser(
+        'push', help='upload converted weights with their model card to the Hub repo of a pretrained tag',
+        description='Upload a converted folder (or a checkpoint, converted on the way) to timm-pf/<model>.<tag> '
+                    'with its model card rendered from hub_cards/. Weights that do not load strictly into the '
+                    'named model are refused. The token comes from HF_TOKEN or `hf auth login`.',
+    )
+    _add_source_args(push)
+    push.add_argument('--revision', '--branch', dest='revision', default=None,
+                      help='branch to push to (created if missing; default: main)')
+    push.add_argument('--private', action='store_true', help='create the repository as private')
+    push.add_argument('--commit-message', default=None, help='commit message')
+    push.add_argument('--dry-run', action='store_true', help='print what would be uploaded and upload nothing')
+    push.set_defaults(func=run_push)
+
+    card = subparsers.add_parser(
+        'card', help='render model cards from hub_cards/ (stats measured by timm_pf.stats)',
+        description='Print the model card of a pretrained tag, or with --write (re)generate the committed cards '
+                    'hub_cards/cards/<model>.<tag>.md of every registered tag (or the named ones); --check '
+                    'reports stale cards and exits with 1.',
+    )
+    card.add_argument('models', nargs='*', metavar='MODEL[.TAG]', help='models or tags (default with --write/'
+                                                                      '--check: every registered tag)')
+    mode = card.add_mutually_exclusive_group()
+    mode.add_argument('--write', action='store_true', help='write the cards to hub_cards/cards/')
+    mode.add_argument('--check', action='store_true', help='compare the committed cards with fresh ones')
+    card.set_defaults(func=run_card)
+
+
+def _add_source_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('source', type=Path, help='checkpoint file (.pth, .pth.tar, .safetensors) or, for push, '
+                                                  'a converted folder')
+    parser.add_argument('-m', '--model', required=True, help='model or pretrained tag, e.g. ours_r50_max.pf_in1k '
+                                                             '(no tag: the default one)')
+    parser.add_argument('--ema', action='store_true', help="use the EMA weights of a timm train.py checkpoint")
+    parser.add_argument('--num-classes', type=int, default=None,
+                        help="classes of the checkpoint's classifier (default: the tag's)")
+
+
+def _fail(message: str, code: int) -> int:
+    print(f'error: {message}', file=sys.stderr)
+    return code
+
+
+def run_convert(args) -> int:
+    from timm_pf.hub import CheckpointError, PushError, convert_checkpoint
+    if args.source.is_dir():
+        return _fail(f'{args.source} is a folder; convert takes a checkpoint file', EXIT_BAD_INPUT)
+    try:
+        result = convert_checkpoint(args.model, args.source, args.output, use_ema=args.ema,
+                                    num_classes=args.num_classes)
+    except (CheckpointError, PushError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    how = "through the family's checkpoint filter" if result.filtered else 'as is'
+    print(f'{args.source} -> {result.folder} ({result.name_tag}, {result.num_params:,d} parameters, '
+          f'{result.num_classes} classes, keys mapped {how}, strict load ok)')
+    return 0
+
+
+def run_push(args) -> int:
+    from huggingface_hub.errors import HfHubHTTPError
+    from timm_pf.hub import CheckpointError, PushError, prepare_push, push_to_hub
+    with tempfile.TemporaryDirectory(prefix='timm-pf-push-') as staging:
+        try:
+            plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
+                                use_ema=args.ema, num_classes=args.num_classes)
+        except (CheckpointError, PushError) as e:
+            return _fail(str(e), EXIT_BAD_INPUT)
+        if args.dry_run:
+            print(f'dry run: would upload to {plan.describe()}')
+            return 0
+        print(f'uploading to {plan.describe()}')
+        try:
+            commit = push_to_hub(plan, commit_message=args.commit_message)
+        except PushError as e:
+            return _fail(str(e), EXIT_BAD_INPUT)
+        except HfHubHTTPError as e:
+            return _fail(f'the Hub refused the upload to {plan.repo_id}: {e}', EXIT_HUB_ERROR)
+    print(f'pushed {plan.name_tag}: {commit.commit_url}')
+    return 0
+
+
+def run_card(args) -> int:
+    from timm_pf.cards import CardError, render_card, write_cards
+    from timm_pf.hub import PushError, pf_pretrained_tags, resolve_name_tag
+    try:
+        name_tags = [resolve_name_tag(m) for m in args.models]
+        if not (args.write or args.check):
+            if len(name_tags) != 1:
+                return _fail('name one model or tag to print its card, or use --write / --check', EXIT_BAD_INPUT)
+            print(render_card(name_tags[0]), end='')
+            return 0
+        statuses = write_cards(name_tags or pf_pretrained_tags(), check_only=args.check)
+    except (CardError, PushError) as e:
+        return _fail(str(e), EXIT_BAD_INPUT)
+    stale = [s for s in statuses if not s.up_to_date]
+    if args.check and stale:
+        return _fail(f'{len(stale)} card(s) out of date: run `timm-pf card --write`', 1)
+    return 0

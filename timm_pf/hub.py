@@ -1,0 +1,418 @@
+"""Weights of timm-pf models on the Hugging Face Hub: fetch, convert, publish.
+
+Fetching: every pretrained tag of our models lives in its own repository of :data:`HF_HUB_ORG`
+(``timm-pf/<model>.<tag>``) and holds ``model.safetensors`` + ``config.json`` in timm's layout, so
+``timm.create_model(name, pretrained=True)``, ``name.tag`` and ``hf-hub:timm-pf/<model>.<tag>[@revision]``
+all load through timm's own builder. :func:`install_pretrained_loader` routes the one download step of
+timm's builder for repositories of our organisation (and only those) through :func:`load_pf_state_dict`,
+which loads nothing but safetensors, checks the file against the sha256 the Hub recorded for it, and turns
+"not cached while offline", "no such repository/revision/file" into errors that say what is missing and
+how to get it.
+
+Converting and publishing: :func:`convert_checkpoint` turns an authors' checkpoint, a timm ``train.py``
+checkpoint or a safetensors file into a folder made by timm's ``save_for_hf`` after passing the family's
+``checkpoint_filter_fn`` and a strict load; :func:`push_to_hub` uploads such a folder with its model card
+through ``huggingface_hub.HfApi``.
+"""
+import hashlib
+import logging
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Tuple, Union
+
+import safetensors.torch
+import torch
+from torch import nn
+
+import timm
+from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub import constants as hf_constants
+from huggingface_hub.errors import (
+    LocalEntryNotFoundError,
+    RemoteEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
+from timm.models import get_arch_pretrained_cfgs, model_entrypoint, save_for_hf, split_model_name_tag
+from timm.models._helpers import clean_state_dict
+from timm.models._hub import hf_split, load_model_config_from_path
+
+from .models._cfg import HF_HUB_ORG, hub_repo_id
+from .stats import count_params
+from .version import __version__
+
+__all__ = [
+    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'ConvertResult', 'PushPlan',
+    'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
+    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
+    'convert_checkpoint', 'verify_folder', 'prepare_push', 'push_to_hub',
+]
+
+_logger = logging.getLogger(__name__)
+
+WEIGHTS_NAME = 'model.safetensors'
+CONFIG_NAME = 'config.json'
+CARD_NAME = 'README.md'
+_SHA256_RE = re.compile(r'[0-9a-f]{64}')
+
+
+class PretrainedWeightsError(RuntimeError):
+    """Pretrained weights of a timm-pf tag cannot be fetched (not published, not cached offline, corrupted)."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, does not fit the named model, or holds non-finite values."""
+
+
+class PushError(RuntimeError):
+    """A push was refused before anything was uploaded (no token, unknown tag)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Our models and tags
+
+def pf_model_names() -> List[str]:
+    """Every architecture registered by a ``timm_pf`` module, sorted."""
+    return sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('timm_pf.'))
+
+
+def pf_pretrained_tags(model_names: Optional[List[str]] = None) -> List[str]:
+    """``'model.tag'`` of every pretrained tag of our models whose weights live in :data:`HF_HUB_ORG`."""
+    tags = []
+    for arch in model_names if model_names is not None else pf_model_names():
+        for name_tag, cfg in get_arch_pretrained_cfgs(arch).items():
+            if cfg.hf_hub_id and is_pf_repo(cfg.hf_hub_id):
+                tags.append(name_tag)
+    return tags
+
+
+def resolve_name_tag(name: str) -> str:
+    """``'model'`` or ``'model.tag'`` of one of our models -> ``'model.tag'`` (the default tag if none given)."""
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch) or not model_entrypoint(arch).__module__.startswith('timm_pf.'):
+        close = [n for n in pf_model_names() if n.split('_')[0] == arch.split('_')[0]]
+        hint = f' Similar: {", ".join(close)}.' if close else ' List them with `timm.list_models(module=...)`.'
+        raise PushError(f'{arch!r} is not a timm-pf model.{hint}')
+    tags = [split_model_name_tag(n)[1] for n in get_arch_pretrained_cfgs(arch)]
+    if not tags:
+        raise PushError(f'{arch} has no pretrained tags: add one to its default cfgs (generate_pf_cfgs) first.')
+    if not tag:
+        tag = tags[0]
+    if tag not in tags:
+        raise PushError(f'{arch} has no pretrained tag {tag!r}; its tags are: {", ".join(tags)}.')
+    return f'{arch}.{tag}'
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fetching
+
+def is_pf_repo(hub_id: str) -> bool:
+    """Whether a Hub id (``org/name[@revision]``) is a repository of :data:`HF_HUB_ORG`."""
+    return hf_split(hub_id)[0].startswith(f'{HF_HUB_ORG}/')
+
+
+def _sha256(path: Union[str, Path]) -> str:
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_cached_blob(path: str, where: str) -> None:
+    """Compare a cached LFS file with the sha256 the Hub reported (the cache names the blob by it)."""
+    blob = Path(path).resolve()
+    if not _SHA256_RE.fullmatch(blob.name):
+        return  # a cache without symlinks (e.g. some Windows setups) keeps no hash to compare with
+    actual = _sha256(blob)
+    if actual != blob.name:
+        blob.unlink()  # let the next attempt download it again
+        raise PretrainedWeightsError(
+            f'{where}: the downloaded file is corrupted (sha256 {actual}, the Hub says {blob.name}). '
+            f'It was removed from the cache; try again.')
+
+
+def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
+
+    Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it.
+    """
+    repo_id, revision = hf_split(hub_id)
+    name_tag = repo_id.split('/', 1)[-1]
+    at_rev = f' at revision {revision!r}' if revision else ''
+    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}, {WEIGHTS_NAME}{at_rev})'
+    try:
+        path = hf_hub_download(
+            repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+            library_name='timm-pf', library_version=__version__,
+        )
+    except LocalEntryNotFoundError as e:
+        cache = cache_dir or hf_constants.HF_HUB_CACHE
+        reason = 'HF_HUB_OFFLINE is set' if hf_constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
+        rev_arg = f' --revision {revision}' if revision else ''
+        raise PretrainedWeightsError(
+            f'The {where} are not in the local cache ({cache}) and {reason}. Fetch them once with network '
+            f'access: `hf download {repo_id} {WEIGHTS_NAME}{rev_arg}` (or create the model online), '
+            f'or use pretrained=False.') from e
+    except RevisionNotFoundError as e:
+        raise PretrainedWeightsError(
+            f'Revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of that repository '
+            f'(`huggingface_hub.HfApi().list_repo_refs({repo_id!r})`).') from e
+    except RepositoryNotFoundError as e:
+        raise PretrainedWeightsError(
+            f'No {where} are published: the Hub has no repository {repo_id} (or it is private and your token '
+            f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with `timm-pf convert` and '
+            f'`timm-pf push --model {name_tag}`, or use pretrained=False.') from e
+    except RemoteEntryNotFoundError as e:
+        raise PretrainedWeightsError(
+            f'{repo_id}{at_rev} has no {WEIGHTS_NAME}: timm-pf loads only safetensors weights. '
+            f'Publish them with `timm-pf push --model {name_tag}`.') from e
+    _verify_cached_blob(path, where)
+    return path
+
+
+def load_pf_state_dict(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, torch.Tensor]:
+    """State dict of ``model.safetensors`` of one of our Hub repositories (``org/name[@revision]``)."""
+    return safetensors.torch.load_file(download_weights(hub_id, cache_dir=cache_dir), device='cpu')
+
+
+_timm_load_state_dict_from_hf: Optional[Callable] = None
+
+
+def _load_state_dict_from_hf(model_id: str, filename: str = WEIGHTS_NAME, weights_only: bool = True,
+                             cache_dir: Optional[Union[str, Path]] = None):
+    """timm's download step, routed to :func:`load_pf_state_dict` for :data:`HF_HUB_ORG` repositories."""
+    if is_pf_repo(model_id):
+        return load_pf_state_dict(model_id, cache_dir=cache_dir)
+    return _timm_load_state_dict_from_hf(model_id, filename, weights_only=weights_only, cache_dir=cache_dir)
+
+
+def install_pretrained_loader() -> None:
+    """Route timm's Hub download for our organisation's repositories through :func:`load_pf_state_dict`.
+
+    Every other repository keeps timm's own loader. Idempotent.
+    """
+    global _timm_load_state_dict_from_hf
+    from timm.models import _builder
+    if _builder.load_state_dict_from_hf is not _load_state_dict_from_hf:
+        _timm_load_state_dict_from_hf = _builder.load_state_dict_from_hf
+        _builder.load_state_dict_from_hf = _load_state_dict_from_hf
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Converting
+
+def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
+    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
+    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        if path.suffix == '.safetensors':
+            checkpoint = safetensors.torch.load_file(str(path), device='cpu')
+        else:
+            checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for truncated or foreign files
+        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
+    wrappers = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
+    key = next((k for k in wrappers if isinstance(checkpoint.get(k), dict)), None)
+    if use_ema and key is None:
+        raise CheckpointError(f'checkpoint {path} has no EMA weights (no "state_dict_ema" or "model_ema" entry)')
+    state_dict = checkpoint[key] if key else checkpoint
+    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f'checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors '
+            f'(a training checkpoint keeps its weights under "state_dict"/"model")')
+    return clean_state_dict(state_dict)
+
+
+def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
+    """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` (None if it has none)."""
+    import sys
+    module = sys.modules[model_entrypoint(split_model_name_tag(model_name)[0]).__module__]
+    return getattr(module, 'checkpoint_filter_fn', None)
+
+
+def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Load every tensor into ``model`` and fail with the differing keys/shapes otherwise."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
+              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = []
+        for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
+            if items:
+                more = f' ... (+{len(items) - 8} more)' if len(items) > 8 else ''
+                lines.append(f'  {title} ({len(items)}): {", ".join(items[:8])}{more}')
+        hint = ''
+        classifier = getattr(model, 'pretrained_cfg', {}).get('classifier')
+        if classifier and f'{classifier}.weight' in state_dict and f'{classifier}.weight' in own:
+            n_ckpt, n_model = state_dict[f'{classifier}.weight'].shape[0], own[f'{classifier}.weight'].shape[0]
+            if n_ckpt != n_model:
+                hint = f'\nThe checkpoint has {n_ckpt} classes and the model {n_model}: pass --num-classes {n_ckpt}.'
+        raise CheckpointError(f'{source} does not fit {_model_label(model)}:\n' + '\n'.join(lines) + hint)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise CheckpointError(f'{source} holds non-finite values (NaN/inf) in {", ".join(bad[:8])}')
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _model_label(model: nn.Module) -> str:
+    cfg = getattr(model, 'pretrained_cfg', {})
+    return f'{cfg.get("architecture", type(model).__name__)}.{cfg.get("tag", "")}'.rstrip('.')
+
+
+@dataclass
+class ConvertResult:
+    name_tag: str
+    folder: Path
+    num_params: int
+    num_classes: int
+    filtered: bool
+
+
+def convert_checkpoint(
+        model_name: str,
+        checkpoint: Union[str, Path],
+        output_dir: Union[str, Path],
+        use_ema: bool = False,
+        num_classes: Optional[int] = None,
+) -> ConvertResult:
+    """Convert ``checkpoint`` for ``model_name`` (``model[.tag]``) into ``output_dir`` (timm's Hub layout).
+
+    The checkpoint goes through the family's ``checkpoint_filter_fn`` (authors' keys -> ours; our own keys
+    pass unchanged) and must then load strictly; ``output_dir`` gets ``model.safetensors`` and
+    ``config.json`` written by timm's ``save_for_hf``.
+    """
+    name_tag = resolve_name_tag(model_name)
+    state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
+    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    model = timm.create_model(name_tag, pretrained=False, **kwargs)
+    filter_fn = checkpoint_filter_for(name_tag)
+    if filter_fn is not None:
+        try:
+            state_dict = filter_fn(state_dict, model)
+        except Exception as e:  # a filter meets keys or shapes it does not know
+            raise CheckpointError(
+                f'{checkpoint} cannot be converted for {name_tag} by its checkpoint filter: '
+                f'{type(e).__name__}: {e}') from e
+    _load_strict(model, state_dict, str(checkpoint))
+    output_dir = Path(output_dir)
+    save_for_hf(model.eval(), str(output_dir), safe_serialization=True)
+    return ConvertResult(
+        name_tag=name_tag,
+        folder=output_dir,
+        num_params=count_params(model),
+        num_classes=model.num_classes,
+        filtered=filter_fn is not None,
+    )
+
+
+def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
+    """Check that a converted folder holds weights that load strictly into ``name_tag``; returns the model."""
+    folder = Path(folder)
+    for fname in (WEIGHTS_NAME, CONFIG_NAME):
+        if not (folder / fname).is_file():
+            raise CheckpointError(f'{folder} has no {fname}: make it with `timm-pf convert`')
+    try:
+        pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+    except Exception as e:
+        raise CheckpointError(f'{folder / CONFIG_NAME} is not a timm config: {type(e).__name__}: {e}') from e
+    expected_arch = split_model_name_tag(name_tag)[0]
+    if arch != expected_arch:
+        raise CheckpointError(f'{folder} holds weights of {arch}, not of {expected_arch}')
+    try:
+        state_dict = safetensors.torch.load_file(str(folder / WEIGHTS_NAME), device='cpu')
+    except Exception as e:
+        raise CheckpointError(f'cannot read {folder / WEIGHTS_NAME}: {type(e).__name__}: {e}') from e
+    model_args = {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}
+    model = timm.create_model(name_tag, pretrained=False, **model_args)
+    _load_strict(model, state_dict, str(folder / WEIGHTS_NAME))
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Publishing
+
+@dataclass
+class PushPlan:
+    """What a push uploads: staged files (weights, config, card) and where they go."""
+    name_tag: str
+    repo_id: str
+    revision: Optional[str]
+    private: bool
+    folder: Path
+    files: List[Tuple[str, int, str]] = field(default_factory=list)  # (name, bytes, sha256)
+
+    def describe(self) -> str:
+        branch = self.revision or 'main'
+        lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {"private" if self.private else "public"}):']
+        lines += [f'  {name:<20} {size:>14,d} bytes  sha256 {digest}' for name, size, digest in self.files]
+        return '\n'.join(lines)
+
+
+def prepare_push(
+        model_name: str,
+        source: Union[str, Path],
+        staging_dir: Union[str, Path],
+        revision: Optional[str] = None,
+        private: bool = False,
+        use_ema: bool = False,
+        num_classes: Optional[int] = None,
+        card_text: Optional[str] = None,
+) -> PushPlan:
+    """Stage ``source`` (a converted folder or a checkpoint) for ``model_name`` in ``staging_dir``.
+
+    A checkpoint is converted first; the weights must load strictly into the named model. The model card
+    is rendered from ``hub_cards/`` unless ``card_text`` is given.
+    """
+    from .cards import card_path, render_card
+    name_tag = resolve_name_tag(model_name)
+    source, staging_dir = Path(source), Path(staging_dir)
+    if source.is_dir():
+        verify_folder(source, name_tag)
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        for fname in (WEIGHTS_NAME, CONFIG_NAME):
+            shutil.copyfile(source / fname, staging_dir / fname)
+    else:
+        convert_checkpoint(name_tag, source, staging_dir, use_ema=use_ema, num_classes=num_classes)
+        verify_folder(staging_dir, name_tag)
+    if card_text is None:  # the committed card (checked against the model by the tests), else a fresh one
+        committed = card_path(name_tag)
+        card_text = committed.read_text(encoding='utf-8') if committed.is_file() else render_card(name_tag)
+    (staging_dir / CARD_NAME).write_text(card_text, encoding='utf-8')
+    files = [(f, (staging_dir / f).stat().st_size, _sha256(staging_dir / f))
+             for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)]
+    return PushPlan(name_tag=name_tag, repo_id=hub_repo_id(name_tag), revision=revision, private=private,
+                    folder=staging_dir, files=files)
+
+
+def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None):
+    """Upload a staged :class:`PushPlan`; the token comes from ``token``, ``HF_TOKEN`` or ``hf auth login``."""
+    token = token or get_token()
+    if not token:
+        raise PushError('no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access '
+                        f'to the {HF_HUB_ORG} organisation)')
+    api = HfApi(token=token, library_name='timm-pf', library_version=__version__)
+    api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+    if plan.revision and plan.revision != hf_constants.DEFAULT_REVISION:
+        api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=plan.repo_id,
+        folder_path=str(plan.folder),
+        revision=plan.revision,
+        allow_patterns=[name for name, _, _ in plan.files],
+        commit_message=commit_message or f'Add {plan.name_tag} weights (timm-pf {__version__})',
+    )

@@ -378,8 +378,11 @@ def prepare_push(
     A checkpoint is converted first; the weights must load strictly into the named model. The model card
     is rendered from ``hub_cards/`` unless ``card_text`` is given.
     """
-    from .cards import card_path, render_card
+    from .cards import card_path, render_card, weights_provenance
     name_tag = resolve_name_tag(model_name)
+    if weights_provenance(name_tag) is None:
+        raise PushError(f'nothing says where the weights of {name_tag} come from: list the tag under "converted" '
+                        f'in its hub_cards/families/ file or add its train_configs/ recipe (see hub_cards/README.md)')
     source, staging_dir = Path(source), Path(staging_dir)
     if source.is_dir():
         verify_folder(source, name_tag)

@@ -79,12 +79,13 @@ def run_convert(args) -> int:
 
 def run_push(args) -> int:
     from huggingface_hub.errors import HfHubHTTPError
+    from timm_pf.cards import CardError
     from timm_pf.hub import CheckpointError, PushError, prepare_push, push_to_hub
     with tempfile.TemporaryDirectory(prefix='timm-pf-push-') as staging:
         try:
             plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
                                 use_ema=args.ema, num_classes=args.num_classes)
-        except (CheckpointError, PushError) as e:
+        except (CheckpointError, PushError, CardError) as e:
             return _fail(str(e), EXIT_BAD_INPUT)
         if args.dry_run:
             print(f'dry run: would upload to {plan.describe()}')

@@ -1,0 +1,246 @@
+"""``timm-pf rba analyze|apply|evaluate``: Block Redundancy and Redundant Blocks Approximation.
+
+    timm-pf rba analyze  --model M --data-dir ROOT --output DIR    # BR/cosine/CKA/R^2 heatmap + ranked spans
+    timm-pf rba apply    --model M --data-dir ROOT --span 3:7 --output DIR   # fit, save model.safetensors + config.json
+    timm-pf rba evaluate --model M --data-dir ROOT --span 3:7     # top-1 before/after: own head and linear probe
+
+``ROOT`` is an image folder (``ROOT/<split>/<class>/*.png``), e.g. one written by
+``timm_pf.data.export_digits``. Spans are ``i:j`` (block indices or names): blocks ``i+1..j`` are replaced
+by a linear map from block ``i``'s output to block ``j``'s.
+"""
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Subset
+
+from timm.utils import ParseKwargs
+
+_ERRORS = (FileNotFoundError, NotADirectoryError, ImportError)
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        'rba', help='find redundant blocks (Block Redundancy) and replace them by closed-form linear maps (RBA)',
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest='rba_command', metavar='ACTION', required=True)
+
+    analyze = commands.add_parser('analyze', help='similarity of every pair of blocks; heatmap and ranked spans')
+    _add_model_args(analyze)
+    _add_data_args(analyze, images_help='images of --split to measure on')
+    analyze.add_argument('--metrics', default='br,cosine,cka,linear_r2',
+                         help='comma-separated subset of br,cosine,cka,linear_r2 (cka and linear_r2 keep a '
+                              '(blocks*dim)^2 float64 matrix)')
+    analyze.add_argument('--rank-by', default='br', help='metric that ranks the spans (default: br, the paper\'s)')
+    analyze.add_argument('--top', type=int, default=10, help='spans to print')
+    analyze.add_argument('--max-blocks', type=int, default=None, help='list only spans replacing at most this many blocks')
+    analyze.add_argument('--output', type=Path, default=Path('rba_analysis'),
+                         help='folder for rba_metrics.json, rba_spans.md and rba_heatmap.png')
+    analyze.add_argument('--no-plot', action='store_true', help='skip the heatmap (no matplotlib needed)')
+    analyze.set_defaults(func=run_analyze)
+
+    apply = commands.add_parser('apply', help='fit the linear maps for spans and save the approximated model')
+    _add_model_args(apply)
+    _add_data_args(apply, images_help='images of --split to fit the maps on')
+    _add_fit_args(apply)
+    apply.add_argument('--output', type=Path, required=True,
+                       help='folder for model.safetensors + config.json (timm.create_model("local-dir:<folder>"))')
+    apply.set_defaults(func=run_apply)
+
+    evaluate = commands.add_parser('evaluate', help='top-1 before/after with the model head and a linear probe')
+    _add_model_args(evaluate)
+    _add_data_args(evaluate, images_help='images of --split to fit the maps on (with --span)')
+    _add_fit_args(evaluate, required=False)
+    evaluate.add_argument('--rba-model', type=Path, default=None,
+                          help='folder written by "rba apply" (instead of fitting --span here)')
+    evaluate.add_argument('--val-split', default='validation', help='split to measure accuracy on')
+    evaluate.add_argument('--probe-images', type=int, default=None,
+                          help='images of --split the linear probes train on (default: all)')
+    evaluate.add_argument('--skip-baseline', action='store_true',
+                          help='also evaluate the spans removed without a map (the paper\'s "skip")')
+    evaluate.add_argument('--output', type=Path, default=None, help='write the results as JSON here')
+    evaluate.set_defaults(func=run_evaluate)
+
+
+def _add_model_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument('--model', required=True,
+                        help='timm model name, hf-hub:<repo> or local-dir:<folder>')
+    parser.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights')
+    parser.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or .pth read weights-only)')
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+                        help='extra model arguments as key=value, e.g. img_size=32 num_classes=10')
+    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def _add_data_args(parser: argparse.ArgumentParser, images_help: str) -> None:
+    parser.add_argument('--data-dir', type=Path, required=True, help='image folder root with one folder per split')
+    parser.add_argument('--split', default='train', help='split used for the analysis/fit (default: train)')
+    parser.add_argument('--num-images', type=int, default=1000, help=f'{images_help} (random subset; default 1000)')
+    parser.add_argument('--batch-size', type=int, default=32)
+    parser.add_argument('--workers', type=int, default=0)
+    parser.add_argument('--crop-pct', type=float, default=None, help='override the model\'s eval crop_pct')
+    parser.add_argument('--seed', type=int, default=0, help='seed of the image subset')
+
+
+def _add_fit_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
+    parser.add_argument('--span', action='append', required=required, default=[],
+                        help='i:j, blocks by index or name (repeat for several spans)')
+    parser.add_argument('--bias', action='store_true', help='fit a bias as well (the paper\'s map has none)')
+    parser.add_argument('--ridge', type=float, default=0.0,
+                        help='ridge strength, relative to the mean feature energy (default 0: plain least squares)')
+    parser.add_argument('--per-token', action='store_true', help='one map per token position instead of one shared')
+
+
+class _CliError(Exception):
+    pass
+
+
+def _create_model(args) -> nn.Module:
+    import timm
+    from timm_pf import rba  # noqa: F401  registers the 'rba' architecture
+    try:
+        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+                                  **args.model_kwargs)
+    except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
+        raise _CliError(f'cannot create model {args.model!r}: {e}') from e
+    return model.to(args.device).eval()
+
+
+def _data_config(model: nn.Module, args) -> Dict[str, Any]:
+    from timm.data.model_config import resolve_input_data_config
+    overrides = {'crop_pct': args.crop_pct} if args.crop_pct is not None else {}
+    return resolve_input_data_config(model, args=overrides)
+
+
+def _loader(model: nn.Module, args, split: str, num_images: Optional[int]) -> Tuple[DataLoader, int]:
+    """Eval-transformed loader over a seeded random subset of ``split``, and the split's class count."""
+    from timm.data import create_dataset, create_transform
+    root = args.data_dir / split
+    if not root.is_dir():
+        raise _CliError(f'no folder {root}: --data-dir must hold one image folder per split (--split/--val-split)')
+    config = _data_config(model, args)
+    dataset = create_dataset('', root=str(args.data_dir), split=split)
+    dataset.transform = create_transform(**{k: v for k, v in config.items() if k in (
+        'input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}, is_training=False)
+    num_classes = len(getattr(dataset.reader, 'class_to_idx', {})) or None
+    if num_images is not None and num_images < len(dataset):
+        generator = torch.Generator().manual_seed(args.seed)
+        dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[:num_images].tolist())
+    if len(dataset) == 0:
+        raise _CliError(f'{root} holds no images')
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers), num_classes
+
+
+def _parse_spans(specs: Sequence[str]) -> List[Tuple[str, str]]:
+    spans = []
+    for spec in specs:
+        source, sep, target = spec.partition(':')
+        if not sep or not source or not target:
+            raise _CliError(f'bad --span {spec!r}: write i:j (block indices or names), e.g. 3:7 or blocks.3:blocks.7')
+        spans.append((source, target))
+    return spans
+
+
+def _input_size(model: nn.Module, args) -> Tuple[int, ...]:
+    return tuple(_data_config(model, args)['input_size'])
+
+
+def _fmt_stats_line(name: str, model: nn.Module, input_size) -> str:
+    from timm_pf.stats import count_macs, count_params
+    return f'{name:>10}: {count_params(model) / 1e6:8.3f} M params  {count_macs(model, input_size) / 1e6:10.2f} M MACs'
+
+
+def _guard(func):
+    def run(args) -> int:
+        from timm_pf.rba import RbaError
+        try:
+            return func(args)
+        except (_CliError, RbaError, *_ERRORS) as e:
+            print(f'timm-pf rba {args.rba_command}: error: {e}', file=sys.stderr)
+            return 2
+    return run
+
+
+@_guard
+def run_analyze(args) -> int:
+    from timm_pf.rba import METRICS, analyze
+    metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
+    if args.rank_by not in metrics:
+        raise _CliError(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
+    model = _create_model(args)
+    loader, _ = _loader(model, args, args.split, args.num_images)
+    report = analyze(model, loader, metrics=metrics, device=args.device)
+    args.output.mkdir(parents=True, exist_ok=True)
+    report.to_json(args.output / 'rba_metrics.json')
+    table = report.table(args.rank_by, max_blocks=args.max_blocks)
+    (args.output / 'rba_spans.md').write_text(table + '\n')
+    print(f'{report.model_name}: {len(report.block_names)} blocks, {report.num_images} images of {args.split}; '
+          f'spans ranked by {args.rank_by} (higher = more redundant)')
+    print('\n'.join(table.splitlines()[:args.top + 2]))
+    print(f'wrote {args.output / "rba_metrics.json"}, {args.output / "rba_spans.md"}')
+    if not args.no_plot:
+        try:
+            path = report.plot(args.output / 'rba_heatmap.png')
+        except ImportError as e:
+            raise _CliError(f'{e} (or pass --no-plot)') from e
+        print(f'wrote {path}')
+    return 0
+
+
+@_guard
+def run_apply(args) -> int:
+    from timm_pf.rba import approximate, save_rba
+    spans = _parse_spans(args.span)
+    model = _create_model(args)
+    loader, _ = _loader(model, args, args.split, args.num_images)
+    approx = approximate(model, spans, loader, bias=args.bias, ridge=args.ridge, per_token=args.per_token,
+                         device=args.device)
+    input_size = _input_size(model, args)
+    for spec in approx.rba_spans:
+        print(f'replaced the blocks after {spec["source"]} up to {spec["target"]} by a {spec["dim"]}x{spec["dim"]} '
+              f'linear map' + (' per token' if spec['num_tokens'] else ''))
+    print(_fmt_stats_line('original', model, input_size))
+    print(_fmt_stats_line('rba', approx, input_size))
+    save_rba(approx, args.output)
+    print(f'wrote {args.output / "model.safetensors"}, {args.output / "config.json"} '
+          f'(load: import timm_pf; timm.create_model("local-dir:{args.output}", pretrained=True))')
+    return 0
+
+
+@_guard
+def run_evaluate(args) -> int:
+    from timm_pf.rba import approximate, evaluate_models, load_rba, skip_spans
+    if bool(args.span) == bool(args.rba_model):
+        raise _CliError('give either --span (fit the maps here) or --rba-model (a folder from "rba apply")')
+    model = _create_model(args)
+    if args.rba_model:
+        approx = load_rba(args.rba_model).to(args.device).eval()
+        spans = [(s['source'], s['target']) for s in approx._model_args['spans']]
+    else:
+        spans = _parse_spans(args.span)
+        fit_loader, _ = _loader(model, args, args.split, args.num_images)
+        approx = approximate(model, spans, fit_loader, bias=args.bias, ridge=args.ridge, per_token=args.per_token,
+                             device=args.device)
+    models = {'original': model}
+    if args.skip_baseline:
+        models['skip'] = skip_spans(model, spans)
+    models['rba'] = approx
+    train_loader, num_classes = _loader(model, args, args.split, args.probe_images)
+    val_loader, _ = _loader(model, args, args.val_split, None)
+    rows = evaluate_models(models, train_loader, val_loader, _input_size(model, args), num_classes,
+                           device=args.device)
+    print(f'{args.model}, spans {", ".join(f"{s}:{t}" for s, t in spans)}; top-1 on {args.val_split} '
+          f'({len(val_loader.dataset)} images), probe trained on {len(train_loader.dataset)} images of {args.split}')
+    print('| model | params (M) | MACs (M) | head top-1 | linear-probe top-1 |')
+    print('|---|---|---|---|---|')
+    for r in rows:
+        head = 'n/a' if r['head_top1'] is None else f'{r["head_top1"]:.2f}'
+        print(f'| {r["model"]} | {r["params"] / 1e6:.3f} | {r["macs"] / 1e6:.2f} | {head} | {r["probe_top1"]:.2f} |')
+    if args.output:
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        args.output.write_text(json.dumps(dict(model=args.model, spans=spans, results=rows), indent=1))
+    return 0

@@ -1,1 +1,412 @@
-"""(being written)"""
+"""ParameterNet: GhostNets whose convolutions are dynamic (mixtures of expert kernels).
+
+Paper: "ParameterNet: Parameters Are All You Need for Large-scale Visual Pretraining of Mobile Networks",
+Han et al., CVPR 2024 (arXiv:2306.14525). Official code:
+https://github.com/huawei-noah/Efficient-AI-Backbones/tree/master/parameternet_pytorch
+
+ParameterNet is "constructed by replacing the conventional convolutional layer with dynamic convolution"
+(§5.2), so one GhostNet builds every variant from a conv factory: ``num_experts=1`` gives the plain
+GhostNet baselines, ``num_experts>1`` the dynamic ones (the Table 4 ablation). As in the official code
+the dynamic convs are the stem, both convs of every Ghost module (primary 1x1 and cheap depthwise), the
+depthwise and pointwise convs of a projection shortcut and the final 1x1 conv; the stride-2 depthwise
+conv, squeeze-excite, ``conv_head`` and classifier stay static.
+
+Variants:
+* ``parameternet_600m`` / ``ghostnet_600m``: the official 600M layout (19 bottlenecks, width 1.9,
+  hard-swish), 34.5M / 19.8M params (Table 2).
+* ``parameternet_300m`` / ``ghostnet_300m``: not published by the authors; inferred as the GhostNet v1
+  layout at width 1.45 with hard-swish, which reproduces every count the paper gives (8.6M plain and
+  11.0 / 15.7 / 25.2M params with 2 / 4 / 8 experts, Tables 2 and 4).
+* ``ghostnet_dyn``: timm's ``ghostnet_100`` (ReLU) with the same dynamic convs, key-compatible with it
+  apart from the expert and routing tensors; :func:`upcycle_state_dict` turns a trained GhostNet into a
+  dynamic one with identical outputs.
+"""
+from functools import partial
+from typing import Any, Callable, Dict, List, Optional, Type, Union
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, Linear, SelectAdaptivePool2d, make_divisible
+from timm.models import build_model_with_cfg, register_model
+from timm.models import ghostnet as timm_ghostnet
+from timm.models._efficientnet_blocks import ConvBnAct as TimmConvBnAct
+
+from ..layers.dynamic_conv import DynamicConv2d
+from ._cfg import generate_pf_cfgs
+
+__all__ = ['GhostNet', 'checkpoint_filter_fn', 'upcycle_state_dict']
+
+ConvLayer = Callable[..., nn.Module]
+
+# k, expansion (mid) chs, out chs, SE ratio, stride; one inner list per stage
+GHOSTNET_V1_CFGS = [
+    [[3, 16, 16, 0, 1]],
+    [[3, 48, 24, 0, 2]],
+    [[3, 72, 24, 0, 1]],
+    [[5, 72, 40, 0.25, 2]],
+    [[5, 120, 40, 0.25, 1]],
+    [[3, 240, 80, 0, 2]],
+    [[3, 200, 80, 0, 1], [3, 184, 80, 0, 1], [3, 184, 80, 0, 1], [3, 480, 112, 0.25, 1], [3, 672, 112, 0.25, 1]],
+    [[5, 672, 160, 0.25, 2]],
+    [[5, 960, 160, 0, 1], [5, 960, 160, 0.25, 1], [5, 960, 160, 0, 1], [5, 960, 160, 0.25, 1]],
+]
+
+# The official ParameterNet-600M layout (parameternet_pytorch/cv/parameternet.py): 19 bottlenecks.
+PARAMETERNET_600M_CFGS = [
+    [[3, 16, 16, 0, 1]],
+    [[3, 48, 24, 0, 2]],
+    [[3, 72, 24, 0, 1]],
+    [[5, 72, 40, 0.25, 2]],
+    [[3, 120, 40, 0.25, 1], [3, 120, 40, 0.25, 1]],
+    [[3, 240, 80, 0, 2]],
+    [[3, 200, 80, 0, 1], [3, 200, 80, 0, 1], [3, 200, 80, 0, 1],
+     [3, 480, 112, 0.25, 1], [3, 672, 112, 0.25, 1], [3, 672, 112, 0.25, 1]],
+    [[5, 672, 160, 0.25, 2]],
+    [[3, 960, 160, 0.25, 1], [3, 960, 160, 0.25, 1], [3, 960, 160, 0.25, 1],
+     [3, 960, 160, 0.25, 1], [3, 960, 160, 0.25, 1]],
+]
+
+
+def conv_factory(num_experts: int = 1, routing: str = 'sigmoid') -> ConvLayer:
+    """``conv(in_chs, out_chs, kernel_size, stride=1, padding=0, groups=1)`` for the convs ParameterNet
+    makes dynamic: a plain ``nn.Conv2d`` for one expert (the GhostNet baseline, Table 4's first row),
+    else a :class:`DynamicConv2d` with ``num_experts`` experts."""
+    if num_experts < 1:
+        raise ValueError(f'num_experts must be >= 1, got {num_experts}')
+    if num_experts == 1:
+        return partial(nn.Conv2d, bias=False)
+    return partial(DynamicConv2d, bias=False, num_experts=num_experts, routing=routing)
+
+
+class GhostModule(timm_ghostnet.GhostModule):
+    """timm's Ghost module with its primary (1x1) and cheap (depthwise 3x3) convs built by ``conv_layer``."""
+
+    def __init__(self, in_chs: int, out_chs: int, act_layer: Type[nn.Module], conv_layer: ConvLayer):
+        super().__init__(in_chs, out_chs, act_layer=act_layer)
+        init_chs = self.primary_conv[0].out_channels
+        new_chs = self.cheap_operation[0].out_channels
+        self.primary_conv[0] = conv_layer(in_chs, init_chs, 1)
+        self.cheap_operation[0] = conv_layer(init_chs, new_chs, 3, padding=1, groups=init_chs)
+
+
+class ConvBnAct(TimmConvBnAct):
+    """timm's ConvBnAct (``conv``, ``bn1`` with activation) with its conv built by ``conv_layer``."""
+
+    def __init__(self, in_chs: int, out_chs: int, act_layer: Type[nn.Module], conv_layer: ConvLayer):
+        super().__init__(in_chs, out_chs, 1, act_layer=act_layer)
+        self.conv = conv_layer(in_chs, out_chs, 1)
+
+
+class GhostBottleneck(nn.Module):
+    """Ghost bottleneck (timm's layout and keys) with a conv factory, SE activation and drop-path.
+
+    ghost1 -> [stride-2 depthwise conv + BN] -> [SE] -> ghost2, plus the identity or a projection
+    shortcut (depthwise conv + BN + 1x1 conv + BN). The official ParameterNet passes the block
+    activation to the SE (hard-swish in ParameterNet-600M) and drops the residual branch per sample.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            mid_chs: int,
+            out_chs: int,
+            dw_kernel_size: int = 3,
+            stride: int = 1,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            se_ratio: float = 0.,
+            drop_path_rate: float = 0.,
+            conv_layer: ConvLayer = nn.Conv2d,
+    ):
+        super().__init__()
+        dw_padding = (dw_kernel_size - 1) // 2
+        self.stride = stride
+        self.ghost1 = GhostModule(in_chs, mid_chs, act_layer, conv_layer)
+        if stride > 1:
+            self.conv_dw = nn.Conv2d(
+                mid_chs, mid_chs, dw_kernel_size, stride=stride, padding=dw_padding, groups=mid_chs, bias=False)
+            self.bn_dw = nn.BatchNorm2d(mid_chs)
+        else:
+            self.conv_dw = None
+            self.bn_dw = None
+        self.se = timm_ghostnet._SE_LAYER(mid_chs, rd_ratio=se_ratio, act_layer=act_layer) if se_ratio else None
+        self.ghost2 = GhostModule(mid_chs, out_chs, nn.Identity, conv_layer)
+        if in_chs == out_chs and stride == 1:
+            self.shortcut = nn.Sequential()
+        else:
+            self.shortcut = nn.Sequential(
+                conv_layer(in_chs, in_chs, dw_kernel_size, stride=stride, padding=dw_padding, groups=in_chs),
+                nn.BatchNorm2d(in_chs),
+                conv_layer(in_chs, out_chs, 1),
+                nn.BatchNorm2d(out_chs),
+            )
+        self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shortcut = self.shortcut(x)
+        x = self.ghost1(x)
+        if self.conv_dw is not None:
+            x = self.bn_dw(self.conv_dw(x))
+        if self.se is not None:
+            x = self.se(x)
+        x = self.ghost2(x)
+        return self.drop_path(x) + shortcut
+
+
+class GhostNet(timm_ghostnet.GhostNet):
+    """GhostNet with optional dynamic convolutions (ParameterNet).
+
+    Subclasses timm's GhostNet for its forward, features, intermediates, pruning and classifier API;
+    only the construction differs: the conv factory (``num_experts``, ``routing``), the activation
+    (``act_layer``) and stochastic depth (``drop_path_rate``, linear over stages as in the official code).
+    """
+
+    def __init__(
+            self,
+            cfgs: List[List[List[Union[int, float]]]],
+            num_classes: int = 1000,
+            width: float = 1.0,
+            in_chans: int = 3,
+            output_stride: int = 32,
+            global_pool: str = 'avg',
+            drop_rate: float = 0.2,
+            drop_path_rate: float = 0.,
+            act_layer: Type[nn.Module] = nn.ReLU,
+            num_experts: int = 1,
+            routing: str = 'sigmoid',
+            head_hidden_size: int = 1280,
+    ):
+        nn.Module.__init__(self)  # timm's __init__ hard-wires static convs and ReLU; its methods are reused
+        if output_stride != 32:
+            raise ValueError(f'GhostNet supports output_stride=32 only (no dilation), got {output_stride}')
+        conv_layer = conv_factory(num_experts, routing)
+        self.cfgs = cfgs
+        self.num_classes = num_classes
+        self.in_chans = in_chans
+        self.drop_rate = drop_rate
+        self.num_experts = num_experts
+        self.grad_checkpointing = False
+        self.feature_info = []
+
+        stem_chs = make_divisible(16 * width, 4)
+        self.conv_stem = conv_layer(in_chans, stem_chs, 3, stride=2, padding=1)
+        self.feature_info.append(dict(num_chs=stem_chs, reduction=2, module='conv_stem'))
+        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.act1 = act_layer(inplace=True)
+        prev_chs = stem_chs
+
+        stage_dpr = torch.linspace(0, drop_path_rate, len(cfgs)).tolist()
+        stages = []
+        net_stride = 2
+        for stage_idx, cfg in enumerate(cfgs):
+            layers = []
+            stride = 1
+            for kernel_size, exp_size, chs, se_ratio, stride in cfg:
+                out_chs = make_divisible(chs * width, 4)
+                mid_chs = make_divisible(exp_size * width, 4)
+                layers.append(GhostBottleneck(
+                    prev_chs, mid_chs, out_chs, kernel_size, stride, act_layer=act_layer, se_ratio=se_ratio,
+                    drop_path_rate=stage_dpr[stage_idx], conv_layer=conv_layer))
+                prev_chs = out_chs
+            if stride > 1:
+                net_stride *= 2
+                self.feature_info.append(dict(num_chs=prev_chs, reduction=net_stride, module=f'blocks.{stage_idx}'))
+            stages.append(nn.Sequential(*layers))
+        out_chs = make_divisible(exp_size * width, 4)
+        stages.append(nn.Sequential(ConvBnAct(prev_chs, out_chs, act_layer, conv_layer)))
+        self.pool_dim = prev_chs = out_chs
+        self.blocks = nn.Sequential(*stages)
+        self.stage_ends = [-1] + [int(info['module'].split('.')[-1]) for info in self.feature_info[1:]]
+
+        self.num_features = prev_chs
+        self.head_hidden_size = head_hidden_size
+        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
+        self.conv_head = nn.Conv2d(prev_chs, head_hidden_size, 1, 1, 0, bias=True)
+        self.act2 = act_layer(inplace=True)
+        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
+        self.classifier = Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+
+
+def _dynamic_convs(model: nn.Module) -> Dict[str, DynamicConv2d]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, DynamicConv2d)}
+
+
+def _unwrap(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
+    for key in ('state_dict_ema', 'state_dict', 'model'):
+        if key in state_dict and isinstance(state_dict[key], dict):
+            state_dict = state_dict[key]
+            break
+    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """Convert an official ParameterNet checkpoint (or pass one of ours through) to ``model``'s keys.
+
+    The official ``DynamicConv`` keeps its experts in a CondConv2d child (``<conv>.cond_conv.weight``)
+    beside the routing ``nn.Linear`` (``<conv>.routing.*``); ours is the CondConv2d itself, so
+    ``.cond_conv.`` is dropped. ``module.`` prefixes, ``state_dict`` / ``model`` wrappers and thop's
+    ``total_ops`` / ``total_params`` buffers are removed. Missing or unexpected keys and shape mismatches
+    (other than the classifier, which timm re-sizes) raise ``ValueError`` naming the tensors.
+    """
+    out = {}
+    for key, value in _unwrap(state_dict).items():
+        if key.endswith(('total_ops', 'total_params')):
+            continue
+        out[key.replace('.cond_conv.', '.')] = value
+
+    expected = model.state_dict()
+    classifier = getattr(model, 'pretrained_cfg', {}).get('classifier', 'classifier')
+    missing = sorted(set(expected) - set(out))
+    unexpected = sorted(set(out) - set(expected))
+    mismatched = sorted(
+        k for k in set(out) & set(expected)
+        if out[k].shape != expected[k].shape and not k.startswith(classifier + '.'))
+    if missing or unexpected or mismatched:
+        num_experts = getattr(model, 'num_experts', None)
+        lines = [f'checkpoint does not match {type(model).__name__} (num_experts={num_experts}):']
+        if missing:
+            lines.append(f'  missing {len(missing)} keys, e.g. {missing[:4]}')
+        if unexpected:
+            lines.append(f'  unexpected {len(unexpected)} keys, e.g. {unexpected[:4]}')
+        for k in mismatched[:4]:
+            lines.append(f'  {k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}')
+        if any(k.endswith('.routing.weight') for k in missing) and not any('.routing.' in k for k in out):
+            lines.append('  this looks like a plain GhostNet checkpoint: convert it with upcycle_state_dict()')
+        raise ValueError('\n'.join(lines))
+    return out
+
+
+def upcycle_state_dict(
+        state_dict: Dict[str, Any],
+        model: nn.Module,
+        expert_noise: float = 0.01,
+        seed: int = 0,
+) -> Dict[str, torch.Tensor]:
+    """Turn a plain GhostNet state dict into one for ``model``, its dynamic-conv twin.
+
+    Every static conv weight becomes ``num_experts`` experts whose mixture equals it for every input
+    (see :meth:`DynamicConv2d.upcycled_state`), so the upcycled model's outputs equal the plain model's;
+    ``expert_noise`` (relative, zero-sum over experts) lets the experts diverge in training.
+    Example: ``upcycle_state_dict(timm.create_model('ghostnet_100', pretrained=True).state_dict(),
+    timm.create_model('ghostnet_dyn'))``.
+    """
+    plain = _unwrap(state_dict)
+    generator = torch.Generator().manual_seed(seed)
+    out = {}
+    dynamic = _dynamic_convs(model)
+    if not dynamic:
+        raise ValueError(f'{type(model).__name__} has no dynamic convs to upcycle into')
+    for name, conv in dynamic.items():
+        if f'{name}.weight' not in plain:
+            raise ValueError(f'plain checkpoint has no {name}.weight for the dynamic conv {name}')
+        local = conv.upcycled_state(
+            plain.pop(f'{name}.weight'), plain.pop(f'{name}.bias', None), expert_noise, generator)
+        out.update({f'{name}.{k}': v for k, v in local.items()})
+    expected = model.state_dict()
+    for key, value in plain.items():
+        if key.endswith(('total_ops', 'total_params')):
+            continue
+        if key not in expected:
+            raise ValueError(f'plain checkpoint key {key} has no counterpart in {type(model).__name__}')
+        if value.shape != expected[key].shape:
+            raise ValueError(f'{key}: plain checkpoint {tuple(value.shape)} vs model {tuple(expected[key].shape)}')
+        out[key] = value
+    missing = sorted(set(expected) - set(out))
+    if missing:
+        raise ValueError(f'plain checkpoint lacks {len(missing)} tensors of the model, e.g. {missing[:4]}')
+    return out
+
+
+def _create_ghostnet(
+        variant: str,
+        cfgs: List[List[List[Union[int, float]]]],
+        width: float,
+        pretrained: bool = False,
+        **kwargs: Any,
+) -> GhostNet:
+    return build_model_with_cfg(
+        GhostNet,
+        variant,
+        pretrained,
+        cfgs=cfgs,
+        width=width,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True),
+        **kwargs,
+    )
+
+
+_PAPER = 'ParameterNet: Parameters Are All You Need for Large-scale Visual Pretraining of Mobile Networks'
+_NO_RELEASE = (
+    'No weights were released by the authors; this tag names where weights trained with the '
+    'timm-pf train configs are published.')
+
+
+def _cfg(notes: str, **kwargs) -> Dict[str, Any]:
+    return {
+        'url': '', 'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv_stem', 'classifier': 'classifier',
+        'license': 'apache-2.0',
+        'paper_ids': 'arXiv:2306.14525',
+        'paper_name': _PAPER,
+        'origin_url': 'https://github.com/huawei-noah/Efficient-AI-Backbones/tree/master/parameternet_pytorch',
+        'notes': (notes, _NO_RELEASE),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_pf_cfgs({
+    'parameternet_600m.in1k': _cfg(
+        'ParameterNet-600M, official layout; paper Table 2: 34.5M params, 599M FLOPs, top-1 79.0 (IN-1k) '
+        'and 81.6 (IN-22k pretrained, IN-1k finetuned).'),
+    'parameternet_300m.in1k': _cfg(
+        'ParameterNet-300M; layout inferred (GhostNet v1 at width 1.45, hard-swish) from the paper counts; '
+        'paper Table 2: 15.7M params, 298M FLOPs, top-1 77.2 (IN-1k) and 79.1 (IN-22k pretrained).'),
+    'ghostnet_600m.in1k': _cfg(
+        'GhostNet-600M baseline (ParameterNet-600M with static convs); paper Table 2: 19.8M params, '
+        '579M FLOPs, top-1 78.6 (IN-1k) and 78.3 (IN-22k pretrained).'),
+    'ghostnet_300m.in1k': _cfg(
+        'GhostNet-300M baseline (inferred layout, static convs); paper Table 2: 8.6M params, 289M FLOPs, '
+        'top-1 76.3 (IN-1k) and 75.7 (IN-22k pretrained).'),
+    'ghostnet_dyn.in1k': _cfg(
+        'GhostNet 1.0x (timm ghostnet_100) with 4-expert dynamic convs; upcycle a trained ghostnet_100 '
+        'with upcycle_state_dict(). Not a model of the paper\'s tables.'),
+})
+
+
+@register_model
+def parameternet_600m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """ParameterNet-600M (Table 2): the official 600M GhostNet layout with 4-expert dynamic convs."""
+    model_args = {'act_layer': nn.Hardswish, 'num_experts': 4, **kwargs}
+    return _create_ghostnet('parameternet_600m', PARAMETERNET_600M_CFGS, 1.9, pretrained, **model_args)
+
+
+@register_model
+def parameternet_300m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """ParameterNet-300M (Tables 2, 4): inferred GhostNet v1 layout at width 1.45, 4-expert dynamic convs."""
+    model_args = {'act_layer': nn.Hardswish, 'num_experts': 4, **kwargs}
+    return _create_ghostnet('parameternet_300m', GHOSTNET_V1_CFGS, 1.45, pretrained, **model_args)
+
+
+@register_model
+def ghostnet_600m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet-600M baseline (Table 2): ParameterNet-600M with static convs."""
+    model_args = {'act_layer': nn.Hardswish, **kwargs}
+    return _create_ghostnet('ghostnet_600m', PARAMETERNET_600M_CFGS, 1.9, pretrained, **model_args)
+
+
+@register_model
+def ghostnet_300m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet-300M baseline (Table 2): ParameterNet-300M with static convs."""
+    model_args = {'act_layer': nn.Hardswish, **kwargs}
+    return _create_ghostnet('ghostnet_300m', GHOSTNET_V1_CFGS, 1.45, pretrained, **model_args)
+
+
+@register_model
+def ghostnet_dyn(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+    """GhostNet 1.0x (timm ``ghostnet_100``, ReLU) with 4-expert dynamic convs."""
+    model_args = {'act_layer': nn.ReLU, 'num_experts': 4, **kwargs}
+    return _create_ghostnet('ghostnet_dyn', GHOSTNET_V1_CFGS, 1.0, pretrained, **model_args)

@@ -1,0 +1,213 @@
+"""Dynamic convolution: a per-sample mixture of expert kernels (ParameterNet, arXiv:2306.14525, §4.2).
+
+``DynamicConv2d`` keeps timm's :class:`~timm.layers.CondConv2d` parameter layout (``weight`` holds the
+``E`` expert kernels flattened to ``(E, C_out * C_in / groups * k * k)``) and adds the routing that
+produces the mixing coefficients from the globally pooled input:
+
+* ``routing='sigmoid'`` (default, the authors' code): ``sigmoid(Linear(pool(x)))``, one linear layer.
+* ``routing='softmax'`` (the paper's Eq. 4): ``softmax(MLP(pool(x)))`` with a two-layer ReLU MLP.
+
+The per-sample convolution (:func:`per_sample_conv2d`) never builds a convolution whose group count
+depends on the batch size when the model is exported, so ONNX / TensorRT graphs keep a dynamic batch
+axis; in eager mode it picks the fastest exact kernel for the layer's shape.
+"""
+import math
+from typing import Dict, List, Optional, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from timm.layers import CondConv2d, Mlp, pad_same
+
+__all__ = ['DynamicConv2d', 'per_sample_conv2d', 'ROUTING_TYPES']
+
+ROUTING_TYPES = ('sigmoid', 'softmax')
+
+_Pair = Tuple[int, int]
+
+
+def _is_exporting() -> bool:
+    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+
+
+def _conv_as_matmul(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        stride: _Pair,
+        padding: _Pair,
+        dilation: _Pair,
+        groups: int,
+) -> torch.Tensor:
+    """Per-sample convolution as im2col (shifted strided views) and a batched matmul.
+
+    Every shape is batch-independent, so the graph exports with a dynamic batch axis, and the only
+    multiply-accumulates are the matmul's, exactly the convolution's MACs.
+    """
+    batch, in_chs = x.shape[:2]
+    out_chs, kh, kw = weight.shape[1], weight.shape[-2], weight.shape[-1]
+    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
+    if ph or pw:
+        x = F.pad(x, (pw, pw, ph, ph))
+    out_h = (x.shape[-2] - dh * (kh - 1) - 1) // sh + 1
+    out_w = (x.shape[-1] - dw * (kw - 1) - 1) // sw + 1
+    views = [
+        x[:, :, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
+        for i in range(kh) for j in range(kw)
+    ]
+    # (B, groups, C_in / groups * kh * kw, H' * W'), channel-major like the flattened kernel
+    cols = views[0] if len(views) == 1 else torch.stack(views, dim=2)
+    cols = cols.reshape(batch, groups, (in_chs // groups) * kh * kw, out_h * out_w)
+    kernels = weight.reshape(batch, groups, out_chs // groups, -1)
+    out = torch.matmul(kernels, cols)
+    return out.reshape(batch, out_chs, out_h, out_w)
+
+
+def per_sample_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor] = None,
+        stride: _Pair = (1, 1),
+        padding: _Pair = (0, 0),
+        dilation: _Pair = (1, 1),
+        groups: int = 1,
+) -> torch.Tensor:
+    """Convolve sample ``b`` of ``x`` (B, C_in, H, W) with its own kernel ``weight[b]``.
+
+    Args:
+        weight: (B, C_out, C_in / groups, kh, kw) per-sample kernels.
+        bias: optional (B, C_out) per-sample bias.
+
+    Every path computes the same convolution (up to float rounding):
+
+    * export / tracing: im2col + batched matmul (no batch-dependent conv groups);
+    * batch 1: an ordinary convolution with the sample's kernel;
+    * unstrided 1x1 kernels: a batched matmul on the NCHW tensor (no copies);
+    * otherwise: one convolution with ``groups * B`` groups over the batch folded into channels.
+    """
+    batch, in_chs, height, width = x.shape
+    out_chs = weight.shape[1]
+    pointwise = weight.shape[-2:] == (1, 1) and stride == (1, 1) and padding == (0, 0)
+    if _is_exporting() or (pointwise and batch > 1):
+        out = _conv_as_matmul(x, weight, stride, padding, dilation, groups)
+        if bias is not None:
+            out = out + bias.reshape(batch, out_chs, 1, 1)
+        return out
+    if batch == 1:
+        return F.conv2d(
+            x, weight[0], None if bias is None else bias[0],
+            stride=stride, padding=padding, dilation=dilation, groups=groups)
+    out = F.conv2d(
+        x.reshape(1, batch * in_chs, height, width),
+        weight.reshape(batch * out_chs, *weight.shape[2:]),
+        None if bias is None else bias.reshape(batch * out_chs),
+        stride=stride, padding=padding, dilation=dilation, groups=groups * batch)
+    return out.reshape(batch, out_chs, out.shape[-2], out.shape[-1])
+
+
+class DynamicConv2d(CondConv2d):
+    """Convolution whose kernel is a per-sample mixture of ``num_experts`` expert kernels.
+
+    ParameterNet (arXiv:2306.14525) Eq. 3: ``W(x) = sum_i alpha_i(x) W_i`` with the coefficients
+    ``alpha(x)`` computed from the global average pool of the input. Parameters: ``weight``
+    (experts, CondConv2d layout), optional ``bias`` (E, C_out), and ``routing``, a ``nn.Linear``
+    (``routing='sigmoid'``) or a timm ``Mlp`` (``routing='softmax'``, hidden width
+    ``routing_hidden_ratio * C_in``).
+    """
+
+    def __init__(
+            self,
+            in_channels: int,
+            out_channels: int,
+            kernel_size: Union[int, _Pair] = 3,
+            stride: Union[int, _Pair] = 1,
+            padding: Union[int, _Pair, str] = '',
+            dilation: Union[int, _Pair] = 1,
+            groups: int = 1,
+            bias: bool = False,
+            num_experts: int = 4,
+            routing: str = 'sigmoid',
+            routing_hidden_ratio: float = 1.0,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        if num_experts < 1:
+            raise ValueError(f'num_experts must be >= 1, got {num_experts}')
+        if routing not in ROUTING_TYPES:
+            raise ValueError(f'unknown routing {routing!r}, expected one of {ROUTING_TYPES}')
+        super().__init__(
+            in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts, **dd)
+        self.routing_type = routing
+        if routing == 'sigmoid':
+            self.routing = nn.Linear(in_channels, num_experts, **dd)
+        else:
+            hidden = max(1, round(in_channels * routing_hidden_ratio))
+            self.routing = Mlp(in_channels, hidden, num_experts, act_layer=nn.ReLU, **dd)
+
+    def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
+        logits = self.routing(x.mean((2, 3)))
+        return torch.sigmoid(logits) if self.routing_type == 'sigmoid' else logits.softmax(dim=-1)
+
+    def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
+        if routing_weights is None:
+            routing_weights = self.routing_weights(x)
+        batch = x.shape[0]
+        weight = torch.matmul(routing_weights, self.weight).reshape(batch, *self.weight_shape)
+        bias = None if self.bias is None else torch.matmul(routing_weights, self.bias)
+        padding = self.padding
+        if self.dynamic_padding:
+            x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+            padding = (0, 0)
+        return per_sample_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+
+    @torch.no_grad()
+    def upcycled_state(
+            self,
+            weight: torch.Tensor,
+            bias: Optional[torch.Tensor] = None,
+            expert_noise: float = 0.,
+            generator: Optional[torch.Generator] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """This layer's state (local keys) that reproduces a static convolution exactly.
+
+        The last routing layer is zeroed, so every input gets the same coefficients ``c``, and the
+        experts are ``weight / sum(c)`` plus noise that sums to zero over the experts (``expert_noise``
+        times the weight's RMS) so the experts can diverge in training while the mixture stays
+        ``weight``.
+        """
+        if weight.shape != self.weight_shape:
+            raise ValueError(f'static weight has shape {tuple(weight.shape)}, this layer expects {self.weight_shape}')
+        if (bias is None) != (self.bias is None):
+            raise ValueError(f'static conv bias presence ({bias is not None}) does not match this layer')
+        state = {k: v.detach().clone() for k, v in self.state_dict().items()}
+        last = 'routing' if self.routing_type == 'sigmoid' else 'routing.fc2'
+        state[f'{last}.weight'].zero_()
+        state[f'{last}.bias'].zero_()
+        constant_logits = torch.zeros(1, self.num_experts, dtype=weight.dtype)
+        coeffs = torch.sigmoid(constant_logits) if self.routing_type == 'sigmoid' else constant_logits.softmax(-1)
+        scale = 1.0 / coeffs.sum()
+
+        def experts(static: torch.Tensor) -> torch.Tensor:
+            flat = static.reshape(1, -1).to(self.weight.dtype) * scale
+            out = flat.expand(self.num_experts, -1).clone()
+            if expert_noise > 0 and self.num_experts > 1:
+                rms = static.float().pow(2).mean().sqrt()
+                noise = torch.randn(out.shape, generator=generator, dtype=out.dtype) * (expert_noise * rms)
+                out += noise - noise.mean(0, keepdim=True)
+            return out
+
+        state['weight'] = experts(weight)
+        if bias is not None:
+            state['bias'] = experts(bias)
+        return state
+
+    def extra_repr(self) -> str:
+        return (
+            f'{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, '
+            f'padding={self.padding}, groups={self.groups}, num_experts={self.num_experts}, '
+            f'routing={self.routing_type}')

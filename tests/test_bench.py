@@ -1,0 +1,212 @@
+import csv
+import io
+import json
+import math
+import statistics
+
+import pytest
+import timm
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from timm_pf import bench
+from timm_pf.bench import BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget
+from timm_pf.cli import main
+
+SMALL_PAIR = ('resnet18', 'resnet10t')
+SMALL_SETTINGS = (Setting('infer', 1, 64), Setting('infer', 2, 64))
+
+
+@pytest.fixture(scope='module')
+def small_result():
+    jobs = [(s, list(SMALL_PAIR)) for s in SMALL_SETTINGS]
+    options = BenchOptions(warmup=1, repeats=3)
+    return bench.run_benchmark(jobs, [SMALL_PAIR], options, progress=False)
+
+
+def _independent_macs(name: str, img_size: int) -> int:
+    model = timm.create_model(name).eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, img_size, img_size))
+    return counter.get_total_flops() // 2
+
+
+def test_rows_have_independently_computed_cost(small_result):
+    assert [(r.model, r.setting) for r in small_result.rows] == [
+        (name, s) for s in SMALL_SETTINGS for name in ('resnet10t', 'resnet18')]
+    for name in SMALL_PAIR:
+        params = sum(p.numel() for p in timm.create_model(name).parameters())
+        macs = _independent_macs(name, 64)
+        for setting in SMALL_SETTINGS:
+            row = small_result.row(name, setting)
+            assert row.params == params
+            assert row.macs == macs
+
+
+def test_ratios_are_latency_over_baseline_latency(small_result):
+    for setting in SMALL_SETTINGS:
+        row, base = small_result.row('resnet18', setting), small_result.row('resnet10t', setting)
+        assert row.baseline == 'resnet10t' and base.baseline is None and base.latency_ratio is None
+        assert len(row.latencies_ms) == len(base.latencies_ms) == 3
+        assert row.latency_ms == pytest.approx(statistics.median(row.latencies_ms))
+        assert row.latency_ratio == pytest.approx(row.latency_ms / base.latency_ms)
+        assert row.latency_min_ms <= row.latency_q1_ms <= row.latency_ms <= row.latency_q3_ms <= row.latency_max_ms
+        assert row.throughput == pytest.approx(setting.batch_size / row.latency_ms * 1e3)
+        assert row.params_ratio == pytest.approx(row.params / base.params)
+        assert row.macs_ratio == pytest.approx(row.macs / base.macs)
+        assert row.memory_ratio == pytest.approx(row.peak_memory_mb / base.peak_memory_mb)
+        weights_mb = row.params * 4 / 2 ** 20
+        assert weights_mb < row.peak_memory_mb < weights_mb + 64
+
+
+def test_peak_memory_grows_with_batch(small_result):
+    small, large = (small_result.row('resnet18', s).peak_memory_mb for s in SMALL_SETTINGS)
+    assert large > small
+
+
+def test_output_formats_parse(small_result):
+    lines = list(csv.DictReader(io.StringIO(bench.to_csv(small_result))))
+    assert len(lines) == len(small_result.rows)
+    first = small_result.rows[0]
+    assert lines[0]['model'] == first.model and int(lines[0]['macs']) == first.macs
+    assert float(lines[0]['latency_ms']) == pytest.approx(first.latency_ms)
+
+    data = json.loads(bench.to_json(small_result))
+    assert [r['model'] for r in data['rows']] == [r.model for r in small_result.rows]
+    assert data['rows'][1]['latency_ratio'] == pytest.approx(small_result.rows[1].latency_ratio)
+    assert data['environment']['torch'] == torch.__version__
+
+    text = bench.format_report(small_result)
+    markdown = bench.format_report(small_result, markdown=True)
+    for out in (text, markdown):
+        assert 'resnet18' in out and f'{small_result.rows[1].latency_ratio:.2f}x' in out
+    tables = [block.splitlines() for block in markdown.split('\n\n') if block.count('\n|') >= 3]
+    assert len(tables) == 1 + len(SMALL_SETTINGS)  # cost, then one speed table per setting
+    for table in tables:
+        rows = [line for line in table if line.startswith('|')]
+        assert len({line.count('|') for line in rows}) == 1
+
+
+def test_target_checks_use_measured_ratio(small_result):
+    setting = SMALL_SETTINGS[0]
+    ratio = small_result.row('resnet18', setting).latency_ratio
+    targets = [SpeedTarget('resnet18', 'resnet10t', setting, 'latency', ratio * 1.01),
+               SpeedTarget('resnet18', 'resnet10t', setting, 'latency', ratio * 0.99),
+               SpeedTarget('resnet18', 'resnet10t', Setting('infer', 7, 64), 'latency', 1.0)]
+    checks = bench.check_targets(small_result, targets)
+    assert [c.status for c in checks] == ['PASS', 'FAIL']
+    assert checks[0].measured == ratio
+
+
+def test_peak_tensor_memory_follows_lifetimes():
+    with PeakTensorMemory() as tracker:
+        a = torch.ones(1000)
+        b = torch.ones(1000)
+        del a
+        c = torch.ones(500)
+    assert tracker.peak == 8000
+    assert tracker.current == 6000
+    del b, c
+    assert tracker.current == 0
+
+
+def test_peak_tensor_memory_of_a_forward_pass():
+    model = nn.Sequential(nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 128)).eval()
+    x = torch.randn(8, 256)
+    with torch.no_grad(), PeakTensorMemory([x, *model.parameters()]) as tracker:
+        model(x)
+    # the first linear's output and the ReLU's output are alive together
+    assert tracker.peak == 2 * 8 * 512 * 4
+
+
+def test_baselines_of_the_headline_models():
+    assert {m: bench.baseline_for(m) for m in bench.HEADLINE_MODELS} == {
+        'ours_r50_hybrid': 'resnet50', 'ours_r50_deform_max': 'resnet50',
+        'vit_s_maxpool': 'vit_small_patch16_224', 'pit_s_maxpool': 'pit_s_224',
+        'parameternet_600m': 'ghostnet_600m', 'ghostnet_dyn': 'ghostnet_100'}
+    assert bench.baseline_for('ours_r101_hybrid') == 'resnet101'
+    assert bench.baseline_for('resnet50') is None
+
+
+def test_resolve_models_globs_and_explicit_pairs():
+    pattern = 'resnet1*t'
+    pairs = bench.resolve_models([pattern, 'resnet18:resnet10t'])
+    assert [m for m, _ in pairs[:-1]] == timm.list_models(pattern)
+    assert pairs[-1] == ('resnet18', 'resnet10t')
+    with pytest.raises(BenchInputError, match='matches no registered model'):
+        bench.resolve_models(['no_such_model_*'])
+    with pytest.raises(BenchInputError, match='did you mean resnet18'):
+        bench.resolve_models(['resnet18x'])
+
+
+def test_paper_latency_ratio_prefers_the_same_batch():
+    ratio, basis = bench.paper_latency_ratio('ours_r50_hybrid', 'resnet50', 1)
+    assert ratio == pytest.approx(7.3 / 8.7) and basis == 'V100'
+    ratio, basis = bench.paper_latency_ratio('vit_s_maxpool', 'vit_small_patch16_224', 1)
+    assert ratio == pytest.approx(86 / 96) and basis == 'GPU b1'
+    ratio, basis = bench.paper_latency_ratio('pit_s_maxpool', 'pit_s_224', 32)
+    assert ratio == pytest.approx(952 / 1000) and basis == 'GPU b256'
+
+
+def test_targets_preset_settings():
+    jobs = dict(bench.target_settings(bench.SPEED_TARGETS))
+    assert set(jobs) == {Setting('infer', 1, 224), Setting('infer', 16, 224), Setting('infer', 32, 224),
+                         Setting('train', 16, 128), Setting('train', 32, 128)}
+    for target in bench.SPEED_TARGETS:
+        assert {target.model, target.baseline} <= set(jobs[target.setting])
+    assert set(jobs[Setting('infer', 16, 224)]) == {'resnet50', 'ours_r50_hybrid', 'ours_r50_deform_max'}
+
+
+def test_cli_writes_every_format(tmp_path, capsys):
+    csv_path, md_path, png_path = tmp_path / 'b.csv', tmp_path / 'b.md', tmp_path / 'b.png'
+    code = main(['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--batch-sizes', '1',
+                 '--repeats', '2', '--no-progress', '--json', '-', '--csv', str(csv_path),
+                 '--markdown', str(md_path), '--plot', str(png_path)])
+    out = capsys.readouterr()
+    assert code == 0
+    data = json.loads(out.out)
+    assert [r['model'] for r in data['rows']] == ['resnet10t', 'resnet18']
+    assert 'resnet18' in out.err  # the table goes to stderr when stdout carries JSON
+    assert len(list(csv.DictReader(csv_path.open()))) == 2
+    assert md_path.read_text().count('| resnet18 |') == 2
+    assert png_path.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--models', 'no_such_model'], 'unknown model'),
+    (['--models', 'no_such_*'], 'matches no registered model'),
+    (['--models', 'resnet18:no_such_base'], 'unknown model'),
+    (['--models', 'resnet18', '--batch-sizes', '0'], 'must be positive'),
+    (['--preset', 'targets', '--batch-sizes', '4'], 'fixes the settings'),
+])
+def test_cli_bad_input_exits_2(argv, message, capsys):
+    assert main(['bench', '--no-progress', *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_cli_missing_cuda_exits_2(monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+    assert main(['bench', '--models', 'resnet18', '--device', 'cuda', '--no-progress']) == 2
+    assert 'CUDA is not available' in capsys.readouterr().err
+
+
+def test_cli_plot_without_matplotlib_exits_2(monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else find_spec(name, *a))
+    assert main(['bench', '--models', 'resnet18', '--plot', 'x.png', '--no-progress']) == 2
+    assert "timm-pf[plot]" in capsys.readouterr().err
+
+
+def test_plot_result_names_the_extra_when_matplotlib_is_missing(small_result, monkeypatch, tmp_path):
+    import sys
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    with pytest.raises(ImportError, match=r'timm-pf\[plot\]'):
+        bench.plot_result(small_result, str(tmp_path / 'x.png'))
+
+
+def test_quantiles_of_one_run():
+    assert bench._quantiles([3.0]) == (3.0, 3.0, 3.0)
+    assert bench._quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert not math.isnan(bench._quantiles([1.0, 2.0])[1])

@@ -1,0 +1,162 @@
+"""``timm-pf bench``: each model next to its baseline (params, MACs, latency, memory) on this machine."""
+import argparse
+import fnmatch
+import sys
+from typing import List, Optional, Sequence, Tuple
+
+_DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0}
+
+
+def _split(values: Optional[Sequence[str]]) -> List[str]:
+    return [v for value in values or () for v in value.split(',') if v]
+
+
+def _write(text: str, path: str) -> None:
+    if path == '-':
+        sys.stdout.write(text)
+    else:
+        with open(path, 'w') as f:
+            f.write(text)
+
+
+def _plan(args: argparse.Namespace):
+    """(jobs, pairs) for the request; raises BenchInputError for a bad one."""
+    import timm
+    from timm_pf.bench import (
+        DEFAULT_BATCH_SIZES, HEADLINE_MODELS, SPEED_TARGETS, BenchInputError, Setting, resolve_models,
+        target_settings)
+    patterns = _split(args.models)
+    if args.preset == 'targets':
+        if args.batch_sizes or args.img_size is not None or args.train:
+            raise BenchInputError('--preset targets fixes the settings: drop --batch-sizes, --img-size and --train')
+        targets = [t for t in SPEED_TARGETS if not patterns or any(fnmatch.fnmatchcase(t.model, p) for p in patterns)]
+        if not targets:
+            raise BenchInputError(f'no speed target concerns {", ".join(patterns)}')
+        names = list(dict.fromkeys(n for t in targets for n in (t.model, t.baseline)))
+        missing = [n for n in names if not timm.is_model(n)]
+        if missing:
+            raise BenchInputError(f'the targets need models that are not registered: {", ".join(missing)}')
+        return target_settings(targets), [(t.model, t.baseline) for t in targets]
+    if patterns:
+        pairs = resolve_models(patterns)
+    else:
+        available = [m for m in HEADLINE_MODELS if timm.is_model(m)]
+        skipped = [m for m in HEADLINE_MODELS if m not in available]
+        if skipped:
+            print(f'timm-pf bench: skipping unregistered models: {", ".join(skipped)}', file=sys.stderr)
+        if not available:
+            raise BenchInputError('none of the default models is registered')
+        pairs = resolve_models(available)
+    if any(b <= 0 for b in args.batch_sizes or ()):
+        raise BenchInputError('--batch-sizes must be positive')
+    img_size = 224 if args.img_size is None else args.img_size
+    if img_size < 32:
+        raise BenchInputError('--img-size must be at least 32')
+    names = list(dict.fromkeys(n for pair in pairs for n in pair if n))
+    mode = 'train' if args.train else 'infer'
+    jobs = [(Setting(mode, bs, img_size), names) for bs in args.batch_sizes or DEFAULT_BATCH_SIZES]
+    return jobs, pairs
+
+
+def _list() -> int:
+    from timm_pf.bench import BASELINE_RULES, HEADLINE_MODELS, PAPER_REPORTS, SPEED_TARGETS
+    print('default models: ' + ', '.join(HEADLINE_MODELS))
+    print('\nbaselines (first matching pattern wins; MODEL:BASELINE on --models overrides):')
+    for pattern, baseline in BASELINE_RULES:
+        print(f'  {pattern:<20} -> {baseline}')
+    print('\npaper values:')
+    for name, report in PAPER_REPORTS.items():
+        speeds = '; '.join(str(s) for s in report.speeds) or '-'
+        params = f'{report.params_m:g} M params' if report.params_m else '-'
+        macs = f'{report.gmacs:g} GMACs' if report.gmacs else '-'
+        print(f'  {name:<22} {params:<16} {macs:<13} {speeds:<36} [{report.source}]')
+    print('\ntargets (--preset targets):')
+    for target in SPEED_TARGETS:
+        print(f'  {target}')
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    from timm_pf.bench import BenchInputError, BenchOptions, format_report, plot_result, run_benchmark, to_csv, to_json
+    if args.list:
+        return _list()
+    try:
+        jobs, pairs = _plan(args)
+        options = BenchOptions(
+            device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
+            compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
+            memory=not args.no_memory)
+        options.validate()
+        if args.plot:
+            import importlib.util
+            if importlib.util.find_spec('matplotlib') is None:
+                raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
+    except BenchInputError as err:
+        print(f'timm-pf bench: error: {err}', file=sys.stderr)
+        return 2
+    try:
+        result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
+    except RuntimeError as err:
+        print(f'timm-pf bench: error: {err}', file=sys.stderr)
+        return 1
+    stdout_taken = '-' in (args.csv, args.json, args.markdown)
+    print(format_report(result), file=sys.stderr if stdout_taken else sys.stdout, end='')
+    if args.markdown:
+        _write(format_report(result, markdown=True), args.markdown)
+    if args.csv:
+        _write(to_csv(result), args.csv)
+    if args.json:
+        _write(to_json(result) + '\n', args.json)
+    if args.plot:
+        plot_result(result, args.plot)
+        print(f'wrote {args.plot}', file=sys.stderr)
+    failed = [c for c in result.targets if c.status == 'FAIL']
+    return 1 if args.strict and failed else 0
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser(
+        'bench', help='params, MACs, latency and memory of each model next to its baseline',
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=(
+            'Measure each model next to its baseline in one process: params, MACs, activations, latency\n'
+            '(median and spread over interleaved runs), throughput, peak memory, and the ratios to the\n'
+            "baseline, with the papers' reported values beside them. Without --models it runs the six\n"
+            'headline variants at batch 1 and 8, 224 px, which takes about two minutes on 2 CPU cores.\n'
+            '--preset targets runs the speed and memory ratios the package promises (several minutes).'),
+        epilog=('examples:\n'
+                '  timm-pf bench\n'
+                "  timm-pf bench --models 'ours_r50_*' --batch-sizes 1 16\n"
+                '  timm-pf bench --models resnet18:resnet10t --img-size 128\n'
+                '  timm-pf bench --preset targets --markdown targets.md\n'
+                '  timm-pf bench --device cuda --amp --batch-sizes 1 256 --plot bench.png'))
+    p.add_argument('--models', nargs='+', metavar='PATTERN',
+                   help='model names or globs (comma or space separated); each is paired with its baseline; '
+                        'MODEL:BASELINE pairs explicitly (default: the six headline variants)')
+    p.add_argument('--preset', choices=('headline', 'targets'), default='headline',
+                   help='targets: exactly the settings of the promised ratios (default: headline)')
+    p.add_argument('--batch-sizes', nargs='+', type=int, metavar='N', help='batch sizes (default: 1 8)')
+    p.add_argument('--img-size', type=int, help='square image size in pixels (default: 224)')
+    p.add_argument('--train', action='store_true', help='time a training step (forward, loss, backward)')
+    p.add_argument('--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
+    p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),
+                   help='cast parameters and inputs (default: float32)')
+    p.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
+    p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
+    p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time is warm-up)')
+    p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
+    p.add_argument('--warmup', type=int, default=1, help='discarded rounds per setting (default: 1)')
+    p.add_argument('--repeats', type=int,
+                   help='timed rounds per setting (default: fill --time-budget, between 3 and 50)')
+    p.add_argument('--time-budget', type=float, metavar='SECONDS',
+                   help='seconds of timed rounds, shared by the settings (default: 50; targets: 240)')
+    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory pass')
+    p.add_argument('--csv', metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
+    p.add_argument('--json', metavar='PATH', help="write everything as JSON ('-': stdout)")
+    p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")
+    p.add_argument('--plot', metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
+    p.add_argument('--no-progress', action='store_true', help='no progress bar')
+    p.add_argument('--strict', action='store_true', help='exit 1 when a measured target fails')
+    p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')
+    p.set_defaults(func=_run)

@@ -1,0 +1,188 @@
+"""The papers' ImageNet training recipes as timm ``train.py`` configs (``train_configs/``).
+
+Each recipe is a set of ``train.py`` arguments (YAML keys are the arguments' dest names) with the source it
+comes from. Every registered variant gets ``train_configs/<variant>.yaml`` with its family's main recipe;
+further recipes of a family go to ``train_configs/<recipe>/<variant>.yaml``. The files are generated::
+
+    python -m timm_pf.recipes --write      # rewrite train_configs/
+    python -m timm_pf.recipes --check      # exit 1 if a file is missing or out of date
+
+Batch sizes are the papers' global batch: timm's ``--batch-size`` is per process, so divide it by the number
+of processes (and keep ``lr``) when training on several GPUs.
+"""
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Tuple
+
+import timm
+
+__all__ = ['Recipe', 'RECIPES', 'FAMILY_RECIPES', 'recipes_for', 'render_config', 'expected_configs']
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / 'train_configs'
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    source: str
+    args: Dict[str, Any]
+    notes: Tuple[str, ...] = field(default_factory=tuple)
+
+
+_PFLAYER = 'Han et al., "Learning Features with Parameter-Free Layers", ICLR 2022 (arXiv:2202.02777)'
+_PARAMETERNET = 'Han et al., "ParameterNet: Parameters Are All You Need" (arXiv:2306.14525), Table 1'
+
+RECIPES: Dict[str, Recipe] = {r.name: r for r in (
+    Recipe(
+        name='pflayer_standard',
+        source=f'{_PFLAYER}, §4.1 footnote 4: the standard 90-epoch ImageNet setup of Tables 2-4',
+        args=dict(
+            opt='sgd', momentum=0.9, lr=0.4, batch_size=256, sched='step', epochs=90, decay_epochs=30,
+            decay_rate=0.1, warmup_epochs=0, weight_decay=1e-4, img_size=224, scale=[0.08, 1.0],
+            color_jitter=0.0, smoothing=0.0, train_interpolation='bilinear',
+        ),
+        notes=(
+            "timm's 'sgd' optimizer is SGD with Nesterov momentum, as the paper uses.",
+            'lr 0.4 is the linear-scaling value the paper states for its batch of 256.',
+        ),
+    ),
+    Recipe(
+        name='pflayer_improved',
+        source=f'{_PFLAYER}, Appendix C: the improved recipe of the dagger rows of Table 3',
+        args=dict(
+            opt='sgd', momentum=0.9, lr=0.5, batch_size=512, sched='cosine', epochs=400, weight_decay=1e-5,
+            model_ema=True, smoothing=0.1, aa='rand-m9-mstd0.5', reprob=0.2, img_size=224,
+            scale=[0.08, 1.0],
+        ),
+        notes=(
+            'The paper does not give the EMA decay or warm-up: these are timm defaults.',
+            'Footnote 6: 600 epochs (--epochs 600) gave the longer-trained weights (R50-max 75.5, hybrid 78.0).',
+        ),
+    ),
+    Recipe(
+        name='deit',
+        source=(f'{_PFLAYER}, §5.3 Table 6 "+DeiT" column: the DeiT recipe (Touvron et al., 2021) as used '
+                'by PiT (Heo et al., 2021)'),
+        args=dict(
+            opt='adamw', lr=1e-3, batch_size=1024, weight_decay=0.05, sched='cosine', epochs=300,
+            warmup_epochs=5, warmup_lr=1e-6, min_lr=1e-5, smoothing=0.1, aa='rand-m9-mstd0.5-inc1',
+            reprob=0.25, mixup=0.8, cutmix=1.0, drop_path=0.1, aug_repeats=3, img_size=224,
+            interpolation='bicubic', train_interpolation='bicubic',
+        ),
+        notes=('DeiT scales lr as 5e-4 x batch / 512: 1e-3 for the global batch of 1024.',),
+    ),
+    Recipe(
+        name='parameternet_in1k',
+        source=f'{_PARAMETERNET}, ImageNet-1K column',
+        args=dict(
+            opt='adamw', lr=1e-3, batch_size=1024, sched='cosine', epochs=300, warmup_epochs=20,
+            weight_decay=0.05, smoothing=0.1, aa='rand-m9-mstd0.5', reprob=0.25, model_ema=True,
+            model_ema_decay=0.9999, img_size=224,
+        ),
+        notes=('The paper ticks RandAugment without a magnitude: m9 is timm\'s usual choice.',),
+    ),
+    Recipe(
+        name='parameternet_in22k',
+        source=f'{_PARAMETERNET}, ImageNet-22K pretraining column',
+        args=dict(
+            opt='adamw', lr=4e-3, batch_size=4096, sched='cosine', epochs=90, warmup_epochs=5,
+            weight_decay=0.05, smoothing=0.1, aa='rand-m9-mstd0.5', reprob=0.25, num_classes=21841,
+            img_size=224,
+        ),
+        notes=('Point --data-dir (or --dataset) at ImageNet-22K.',),
+    ),
+    Recipe(
+        name='parameternet_in22k_ft',
+        source=f'{_PARAMETERNET}, ImageNet-1K fine-tuning column',
+        args=dict(
+            opt='adamw', lr=5e-4, batch_size=512, sched='cosine', epochs=30, warmup_epochs=0,
+            layer_decay=0.5, weight_decay=1e-8, smoothing=0.1, aa='rand-m9-mstd0.5', model_ema=True,
+            model_ema_decay=0.9999, num_classes=1000, img_size=224,
+        ),
+        notes=('Start from the ImageNet-22K run: --pretrained --pretrained-path <its checkpoint> '
+               '(the 21841-class head is dropped).',),
+    ),
+)}
+
+# Model family (timm module name of the entrypoint) -> its recipes; the first is the variant's main config.
+FAMILY_RECIPES: Dict[str, Tuple[str, ...]] = {
+    'resnet_pf': ('pflayer_standard', 'pflayer_improved'),
+    'vit_pf': ('deit',),
+    'pit_pf': ('deit',),
+    'parameternet': ('parameternet_in1k', 'parameternet_in22k', 'parameternet_in22k_ft'),
+}
+
+
+def our_models() -> List[str]:
+    """Every model that timm_pf registers."""
+    import timm_pf  # noqa: F401  registers the models
+    return sorted(m for family in FAMILY_RECIPES for m in timm.list_models(module=family))
+
+
+def recipes_for(model_name: str) -> Tuple[Recipe, ...]:
+    module = timm.models.get_arch_name(model_name)
+    family = timm.models._registry._model_to_module.get(module)
+    if family not in FAMILY_RECIPES:
+        raise KeyError(f'{model_name!r} is not a timm_pf model with a training recipe')
+    return tuple(RECIPES[r] for r in FAMILY_RECIPES[family])
+
+
+def _yaml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'true' if value else 'false'
+    if isinstance(value, (list, tuple)):
+        return '[' + ', '.join(_yaml_value(v) for v in value) + ']'
+    if isinstance(value, dict):
+        return '{' + ', '.join(f'{k}: {_yaml_value(v)}' for k, v in value.items()) + '}'
+    if isinstance(value, str):
+        return f"'{value}'"
+    return repr(value)
+
+
+def render_config(model_name: str, recipe: Recipe, extra: Optional[Dict[str, Any]] = None) -> str:
+    """The YAML text of ``recipe`` for ``model_name``: a header citing the source, then train.py arguments."""
+    lines = [f'# {model_name}: {recipe.name} recipe.', f'# Source: {recipe.source}.']
+    lines += [f'# {note}' for note in recipe.notes]
+    lines += ['# Generated by `python -m timm_pf.recipes --write`; edit timm_pf/recipes.py, not this file.',
+              "# Usage: python train.py --config <this file> --data-dir <imagenet>   (timm's train.py)",
+              'device_modules: [timm_pf]', f'model: {model_name}']
+    args = {**recipe.args, **(extra or {})}
+    lines += [f'{key}: {_yaml_value(value)}' for key, value in args.items()]
+    return '\n'.join(lines) + '\n'
+
+
+def expected_configs() -> Dict[Path, str]:
+    """Relative path -> content of every generated config."""
+    configs = {}
+    for model_name in our_models():
+        for i, recipe in enumerate(recipes_for(model_name)):
+            rel = Path(f'{model_name}.yaml') if i == 0 else Path(recipe.name) / f'{model_name}.yaml'
+            configs[rel] = render_config(model_name, recipe)
+    return configs
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description='Generate or check train_configs/ from the papers\' recipes.')
+    parser.add_argument('--dir', type=Path, default=CONFIG_DIR)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument('--write', action='store_true')
+    mode.add_argument('--check', action='store_true')
+    args = parser.parse_args(argv)
+    stale = []
+    for rel, text in expected_configs().items():
+        path = args.dir / rel
+        if args.write:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(text)
+        elif not path.is_file() or path.read_text() != text:
+            stale.append(str(rel))
+    if stale:
+        print('out of date (run python -m timm_pf.recipes --write):\n  ' + '\n  '.join(stale), file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

@@ -1,1 +1,418 @@
-"""(being written)"""
+"""Vision Transformers with parameter-free token mixers.
+
+"Learning Features with Parameter-Free Layers", Han et al., ICLR 2022 (arXiv:2202.02777), §4.2, §5.3,
+Table 6 and Appendix A "Efficient Transformer". Authors' code: https://github.com/naver-ai/PfLayer
+(``vit_pf.py``).
+
+Half of the self-attention layers (every odd-indexed block, as in the authors' code) become the
+efficient token mixer ``Linear(d, 3d) -> GELU -> 3x3 max-pool -> GELU -> Linear(3d, d)``; the MLPs are
+unchanged. There is no class token: the final norm is applied to every token and the tokens are
+averaged (global average pooling) before the classifier.
+
+The trunk keeps the tokens as a ``(B, H, W, C)`` grid: the max-pool works on it directly and the
+attention blocks flatten it to a sequence, so no block needs to know the image size.
+
+Built on timm's ``VisionTransformer`` and ``Block``; ``dynamic_img_size``, ``set_input_size``,
+``forward_intermediates`` / ``features_only``, gradient checkpointing and ``reset_classifier`` behave as
+in timm.
+"""
+import math
+from functools import partial
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+
+import torch
+from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import PatchEmbed, resample_abs_pos_embed
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models.vision_transformer import Block, VisionTransformer
+
+from timm_pf.layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
+from ._cfg import generate_pf_cfgs
+
+__all__ = ['PfVisionTransformer', 'checkpoint_filter_fn', 'EFFICIENT_BLOCK_PATTERNS']
+
+# Which blocks (index within the stack; within each stage for PiT) get the efficient token mixer.
+EFFICIENT_BLOCK_PATTERNS: Dict[str, Callable[[int], bool]] = {
+    'alternate': lambda index: index % 2 == 1,  # attention, efficient, attention, ... (authors' code, Appendix A)
+    'all': lambda index: True,  # "fully equipped with the efficient transformer" (Appendix A)
+}
+
+# VisionTransformer options that presuppose prefix tokens or a flat token sequence.
+_SEQUENCE_ONLY_KWARGS = ('class_token', 'reg_tokens', 'no_embed_class', 'patch_drop_rate', 'embed_layer',
+                         'block_fn', 'attn_layer')
+
+
+def check_mixer_args(token_mixer: str, efficient_blocks: str) -> None:
+    if token_mixer not in SPATIAL_OPS:
+        raise ValueError(f'unknown token_mixer {token_mixer!r}, choose one of {sorted(SPATIAL_OPS)}')
+    if efficient_blocks not in EFFICIENT_BLOCK_PATTERNS:
+        raise ValueError(
+            f'unknown efficient_blocks {efficient_blocks!r}, choose one of {sorted(EFFICIENT_BLOCK_PATTERNS)}')
+
+
+def pf_block(
+        *,
+        dim: int,
+        depth: int,
+        is_efficient: Callable[[int], bool],
+        mixer_layer: Callable[..., nn.Module],
+        attn_layer: Callable[..., nn.Module] = GridAttention,
+        **block_kwargs: Any,
+) -> Block:
+    """timm's pre-norm ``Block`` on a token grid, with the efficient token mixer if ``is_efficient(depth)``.
+
+    ``depth`` is the block index, as timm's ``VisionTransformer`` passes it to ``block_fn``.
+    """
+    if not is_efficient(depth):
+        return Block(dim=dim, attn_layer=attn_layer, depth=depth, **block_kwargs)
+    # the mixer is configured here, so the block is built without an attention layer and then given it
+    block = Block(dim=dim, attn_layer=nn.Identity, depth=depth, **block_kwargs)
+    block.attn = mixer_layer(
+        dim,
+        bias=block_kwargs.get('qkv_bias', True),
+        proj_drop=block_kwargs.get('proj_drop', 0.),
+        device=block_kwargs.get('device'),
+        dtype=block_kwargs.get('dtype'),
+    )
+    return block
+
+
+def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
+    if x.ndim != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'expected a batch of {in_chans}-channel images (B, {in_chans}, H, W), '
+                         f'got shape {tuple(x.shape)}')
+
+
+def reject_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
+    if attn_mask is not None or is_causal:
+        raise ValueError('attn_mask / is_causal are not supported: the efficient blocks mix the full token grid')
+
+
+class PfVisionTransformer(VisionTransformer):
+    """ViT whose blocks alternate self-attention and the efficient max-pool token mixer (§4.2, App. A)."""
+
+    def __init__(
+            self,
+            img_size: Union[int, Tuple[int, int]] = 224,
+            patch_size: Union[int, Tuple[int, int]] = 16,
+            global_pool: str = 'avg',
+            fc_norm: bool = False,
+            token_mixer: str = 'max',
+            efficient_blocks: str = 'alternate',
+            mixer_act_layer: str = 'gelu',
+            mixer_kernel_size: Optional[int] = None,
+            mixer_expand_ratio: int = 3,
+            **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            global_pool: token pooling before the head: 'avg' (the paper's GAP), 'max', 'avgmax' or ''.
+            fc_norm: apply the final norm after pooling instead of to every token before it (authors' code:
+                before, i.e. False).
+            token_mixer: spatial operation of the efficient blocks: 'max' (3x3 max-pool) or 'dwconv'
+                (5x5 depthwise conv, the paper's competitor in Table 6).
+            efficient_blocks: 'alternate' (odd-indexed blocks, the paper's models) or 'all'.
+            mixer_act_layer: activation around the spatial operation; 'gelu' as in the authors' code,
+                the paper's text says 'relu'.
+            mixer_kernel_size: kernel of the spatial operation (default 3 for 'max', 5 for 'dwconv').
+            mixer_expand_ratio: width of the mixer's hidden features relative to the embedding (3).
+            **kwargs: other timm ``VisionTransformer`` arguments (embed_dim, depth, num_heads, drop rates,
+                dynamic_img_size, ...).
+        """
+        incompatible = sorted(k for k in _SEQUENCE_ONLY_KWARGS if k in kwargs)
+        if incompatible:
+            raise ValueError(f'{incompatible} cannot be set: the efficient blocks mix a 2-D grid of patch tokens '
+                             f'(no class/register tokens, no token dropout)')
+        if global_pool not in ('avg', 'max', 'avgmax', ''):
+            raise ValueError(f"global_pool must be 'avg', 'max', 'avgmax' or '' (there is no class token), "
+                             f"got {global_pool!r}")
+        check_mixer_args(token_mixer, efficient_blocks)
+        mixer_layer = partial(
+            EfficientTokenMixer,
+            spatial=token_mixer,
+            kernel_size=mixer_kernel_size,
+            expand_ratio=mixer_expand_ratio,
+            act_layer=mixer_act_layer,
+        )
+        super().__init__(
+            img_size=img_size,
+            patch_size=patch_size,
+            global_pool=global_pool,
+            fc_norm=fc_norm,
+            class_token=False,
+            embed_layer=partial(PatchEmbed, output_fmt='NHWC'),
+            block_fn=partial(pf_block, is_efficient=EFFICIENT_BLOCK_PATTERNS[efficient_blocks],
+                             mixer_layer=mixer_layer),
+            attn_layer=GridAttention,
+            **kwargs,
+        )
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        check_image_batch(x, self.in_chans)
+        H, W = x.shape[-2:]
+        if not self.dynamic_img_size:
+            if (H, W) != tuple(self.patch_embed.img_size):
+                raise ValueError(
+                    f'input size {H}x{W} does not match the model ({self.patch_embed.img_size[0]}x'
+                    f'{self.patch_embed.img_size[1]}): create it with img_size=({H}, {W}) or dynamic_img_size=True')
+        elif not self.patch_embed.dynamic_img_pad:
+            ph, pw = self.patch_embed.patch_size
+            if H % ph or W % pw:
+                raise ValueError(f'input size {H}x{W} is not divisible by the patch size {ph}x{pw} '
+                                 f'(or create the model with dynamic_img_pad=True)')
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the (resampled if needed) position embedding to the ``(B, H, W, C)`` patch grid."""
+        x = x.contiguous()  # the patch embedding's NHWC output is a permuted NCHW tensor
+        if self.pos_embed is not None:
+            B, H, W, C = x.shape
+            pos_embed = self.pos_embed
+            if self.dynamic_img_size:
+                pos_embed = resample_abs_pos_embed(
+                    pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size, num_prefix_tokens=0)
+            x = x + pos_embed.reshape(1, H, W, C)
+        return self.pos_drop(x)
+
+    def forward_features(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> torch.Tensor:
+        """Normalized tokens, ``(B, H*W, C)`` as in timm's ViT."""
+        reject_masks(attn_mask, is_causal)
+        self._check_input(x)
+        return super().forward_features(x).flatten(1, 2)
+
+    def forward_intermediates(
+            self,
+            x: torch.Tensor,
+            indices: Optional[Union[int, List[int]]] = None,
+            return_prefix_tokens: bool = False,
+            norm: bool = False,
+            stop_early: bool = False,
+            output_fmt: str = 'NCHW',
+            intermediates_only: bool = False,
+            output_dict: bool = False,
+            attn_mask: Optional[torch.Tensor] = None,
+            is_causal: bool = False,
+    ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
+        """timm's ``forward_intermediates``: block outputs as NCHW maps or NLC tokens (no prefix tokens)."""
+        reject_masks(attn_mask, is_causal)
+        self._check_input(x)
+        out = super().forward_intermediates(
+            x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
+            intermediates_only=intermediates_only, output_dict=output_dict)
+        # the blocks return (B, H, W, C) grids: NCHW maps are already reshaped, tokens need flattening
+        fix = (lambda t: t.flatten(1, 2)) if output_fmt == 'NLC' else (lambda t: t)
+        if output_dict:
+            out['image_intermediates'] = [fix(t) for t in out['image_intermediates']]
+            if 'image_features' in out:
+                out['image_features'] = out['image_features'].flatten(1, 2)
+            return out
+        if intermediates_only:
+            return [fix(t) for t in out]
+        final, intermediates = out
+        return final.flatten(1, 2), [fix(t) for t in intermediates]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Checkpoints: the authors' format and ours
+
+
+def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """The tensors of a checkpoint, out of a ``state_dict`` / ``model`` entry and without ``module.`` prefixes."""
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(f'a checkpoint must be a mapping of names to tensors, got {type(checkpoint).__name__}')
+    for key in ('state_dict', 'model'):
+        if isinstance(checkpoint.get(key), Mapping):
+            checkpoint = checkpoint[key]
+            break
+    state_dict = {}
+    for k, v in checkpoint.items():
+        if not isinstance(v, torch.Tensor):
+            raise ValueError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor: corrupted checkpoint?')
+        if v.is_floating_point() and not torch.isfinite(v).all():
+            raise ValueError(f'checkpoint tensor {k!r} holds NaN or Inf values: corrupted checkpoint')
+        state_dict[k[len('module.'):] if k.startswith('module.') else k] = v
+    return state_dict
+
+
+def convert_block_keys(
+        state_dict: Dict[str, torch.Tensor],
+        blocks: Mapping[str, nn.Module],
+) -> Dict[str, torch.Tensor]:
+    """Rename the authors' ``attn.qkv`` of efficient blocks to ``attn.expand``; check each block's kind.
+
+    ``blocks`` maps key prefixes (``'blocks.3.'``) to the model's blocks. A block of the checkpoint is
+    efficient when its output projection is wider than it is tall (``3d -> d``).
+    """
+    out = dict(state_dict)
+    for prefix, block in blocks.items():
+        model_efficient = isinstance(block.attn, EfficientTokenMixer)
+        proj = state_dict.get(f'{prefix}attn.proj.weight')
+        if proj is None or proj.ndim != 2:
+            continue  # reported with the other missing keys
+        ckpt_efficient = proj.shape[1] != proj.shape[0]
+        if ckpt_efficient != model_efficient:
+            kinds = ('self-attention', 'an efficient token mixer')
+            raise ValueError(
+                f'{prefix[:-1]} is {kinds[ckpt_efficient]} in the checkpoint but {kinds[model_efficient]} in the '
+                f'model: the checkpoint was trained with another block pattern (efficient_blocks)')
+        if model_efficient:
+            for suffix in ('weight', 'bias'):
+                old = f'{prefix}attn.qkv.{suffix}'
+                if old in out:
+                    out[f'{prefix}attn.expand.{suffix}'] = out.pop(old)
+    return out
+
+
+def check_matches_model(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        first_conv: str,
+        classifier: str = 'head',
+) -> None:
+    """Raise a ValueError naming missing, unexpected and mis-shaped keys.
+
+    The classifier and the input channels of the first conv may differ: timm adapts or drops them after
+    the filter (``num_classes`` / ``in_chans`` other than the checkpoint's).
+    """
+    expected = model.state_dict()
+    adaptable = lambda k: k.startswith(f'{classifier}.')
+    missing = [k for k in expected if k not in state_dict and not adaptable(k)]
+    unexpected = [k for k in state_dict if k not in expected and not adaptable(k)]
+    mis_shaped = []
+    for k, v in state_dict.items():
+        if k in expected and v.shape != expected[k].shape and not adaptable(k):
+            shape, want = tuple(v.shape), tuple(expected[k].shape)
+            if k == f'{first_conv}.weight' and shape[:1] + shape[2:] == want[:1] + want[2:]:
+                continue
+            mis_shaped.append(f'{k}: checkpoint {shape}, model {want}')
+    if missing or unexpected or mis_shaped:
+        problems = []
+        for name, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mis_shaped)):
+            if items:
+                more = f' (+{len(items) - 5} more)' if len(items) > 5 else ''
+                problems.append(f'{name}: {", ".join(items[:5])}{more}')
+        raise ValueError(f'checkpoint does not fit {type(model).__name__}: ' + '; '.join(problems))
+
+
+def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PfVisionTransformer) -> Dict[str, torch.Tensor]:
+    """Convert an authors' ``vit_pf.py`` checkpoint (or pass ours through) for ``model``.
+
+    Handles ``state_dict`` / ``model`` wrapping and ``module.`` prefixes, renames the efficient blocks'
+    ``attn.qkv`` to ``attn.expand``, resamples the position embedding to the model's patch grid, and raises
+    a ValueError naming the problem when the checkpoint belongs to another architecture.
+    """
+    state_dict = unwrap_checkpoint(state_dict)
+    if 'cls_token' in state_dict:
+        raise ValueError('checkpoint has a class token (a standard ViT?): these models pool tokens by global '
+                         'average pooling and have no class token')
+    if any(k.startswith('transformers.') for k in state_dict):
+        raise ValueError('checkpoint has PiT stages (transformers.*): load it into a pit_*_maxpool model')
+    state_dict = convert_block_keys(state_dict, {f'blocks.{i}.': b for i, b in enumerate(model.blocks)})
+
+    pos_embed = state_dict.get('pos_embed')
+    if pos_embed is not None and model.pos_embed is not None and pos_embed.shape != model.pos_embed.shape:
+        if pos_embed.ndim != 3 or pos_embed.shape[-1] != model.pos_embed.shape[-1]:
+            raise ValueError(f'pos_embed of shape {tuple(pos_embed.shape)} does not fit the model '
+                             f'{tuple(model.pos_embed.shape)}')
+        side = math.isqrt(pos_embed.shape[1])
+        if side * side != pos_embed.shape[1]:
+            raise ValueError(f'pos_embed has {pos_embed.shape[1]} tokens, not a square grid: cannot resample it')
+        state_dict['pos_embed'] = resample_abs_pos_embed(
+            pos_embed, new_size=model.patch_embed.grid_size, old_size=(side, side), num_prefix_tokens=0)
+
+    check_matches_model(state_dict, model, first_conv='patch_embed.proj')
+    return state_dict
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Registry
+
+
+def _create_vit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
+    out_indices = kwargs.pop('out_indices', 3)
+    return build_model_with_cfg(
+        PfVisionTransformer,
+        variant,
+        pretrained,
+        pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
+        **kwargs,
+    )
+
+
+PAPER_ID = 'arXiv:2202.02777'
+PAPER_NAME = 'Learning Features with Parameter-Free Layers'
+ORIGIN_URL = 'https://github.com/naver-ai/PfLayer'
+
+
+def vit_pf_cfg(**kwargs: Any) -> Dict[str, Any]:
+    """Pretrained cfg of the DeiT-style evaluation the authors' ViT/PiT training code uses."""
+    return {
+        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'fixed_input_size': True,
+        'crop_pct': 0.875, 'interpolation': 'bicubic',
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'patch_embed.proj', 'classifier': 'head',
+        'license': 'apache-2.0', 'paper_ids': PAPER_ID, 'paper_name': PAPER_NAME, 'origin_url': ORIGIN_URL,
+        **kwargs,
+    }
+
+
+default_cfgs = generate_pf_cfgs({
+    'vit_s_maxpool.pf_in1k': vit_pf_cfg(notes=(
+        "The authors' released ViT-S-max checkpoint (vit_pf.py 'vit_s_max'), converted: "
+        'https://drive.google.com/file/d/19lfagLJDXWvVHcb8Qm_U4_A_Kr7qYLv7/view',
+        'Reported ImageNet-1k top-1 (Table 6 / PfLayer README): 74.2 Vanilla, 77.3 +CutMix, 80.0 +DeiT recipe; '
+        'the README does not say which recipe the released file was trained with.',
+    )),
+})
+# Architectures of the paper without released weights.
+default_cfgs.update(generate_default_cfgs({
+    name: vit_pf_cfg(notes=(note,)) for name, note in {
+        'vit_ti_maxpool': 'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.',
+        'vit_b_maxpool': 'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.',
+        'vit_s_dwconv': 'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.',
+        'vit_s_maxpool_all': 'ViT-S with every block efficient (Appendix A); no released weights.',
+    }.items()
+}))
+
+
+def _vit_s(**kwargs: Any) -> Dict[str, Any]:
+    return dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **kwargs)
+
+
+@register_model
+def vit_ti_maxpool(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
+    """ViT-Ti/16, odd blocks use the 3x3 max-pool token mixer, GAP head."""
+    model_args = dict(patch_size=16, embed_dim=192, depth=12, num_heads=3)
+    return _create_vit_pf('vit_ti_maxpool', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_s_maxpool(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
+    """ViT-S/16 (max-pool) of Table 6: odd blocks use the 3x3 max-pool token mixer, GAP head."""
+    return _create_vit_pf('vit_s_maxpool', pretrained, **dict(_vit_s(), **kwargs))
+
+
+@register_model
+def vit_b_maxpool(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
+    """ViT-B/16, odd blocks use the 3x3 max-pool token mixer, GAP head."""
+    model_args = dict(patch_size=16, embed_dim=768, depth=12, num_heads=12)
+    return _create_vit_pf('vit_b_maxpool', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def vit_s_dwconv(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
+    """ViT-S/16 (dw-conv) of Table 6: odd blocks mix tokens with a 5x5 depthwise conv instead."""
+    return _create_vit_pf('vit_s_dwconv', pretrained, **dict(_vit_s(token_mixer='dwconv'), **kwargs))
+
+
+@register_model
+def vit_s_maxpool_all(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
+    """ViT-S/16 with the max-pool token mixer in every block (Appendix A, the faster, less accurate variant)."""
+    return _create_vit_pf('vit_s_maxpool_all', pretrained, **dict(_vit_s(efficient_blocks='all'), **kwargs))

@@ -426,8 +426,7 @@ class RedundancyReport:
         fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
         for ax, m in zip(axes[0], metrics):
             mat = np.array(self.metrics[m], dtype=float)
-            cmap = plt.get_cmap('viridis').copy()
-            cmap.set_bad('#dddddd')
+            cmap = plt.get_cmap('viridis').with_extremes(bad='#dddddd')
             im = ax.imshow(np.ma.masked_invalid(mat), cmap=cmap, interpolation='nearest')
             ax.set_title(METRIC_TITLES.get(m, m), fontsize=10)
             ticks = range(n)

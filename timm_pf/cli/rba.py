@@ -68,7 +68,7 @@ def register(subparsers) -> None:
 
 def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', required=True,
-                        help='timm model name, hf-hub:<repo> or local-dir:<folder>')
+                        help='timm model name, or hf-hub:<repo> / local-dir:<folder> (their weights are loaded)')
     parser.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights')
     parser.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or .pth read weights-only)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
@@ -102,8 +102,10 @@ class _CliError(Exception):
 def _create_model(args) -> nn.Module:
     import timm
     from timm_pf import rba  # noqa: F401  registers the 'rba' architecture
+    # a local-dir:/hf-hub: source names saved weights: load them
+    pretrained = args.pretrained or args.model.startswith(('local-dir:', 'hf-hub:'))
     try:
-        model = timm.create_model(args.model, pretrained=args.pretrained, checkpoint_path=args.checkpoint,
+        model = timm.create_model(args.model, pretrained=pretrained, checkpoint_path=args.checkpoint,
                                   **args.model_kwargs)
     except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
         raise _CliError(f'cannot create model {args.model!r}: {e}') from e

@@ -44,6 +44,7 @@ class Commit:
     parent: Optional[str]
     title: str
     files: Dict[str, FileEntry]
+    author: Optional[str] = None
     date: float = field(default_factory=time.time)
 
 
@@ -391,7 +392,8 @@ class _HubHandler(BaseHTTPRequestHandler):
                     files.pop(value['path'], None)
                 else:
                     return self._error(400, f'unsupported commit operation {key}')
-            commit = Commit(oid=_new_commit_oid(parent.oid, title), parent=parent.oid, title=title, files=files)
+            commit = Commit(oid=_new_commit_oid(parent.oid, title), parent=parent.oid, title=title, files=files,
+                            author=self._user())
             repo_obj.commits[commit.oid] = commit
             repo_obj.branches[branch] = commit.oid
         self._json(200, {'commitUrl': f'{self._base()}/{repo}/commit/{commit.oid}', 'commitOid': commit.oid,

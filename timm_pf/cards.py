@@ -23,8 +23,8 @@ from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_t
 from .stats import ModelStats, count_params, model_stats
 
 __all__ = [
-    'CARDS_DIR', 'CardError', 'family_of', 'load_family', 'weights_provenance', 'measure_stats', 'count_params_fast', 'format_stats',
-    'parse_stats', 'render_card', 'card_path', 'write_cards',
+    'CARDS_DIR', 'CardError', 'family_of', 'load_family', 'weights_provenance', 'measure_stats', 'count_params_fast',
+    'format_stats', 'parse_stats', 'render_card', 'card_path', 'card_problems', 'write_cards',
 ]
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / 'hub_cards'
@@ -104,20 +104,26 @@ def parse_stats(card_text: str) -> Dict[str, str]:
 def weights_provenance(name_tag: str, cards_dir: Union[str, Path] = CARDS_DIR) -> Optional[str]:
     """Where the published weights of ``name_tag`` come from, or None when nothing says so.
 
-    A tag listed under ``variants.<model>.converted`` of its family file is converted from the authors'
-    release; otherwise a ``train_configs/<model>.<tag>.yaml`` or ``train_configs/<model>.yaml`` recipe
-    means timm-pf trained it.
+    From the family file's ``variants.<model>``: ``converted: {tag: authors' checkpoint URL}`` (converted from
+    the authors' release) or ``trained: {tag: train_configs/... recipe}``; otherwise a
+    ``train_configs/<model>.<tag>.yaml`` or ``train_configs/<model>.yaml`` recipe means timm-pf trains it.
     """
     arch, tag = split_model_name_tag(name_tag)
     tag = tag or get_pretrained_cfg(arch).tag
-    variant = (load_family(family_of(arch), cards_dir)['variants'] or {}).get(arch) or {}
+    family = family_of(arch)
+    variant = (load_family(family, cards_dir)['variants'] or {}).get(arch) or {}
     checkpoint_url = (variant.get('converted') or {}).get(tag)
     if checkpoint_url:
         return (f"converted from the authors' release ({checkpoint_url}) with `timm-pf convert`: their keys "
                 f"mapped by the family's checkpoint filter, then loaded strictly.")
-    for fname in (f'{arch}.{tag}.yaml', f'{arch}.yaml'):
-        if (TRAIN_CONFIGS_DIR / fname).is_file():
-            return f"trained by timm-pf with timm's `train.py` and the recipe `train_configs/{fname}`."
+    recipe = (variant.get('trained') or {}).get(tag)
+    if recipe and not (TRAIN_CONFIGS_DIR.parent / recipe).is_file():
+        raise CardError(f'{name_tag}: the recipe {recipe} named in hub_cards/families/{family}.yaml does not exist')
+    if not recipe:
+        recipe = next((f'train_configs/{f}' for f in (f'{arch}.{tag}.yaml', f'{arch}.yaml')
+                       if (TRAIN_CONFIGS_DIR / f).is_file()), None)
+    if recipe:
+        return f"trained by timm-pf with timm's `train.py` and the recipe `{recipe}`."
     return None
 
 
@@ -136,8 +142,13 @@ def _join(values) -> str:
     return ', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)
 
 
-def render_card(name_tag: str, stats: Optional[ModelStats] = None, cards_dir: Union[str, Path] = CARDS_DIR) -> str:
-    """Markdown card (with YAML front matter) of one pretrained tag; ``stats`` are measured if not given."""
+def render_card(name_tag: str, stats: Optional[ModelStats] = None, cards_dir: Union[str, Path] = CARDS_DIR,
+                stats_cells: Optional[Dict[str, str]] = None) -> str:
+    """Markdown card (with YAML front matter) of one pretrained tag.
+
+    The stats table shows ``stats``, or ``stats_cells`` as already formatted (see :func:`parse_stats`), or
+    stats measured now.
+    """
     arch, tag = split_model_name_tag(name_tag)
     cfg = get_pretrained_cfg(name_tag)
     tag = tag or cfg.tag
@@ -146,10 +157,11 @@ def render_card(name_tag: str, stats: Optional[ModelStats] = None, cards_dir: Un
     if not variant or not variant.get('summary'):
         raise CardError(f'{arch}: add a one-line "summary" under variants.{arch} in '
                         f'{Path(cards_dir) / "families" / (family_of(arch) + ".yaml")}')
-    stats = stats if stats is not None else measure_stats(f'{arch}.{tag}')
-    stats_table = '\n'.join(['| Stat | Value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in format_stats(stats).items()])
+    if stats_cells is None:
+        stats_cells = format_stats(stats if stats is not None else measure_stats(f'{arch}.{tag}'))
+    stats_table = '\n'.join(['| Stat | Value |', '|---|---|'] + [f'| {k} | {v} |' for k, v in stats_cells.items()])
     paper = family['paper']
-    notes = '\n'.join(f'- {n}' for n in (cfg.notes or ()))
+    notes = '\n'.join(f'  - {n}' for n in (cfg.notes or ()))
     template = Template((Path(cards_dir) / 'template.md').read_text(encoding='utf-8'))
     return template.substitute(
         front_matter=_front_matter(family, cfg),
@@ -173,7 +185,7 @@ def render_card(name_tag: str, stats: Optional[ModelStats] = None, cards_dir: Un
         crop_pct=cfg.crop_pct,
         mean=_join(cfg.mean),
         std=_join(cfg.std),
-        notes=notes or '- none',
+        notes=notes or '  - none',
         stats_table=stats_table,
         architecture=family['architecture'].strip(),
         differences=family['differences'].strip(),
@@ -186,6 +198,31 @@ def render_card(name_tag: str, stats: Optional[ModelStats] = None, cards_dir: Un
 def card_path(name_tag: str, cards_dir: Union[str, Path] = CARDS_DIR) -> Path:
     """Where the generated card of ``name_tag`` is committed."""
     return Path(cards_dir) / 'cards' / f'{name_tag}.md'
+
+
+def card_problems(name_tag: str, measure_macs: bool, cards_dir: Union[str, Path] = CARDS_DIR) -> List[str]:
+    """How the committed card of ``name_tag`` disagrees with the registered model and ``hub_cards/`` data.
+
+    Always checks the parameter count, the image size and every line outside the stats table; with
+    ``measure_macs`` also MACs and activations (a forward pass at the pretrained size).
+    """
+    path = card_path(name_tag, cards_dir)
+    if not path.is_file():
+        return [f'{path} is missing: run `timm-pf card --write {name_tag}`']
+    text = path.read_text(encoding='utf-8')
+    cells = parse_stats(text)
+    if measure_macs:
+        expected = format_stats(measure_stats(name_tag))
+    else:
+        input_size = get_pretrained_cfg(name_tag).input_size
+        measured = format_stats(ModelStats(params=count_params_fast(name_tag), macs=0, activations=0,
+                                           input_size=input_size))
+        expected = {row: measured[row] for row in ('Parameters', 'Image size')}
+    problems = [f'{name_tag}: {row} is "{cells[row]}" in {path.name}, the model gives "{value}"'
+                for row, value in expected.items() if cells[row] != value]
+    if text != render_card(name_tag, stats_cells=cells, cards_dir=cards_dir):
+        problems.append(f'{name_tag}: {path.name} differs from what hub_cards/ and the pretrained cfg render')
+    return problems
 
 
 @dataclass

@@ -37,7 +37,7 @@ from huggingface_hub.errors import (
 )
 from timm.models import get_arch_pretrained_cfgs, model_entrypoint, save_for_hf, split_model_name_tag
 from timm.models._helpers import clean_state_dict
-from timm.models._hub import hf_split, load_model_config_from_path
+from timm.models._hub import HF_WEIGHTS_NAME, hf_split, load_model_config_from_path
 
 from .models._cfg import HF_HUB_ORG, hub_repo_id
 from .stats import count_params
@@ -47,7 +47,7 @@ __all__ = [
     'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'ConvertResult', 'PushPlan',
     'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
     'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
-    'convert_checkpoint', 'verify_folder', 'prepare_push', 'push_to_hub',
+    'convert_checkpoint', 'verify_folder', 'prepare_push', 'require_token', 'push_to_hub',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -181,9 +181,9 @@ def load_pf_state_dict(hub_id: str, cache_dir: Optional[Union[str, Path]] = None
 _timm_load_state_dict_from_hf: Optional[Callable] = None
 
 
-def _load_state_dict_from_hf(model_id: str, filename: str = WEIGHTS_NAME, weights_only: bool = True,
+def _load_state_dict_from_hf(model_id: str, filename: str = HF_WEIGHTS_NAME, weights_only: bool = True,
                              cache_dir: Optional[Union[str, Path]] = None):
-    """timm's download step, routed to :func:`load_pf_state_dict` for :data:`HF_HUB_ORG` repositories."""
+    """timm's download step (same signature), routed to :func:`load_pf_state_dict` for our repositories."""
     if is_pf_repo(model_id):
         return load_pf_state_dict(model_id, cache_dir=cache_dir)
     return _timm_load_state_dict_from_hf(model_id, filename, weights_only=weights_only, cache_dir=cache_dir)
@@ -358,7 +358,8 @@ class PushPlan:
 
     def describe(self) -> str:
         branch = self.revision or 'main'
-        lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {"private" if self.private else "public"}):']
+        visibility = 'private' if self.private else 'public'
+        lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {visibility}):']
         lines += [f'  {name:<20} {size:>14,d} bytes  sha256 {digest}' for name, size, digest in self.files]
         return '\n'.join(lines)
 
@@ -390,8 +391,7 @@ def prepare_push(
         for fname in (WEIGHTS_NAME, CONFIG_NAME):
             shutil.copyfile(source / fname, staging_dir / fname)
     else:
-        convert_checkpoint(name_tag, source, staging_dir, use_ema=use_ema, num_classes=num_classes)
-        verify_folder(staging_dir, name_tag)
+        convert_checkpoint(name_tag, source, staging_dir, use_ema=use_ema, num_classes=num_classes)  # strict load
     if card_text is None:  # the committed card (checked against the model by the tests), else a fresh one
         committed = card_path(name_tag)
         card_text = committed.read_text(encoding='utf-8') if committed.is_file() else render_card(name_tag)
@@ -402,13 +402,18 @@ def prepare_push(
                     folder=staging_dir, files=files)
 
 
-def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None):
-    """Upload a staged :class:`PushPlan`; the token comes from ``token``, ``HF_TOKEN`` or ``hf auth login``."""
+def require_token(token: Optional[str] = None) -> str:
+    """``token``, else the usual ``huggingface_hub`` sources (``HF_TOKEN``, the ``hf auth login`` cache)."""
     token = token or get_token()
     if not token:
         raise PushError('no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access '
                         f'to the {HF_HUB_ORG} organisation)')
-    api = HfApi(token=token, library_name='timm-pf', library_version=__version__)
+    return token
+
+
+def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None):
+    """Upload a staged :class:`PushPlan` (creating the repository and branch if needed); see :func:`require_token`."""
+    api = HfApi(token=require_token(token), library_name='timm-pf', library_version=__version__)
     api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
     if plan.revision and plan.revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)

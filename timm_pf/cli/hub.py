@@ -80,9 +80,10 @@ def run_convert(args) -> int:
 def run_push(args) -> int:
     from huggingface_hub.errors import HfHubHTTPError
     from timm_pf.cards import CardError
-    from timm_pf.hub import CheckpointError, PushError, prepare_push, push_to_hub
+    from timm_pf.hub import CheckpointError, PushError, prepare_push, push_to_hub, require_token
     with tempfile.TemporaryDirectory(prefix='timm-pf-push-') as staging:
         try:
+            token = None if args.dry_run else require_token()
             plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
                                 use_ema=args.ema, num_classes=args.num_classes)
         except (CheckpointError, PushError, CardError) as e:
@@ -92,7 +93,7 @@ def run_push(args) -> int:
             return 0
         print(f'uploading to {plan.describe()}')
         try:
-            commit = push_to_hub(plan, commit_message=args.commit_message)
+            commit = push_to_hub(plan, token=token, commit_message=args.commit_message)
         except PushError as e:
             return _fail(str(e), EXIT_BAD_INPUT)
         except HfHubHTTPError as e:

@@ -1,0 +1,109 @@
+"""The committed model cards (hub_cards/cards/) agree with the registered models and the card data.
+
+Cost: the parameter count, image size and every line outside the stats table are checked for every
+pretrained tag (models built on the meta device: no memory, no init). MACs and activations need a forward
+pass at 224 (seconds per model on 2 cores), so they are measured for one model per family, the smallest
+one: the stats code is shared by all models of a family, and a family-wide change in the layers moves the
+smallest model's numbers too.
+"""
+import shutil
+from collections import defaultdict
+
+import pytest
+import yaml
+
+from timm_pf.cards import (
+    CARDS_DIR, CardError, card_path, card_problems, count_params_fast, family_of, format_stats, parse_stats,
+    render_card,
+)
+from timm_pf.hub import pf_pretrained_tags
+from timm_pf.stats import ModelStats
+
+TAGS = pf_pretrained_tags()
+
+
+def _smallest_per_family():
+    by_family = defaultdict(list)
+    for name_tag in TAGS:
+        by_family[family_of(name_tag)].append((count_params_fast(name_tag), name_tag))
+    return [min(tags)[1] for _, tags in sorted(by_family.items())]
+
+
+def test_there_are_cards_to_check():
+    assert TAGS, 'no pretrained tags registered'
+
+
+@pytest.mark.parametrize('name_tag', TAGS)
+def test_card_matches_model_params_and_data(name_tag):
+    assert card_problems(name_tag, measure_macs=False) == []
+
+
+@pytest.mark.parametrize('name_tag', _smallest_per_family())
+def test_card_macs_and_activations_match_model(name_tag):
+    assert card_problems(name_tag, measure_macs=True) == []
+
+
+def test_no_card_without_a_registered_tag():
+    committed = {p.stem for p in (CARDS_DIR / 'cards').glob('*.md')}
+    assert committed, 'no committed cards'
+    assert committed <= set(TAGS), f'cards of unregistered tags: {sorted(committed - set(TAGS))}'
+
+
+@pytest.mark.parametrize('name_tag', TAGS)
+def test_front_matter_is_what_the_hub_reads(name_tag):
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(card_path(name_tag))
+    meta = card.data.to_dict()
+    assert meta['library_name'] == 'timm' and meta['pipeline_tag'] == 'image-classification'
+    assert meta['license'] and meta['datasets'] and 'timm' in meta['tags']
+    for heading in ('## Model details', '### Model stats', '## Architecture', '## What differs from the paper',
+                    '## Results reported in the paper', '## Usage', '## Citation'):
+        assert heading in card.text, heading
+    assert f"timm.create_model('{name_tag}', pretrained=True" in card.text
+    assert 'features_only=True' in card.text and 'num_classes=0' in card.text
+
+
+def test_stale_or_tampered_cards_are_caught(tmp_path):
+    cards_dir = tmp_path / 'hub_cards'
+    shutil.copytree(CARDS_DIR, cards_dir)
+    name_tag = TAGS[0]
+    path = card_path(name_tag, cards_dir)
+    text = path.read_text(encoding='utf-8')
+    params = parse_stats(text)['Parameters']
+    path.write_text(text.replace(f'| Parameters | {params} |', '| Parameters | 1 (0.00 M) |'), encoding='utf-8')
+    problems = card_problems(name_tag, measure_macs=False, cards_dir=cards_dir)
+    assert len(problems) == 1 and 'Parameters' in problems[0]
+    family_file = cards_dir / 'families' / f'{family_of(name_tag)}.yaml'
+    data = yaml.safe_load(family_file.read_text(encoding='utf-8'))
+    data['differences'] += '\n- one more difference\n'
+    family_file.write_text(yaml.safe_dump(data, allow_unicode=True), encoding='utf-8')
+    path.write_text(text, encoding='utf-8')
+    problems = card_problems(name_tag, measure_macs=False, cards_dir=cards_dir)
+    assert len(problems) == 1 and 'differs' in problems[0]
+    path.unlink()
+    assert 'missing' in card_problems(name_tag, measure_macs=False, cards_dir=cards_dir)[0]
+
+
+def test_a_variant_without_card_data_is_named(tmp_path):
+    cards_dir = tmp_path / 'hub_cards'
+    shutil.copytree(CARDS_DIR, cards_dir)
+    name_tag = TAGS[0]
+    arch = name_tag.split('.')[0]
+    family_file = cards_dir / 'families' / f'{family_of(name_tag)}.yaml'
+    data = yaml.safe_load(family_file.read_text(encoding='utf-8'))
+    del data['variants'][arch]
+    family_file.write_text(yaml.safe_dump(data, allow_unicode=True), encoding='utf-8')
+    stats = ModelStats(params=1, macs=1, activations=1, input_size=(3, 224, 224))
+    with pytest.raises(CardError, match=arch):
+        render_card(name_tag, stats=stats, cards_dir=cards_dir)
+    family_file.unlink()
+    with pytest.raises(CardError, match='no card data'):
+        render_card(name_tag, stats=stats, cards_dir=cards_dir)
+
+
+def test_stats_cells_round_trip():
+    stats = ModelStats(params=14_232_232, macs=2_239_000_123, activations=9_740_001, input_size=(3, 256, 192))
+    cells = format_stats(stats)
+    table = '\n'.join(f'| {k} | {v} |' for k, v in cells.items())
+    assert parse_stats(table) == cells
+    assert cells['Parameters'] == '14,232,232 (14.23 M)' and cells['Image size'] == '256 x 192'

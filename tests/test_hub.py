@@ -1,0 +1,403 @@
+"""Publishing and fetching weights: ``timm-pf convert`` / ``push`` and ``create_model(..., pretrained=True)``.
+
+The Hub side is tests/hub_server.py on 127.0.0.1. ``huggingface_hub`` reads its endpoint, cache and offline
+switch when it is imported, and this process imported it already (conftest imports timm), so the client
+side runs in fresh worker processes started with those variables set (``HubClient``); the functions named
+``_client_*`` run there.
+"""
+import contextlib
+import hashlib
+import io
+import multiprocessing
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Dict, Optional
+
+import pytest
+import safetensors.torch
+import torch
+
+import timm
+from _official import fixtures_dir, load_official_fixture
+from hub_server import serve_hub
+
+import timm_pf  # noqa: F401
+from timm_pf.cards import CardError, count_params_fast, weights_provenance
+from timm_pf.cli import main as cli_main
+from timm.models import save_for_hf
+from timm_pf.hub import WEIGHTS_NAME, pf_pretrained_tags
+
+MAINTAINER_TOKEN = 'hf_test_maintainer'
+OUTSIDER_TOKEN = 'hf_test_outsider'
+TOKENS = {MAINTAINER_TOKEN: 'maintainer', OUTSIDER_TOKEN: 'outsider'}
+ORGS = {'timm-pf': {'maintainer'}}
+
+
+def tensor_digests(state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
+    """sha256 of every tensor's dtype, shape and bytes: equal digests mean bit-identical weights."""
+    return {k: hashlib.sha256(f'{v.dtype}{tuple(v.shape)}'.encode() + v.contiguous().numpy().tobytes()).hexdigest()
+            for k, v in state_dict.items()}
+
+
+# ------------------------------------------------------------------------------------------ client process side
+def _client_ready() -> str:
+    from huggingface_hub import constants
+    return constants.ENDPOINT
+
+
+def _client_cli(argv, env: Optional[Dict[str, Optional[str]]] = None):
+    """Run ``timm-pf`` in the client process; returns (exit code, stdout, stderr)."""
+    saved = {k: os.environ.get(k) for k in (env or {})}
+    for k, v in (env or {}).items():
+        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            rc = cli_main(list(argv))
+    finally:
+        for k, v in saved.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def _client_pull(name: str, token: Optional[str] = MAINTAINER_TOKEN, cache_dir: Optional[str] = None):
+    """``create_model(name, pretrained=True)``: ('ok', digests) or ('error', type name, message)."""
+    saved = os.environ.get('HF_TOKEN')
+    os.environ.pop('HF_TOKEN', None) if token is None else os.environ.__setitem__('HF_TOKEN', token)
+    try:
+        model = timm.create_model(name, pretrained=True, cache_dir=cache_dir)
+        return 'ok', tensor_digests(model.state_dict())
+    except Exception as e:
+        return 'error', type(e).__name__, str(e)
+    finally:
+        os.environ.pop('HF_TOKEN', None) if saved is None else os.environ.__setitem__('HF_TOKEN', saved)
+
+
+def _client_upload_folder(repo_id: str, folder: str) -> None:
+    """Publish a folder as is, with plain ``HfApi`` (no timm-pf checks)."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='upload')
+
+
+class HubClient:
+    """One worker process whose ``huggingface_hub`` was imported with ``env`` set."""
+
+    def __init__(self, env: Dict[str, str]):
+        saved = dict(os.environ)
+        os.environ.update(env)
+        try:
+            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'))
+            self.endpoint = self.pool.submit(_client_ready).result()  # the worker starts with env
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+
+    def __call__(self, fn, *args, **kwargs):
+        return self.pool.submit(fn, *args, **kwargs).result()
+
+    def close(self):
+        self.pool.shutdown()
+
+
+# ------------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(scope='module')
+def hub():
+    with serve_hub(TOKENS, ORGS) as (endpoint, state):
+        yield endpoint, state
+
+
+@pytest.fixture(scope='module')
+def hub_env(hub, tmp_path_factory):
+    home = tmp_path_factory.mktemp('hf_home')
+    return {
+        'HF_ENDPOINT': hub[0],
+        'HF_HUB_DISABLE_XET': '1',
+        'HF_TOKEN': MAINTAINER_TOKEN,
+        'HF_HOME': str(home),
+        'HF_HUB_CACHE': str(home / 'hub'),
+        'HF_HUB_DISABLE_TELEMETRY': '1',
+        'HF_HUB_DISABLE_PROGRESS_BARS': '1',
+    }
+
+
+@pytest.fixture(scope='module')
+def client(hub_env):
+    c = HubClient(hub_env)
+    assert c.endpoint == hub_env['HF_ENDPOINT']
+    yield c
+    c.close()
+
+
+@pytest.fixture(scope='module')
+def publishable_tags():
+    """Our tags whose weights have a stated origin, smallest model first (keeps pushes small)."""
+    def publishable(name_tag):
+        try:
+            return weights_provenance(name_tag) is not None
+        except CardError:  # a family without card data yet cannot be pushed
+            return False
+
+    tags = [t for t in pf_pretrained_tags() if publishable(t)]
+    assert len(tags) >= 2, 'need two publishable pretrained tags to test pushing'
+    sizes = {t: count_params_fast(t) for t in tags}
+    return sorted(tags, key=lambda t: (sizes[t], t))
+
+
+@pytest.fixture(scope='module')
+def weights(publishable_tags, tmp_path_factory):
+    """A timm train.py checkpoint of the smallest publishable tag with distinct EMA weights, and both converted."""
+    name_tag = publishable_tags[0]
+    torch.manual_seed(0)
+    state_dict = timm.create_model(name_tag).state_dict()
+    ema = {k: v + 0.5 if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
+    tmp = tmp_path_factory.mktemp('weights')
+    path = tmp / 'checkpoint.pth.tar'
+    torch.save({'epoch': 3, 'arch': name_tag.split('.')[0], 'state_dict': state_dict, 'state_dict_ema': ema,
+                'optimizer': {'lr': 0.1}}, path)
+    folders = {}
+    for kind, flag in (('ema', ['--ema']), ('plain', [])):
+        folders[kind] = tmp / kind
+        assert cli_main(['convert', str(path), '--model', name_tag, '-o', str(folders[kind]), *flag]) == 0
+    return dict(name_tag=name_tag, path=path, folders=folders, digests=tensor_digests(state_dict),
+                ema_digests=tensor_digests(ema))
+
+
+@pytest.fixture(scope='module')
+def published(client, hub, weights):
+    """The EMA weights pushed from the training checkpoint to main of the tag's repository."""
+    rc, out, err = client(_client_cli, ['push', str(weights['path']), '--model', weights['name_tag'], '--ema'])
+    assert rc == 0, err
+    repo_id = f'timm-pf/{weights["name_tag"]}'
+    return dict(weights, repo_id=repo_id, first_commit=hub[1].repos[repo_id].branches['main'])
+
+
+def _push(client, folder, name_tag, *args, env=None):
+    return client(_client_cli, ['push', str(folder), '--model', name_tag, *args], env=env)
+
+
+# --------------------------------------------------------------------------------------------------- push + pull
+def test_push_then_pretrained_loads_bit_identical(client, hub, published):
+    commit = hub[1].repos[published['repo_id']].commits[published['first_commit']]
+    assert sorted(commit.files) == ['README.md', 'config.json', WEIGHTS_NAME]
+    assert commit.files[WEIGHTS_NAME].lfs_sha256 is not None  # went through the LFS upload
+    card = hub[1].blobs[commit.files['README.md'].blob_key].decode()
+    assert card.startswith('---\n') and 'library_name: timm' in card and published['name_tag'] in card
+    for name in (published['name_tag'], f'hf-hub:{published["repo_id"]}'):
+        assert client(_client_pull, name) == ('ok', published['ema_digests']), name
+
+
+def test_default_tag_and_pinned_revision(client, hub, published):
+    # a second push (the non-EMA weights) moves main; the first commit stays reachable by its hash
+    rc, _, err = _push(client, published['folders']['plain'], published['name_tag'])
+    assert rc == 0, err
+    assert hub[1].repos[published['repo_id']].branches['main'] != published['first_commit']
+    latest = client(_client_pull, published['name_tag'])
+    assert latest == ('ok', published['digests'])
+    pinned = client(_client_pull, f'hf-hub:{published["repo_id"]}@{published["first_commit"]}')
+    assert pinned == ('ok', published['ema_digests'])
+    arch, tag = published['name_tag'].split('.', 1)
+    if timm.models.get_pretrained_cfg(arch).tag == tag:
+        assert client(_client_pull, arch) == latest  # pretrained=True on the bare name: the default tag
+
+
+def test_push_to_branch_and_dry_run(client, hub, published):
+    state = hub[1]
+    before = len(state.requests)
+    rc, out, err = _push(client, published['folders']['ema'], published['name_tag'], '--revision', 'dev',
+                         '--dry-run', env={'HF_TOKEN': None})  # a dry run needs no token
+    assert rc == 0, err
+    assert 'dry run' in out and WEIGHTS_NAME in out and 'README.md' in out and 'branch dev' in out
+    assert len(state.requests) == before, 'the dry run talked to the Hub'
+    rc, _, err = _push(client, published['folders']['ema'], published['name_tag'], '--branch', 'dev')
+    assert rc == 0, err
+    repo = state.repos[published['repo_id']]
+    assert 'dev' in repo.branches and repo.branches['dev'] != repo.branches['main']
+    assert client(_client_pull, f'hf-hub:{published["repo_id"]}@dev') == ('ok', published['ema_digests'])
+
+
+def test_private_repo_needs_the_right_token(client, hub, publishable_tags, weights, tmp_path):
+    name_tag = publishable_tags[1]
+    folder = weights['folders']['ema']
+    if name_tag.split('.')[0] != weights['name_tag'].split('.')[0]:  # another architecture: its own weights
+        source = tmp_path / 'other.safetensors'
+        safetensors.torch.save_file(timm.create_model(name_tag).state_dict(), str(source))
+        folder = tmp_path / 'other'
+        assert cli_main(['convert', str(source), '--model', name_tag, '-o', str(folder)]) == 0
+    expected = tensor_digests(safetensors.torch.load_file(str(folder / WEIGHTS_NAME)))
+    rc, _, err = _push(client, folder, name_tag, '--private')
+    assert rc == 0, err
+    assert hub[1].repos[f'timm-pf/{name_tag}'].private
+    assert client(_client_pull, name_tag) == ('ok', expected)
+    for token in (OUTSIDER_TOKEN, None):
+        result = client(_client_pull, name_tag, token=token, cache_dir=str(tmp_path / f'cache_{token}'))
+        assert result[:2] == ('error', 'PretrainedWeightsError'), result
+        assert f'timm-pf/{name_tag}' in result[2] and 'private' in result[2]
+
+
+def test_push_refused_without_token_or_rights(client, hub, weights, hub_env, tmp_path):
+    name_tag = weights['name_tag']
+    repo_id = f'timm-pf/{name_tag}'
+    commits_before = len(hub[1].repos[repo_id].commits) if repo_id in hub[1].repos else 0
+    rc, _, err = _push(client, weights['folders']['plain'], name_tag, env={'HF_TOKEN': None})
+    assert rc == 2 and 'no Hugging Face token' in err
+    rc, _, err = _push(client, weights['folders']['plain'], name_tag, env={'HF_TOKEN': OUTSIDER_TOKEN})
+    assert rc == 1 and 'refused' in err, err
+    commits_after = len(hub[1].repos[repo_id].commits) if repo_id in hub[1].repos else 0
+    assert commits_after == commits_before
+    # the login cache ($HF_HOME/token) is a token source too
+    shifted = tmp_path / 'shifted'
+    shutil.copytree(weights['folders']['plain'], shifted)
+    state_dict = safetensors.torch.load_file(str(shifted / WEIGHTS_NAME))
+    safetensors.torch.save_file({k: v + 1 if v.is_floating_point() else v for k, v in state_dict.items()},
+                                str(shifted / WEIGHTS_NAME))
+    token_file = Path(hub_env['HF_HOME']) / 'token'
+    token_file.write_text(MAINTAINER_TOKEN)
+    try:
+        rc, _, err = _push(client, shifted, name_tag, '--commit-message', 'from the login cache',
+                           env={'HF_TOKEN': None})
+    finally:
+        token_file.unlink()
+    assert rc == 0, err
+    repo = hub[1].repos[repo_id]
+    head = repo.commits[repo.branches['main']]
+    assert head.author == 'maintainer' and head.title == 'from the login cache'
+
+
+def test_push_refuses_weights_that_do_not_load_strictly(client, hub, weights, tmp_path):
+    folder = tmp_path / 'broken'
+    shutil.copytree(weights['folders']['plain'], folder)
+    state_dict = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
+    dropped = sorted(state_dict)[-1]
+    del state_dict[dropped]
+    safetensors.torch.save_file(state_dict, str(folder / WEIGHTS_NAME))
+    before = len(hub[1].requests)
+    rc, _, err = _push(client, folder, weights['name_tag'])
+    assert rc == 2 and dropped in err and 'missing keys' in err
+    assert len(hub[1].requests) == before, 'refused weights reached the Hub'
+
+
+# ------------------------------------------------------------------------------------------------ pull failures
+def test_corrupted_download_is_detected(client, hub, published, tmp_path):
+    hub[1].corrupt.add((published['repo_id'], WEIGHTS_NAME))
+    try:
+        result = client(_client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))
+    finally:
+        hub[1].corrupt.discard((published['repo_id'], WEIGHTS_NAME))
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert 'corrupted' in result[2] and 'sha256' in result[2]
+    # the bad file left the cache: the next attempt downloads it again and succeeds
+    assert client(_client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))[0] == 'ok'
+
+
+def test_unpublished_tag_says_what_is_missing(client, hub):
+    unpublished = [t for t in pf_pretrained_tags() if f'timm-pf/{t}' not in hub[1].repos]
+    assert unpublished
+    result = client(_client_pull, unpublished[0])
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert unpublished[0] in result[2] and 'timm-pf push' in result[2] and 'pretrained=False' in result[2]
+
+
+def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weights, tmp_path):
+    # one of our repos holding pickle weights only: never unpickled, the error names model.safetensors
+    ours = tmp_path / 'ours'
+    save_for_hf(timm.create_model(weights['name_tag']), str(ours), safe_serialization=False)
+    repo_id = f'timm-pf/{weights["name_tag"].split(".")[0]}.pickle_only'
+    client(_client_upload_folder, repo_id, str(ours))
+    result = client(_client_pull, f'hf-hub:{repo_id}')
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert WEIGHTS_NAME in result[2] and 'only safetensors' in result[2]
+    assert f'GET /{repo_id}/resolve/main/pytorch_model.bin' not in hub[1].requests
+    # any other repository keeps timm's own loader (here: its pickle fallback, weights_only)
+    other = timm.create_model('test_resnet', num_classes=7)
+    save_for_hf(other, str(tmp_path / 'other'), safe_serialization=False)
+    client(_client_upload_folder, 'maintainer/test_resnet', str(tmp_path / 'other'))
+    assert client(_client_pull, 'hf-hub:maintainer/test_resnet') == ('ok', tensor_digests(other.state_dict()))
+
+
+def test_offline_uses_the_cache(client, hub, published, hub_env):
+    online = client(_client_pull, published['name_tag'])  # fills the cache
+    assert online[0] == 'ok'
+    offline = HubClient(dict(hub_env, HF_HUB_OFFLINE='1'))
+    try:
+        assert offline(_client_pull, published['name_tag']) == online
+        missing = next(t for t in pf_pretrained_tags() if f'timm-pf/{t}' not in hub[1].repos)
+        result = offline(_client_pull, missing)
+    finally:
+        offline.close()
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert 'HF_HUB_OFFLINE' in result[2] and f'hf download timm-pf/{missing} {WEIGHTS_NAME}' in result[2]
+
+
+# ------------------------------------------------------------------------------------------------------ convert
+def _registered_fixture() -> str:
+    """The first official fixture whose model is registered (the fixtures must exist: fail, never skip)."""
+    names = sorted(p.stem for p in fixtures_dir().glob('*.safetensors'))
+    registered = [n for n in names if timm.is_model(n)]
+    assert registered, f'no official fixture in {fixtures_dir()} matches a registered model'
+    return registered[0]
+
+
+def test_convert_authors_checkpoint_reproduces_their_logits(tmp_path):
+    name = _registered_fixture()
+    official, images, logits, _ = load_official_fixture(name)
+    checkpoint = tmp_path / 'authors.pth'  # as a DataParallel training script saves it
+    torch.save({'model': {f'module.{k}': v for k, v in official.items()}, 'epoch': 299}, checkpoint)
+    folder = tmp_path / 'converted'
+    assert cli_main(['convert', str(checkpoint), '--model', name, '-o', str(folder)]) == 0
+    assert sorted(p.name for p in folder.iterdir()) == ['config.json', WEIGHTS_NAME]
+    model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
+    with torch.no_grad():
+        assert (model(images) - logits).abs().max().item() < 1e-4
+
+
+def test_convert_picks_ema_weights_on_request(weights):
+    # the fixture converted one train.py checkpoint twice: with --ema and without
+    for kind, expected in (('ema', weights['ema_digests']), ('plain', weights['digests'])):
+        assert tensor_digests(safetensors.torch.load_file(str(weights['folders'][kind] / WEIGHTS_NAME))) == expected
+
+
+def test_convert_rejects_bad_checkpoints(weights, tmp_path, capsys):
+    name_tag = weights['name_tag']
+    state_dict = torch.load(weights['path'], weights_only=True)['state_dict']
+    classifier = timm.models.get_pretrained_cfg(name_tag).classifier
+    cases = {}
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(weights['path'].read_bytes()[:4096])
+    cases['cannot read'] = [str(truncated)]
+    no_ema = tmp_path / 'no_ema.pth'
+    torch.save({'state_dict': state_dict}, no_ema)
+    cases['no EMA weights'] = [str(no_ema), '--ema']
+    wrong_head = tmp_path / 'wrong_head.pth'
+    torch.save(dict(state_dict, **{f'{classifier}.weight': state_dict[f'{classifier}.weight'][:10],
+                                   f'{classifier}.bias': state_dict[f'{classifier}.bias'][:10]}), wrong_head)
+    cases['--num-classes 10'] = [str(wrong_head)]
+    extra = tmp_path / 'extra.pth'
+    torch.save(dict(state_dict, **{'head.extra.weight': torch.zeros(3)}), extra)
+    cases['head.extra.weight'] = [str(extra)]
+    nan = tmp_path / 'nan.safetensors'
+    poisoned = next(k for k, v in state_dict.items() if v.is_floating_point())
+    safetensors.torch.save_file(dict(state_dict, **{poisoned: torch.full_like(state_dict[poisoned], float('nan'))}),
+                                str(nan))
+    cases['non-finite'] = [str(nan)]
+    for expected, args in cases.items():
+        rc = cli_main(['convert', *args, '--model', name_tag, '-o', str(tmp_path / 'out')])
+        err = capsys.readouterr().err
+        assert rc == 2 and expected in err, (expected, err)
+    assert not (tmp_path / 'out' / WEIGHTS_NAME).exists()
+    assert cli_main(['convert', str(no_ema), '--model', 'resnet50', '-o', str(tmp_path / 'out')]) == 2
+    assert 'not a timm-pf model' in capsys.readouterr().err
+    assert cli_main(['convert', str(no_ema), '--model', f'{name_tag.split(".")[0]}.no_such_tag',
+                     '-o', str(tmp_path / 'out')]) == 2
+    assert 'no pretrained tag' in capsys.readouterr().err
+
+
+def test_loader_hook_is_installed_for_our_repos_only():
+    from timm.models import _builder
+    from timm_pf import hub
+    assert _builder.load_state_dict_from_hf is hub._load_state_dict_from_hf
+    assert hub.is_pf_repo('timm-pf/ours_x.tag@abc') and not hub.is_pf_repo('timm/resnet50.a1_in1k')
+    assert hub.is_pf_repo(timm.models.get_pretrained_cfg(pf_pretrained_tags()[0]).hf_hub_id)

@@ -132,6 +132,16 @@ def test_find_blocks_in_timm_families():
         ['transformers.2.blocks'] * 4
 
 
+def test_nhwc_blocks_of_maxpool_vit_map_their_channels():
+    torch.manual_seed(0)
+    model = timm.create_model('vit_ti_maxpool', img_size=32, depth=3).eval()
+    images = torch.randn(4, 3, 32, 32)
+    assert rba.collect_block_outputs(model, images, [0])['blocks.0'].shape == (4, 2, 2, 192)  # (B, H, W, C) grid
+    approx = rba.approximate(model, [(0, 2)], [images])
+    assert (approx.blocks[2].dim, approx.blocks[2].layout) == (192, 'NHWC')
+    assert approx(images).shape == model(images).shape
+
+
 def test_unsupported_model_and_bad_spans_give_clear_errors():
     with pytest.raises(rba.RbaError, match=r'eva02_tiny_patch14_224 .*ModuleList'):
         rba.find_blocks(timm.create_model('eva02_tiny_patch14_224'))
@@ -233,7 +243,7 @@ def trained_vit(digits):
     x_tr, y_tr, x_va, y_va = digits
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', drop_path_rate=0.1, **TINY_VIT)
-    epochs, batch = 15, 64
+    epochs, batch = 10, 64
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.05)
     sched = torch.optim.lr_scheduler.OneCycleLR(
         opt, max_lr=3e-3, total_steps=epochs * -(-len(x_tr) // batch), pct_start=0.15)
@@ -364,7 +374,7 @@ def test_cli_apply_then_evaluate(saved_vit, digits_folder, tmp_path, capsys):
     assert 'M params' in capsys.readouterr().out
     results = tmp_path / 'results.json'
     assert cli_main(['rba', 'evaluate', '--model', saved_vit, '--data-dir', str(digits_folder), '--rba-model',
-                     str(folder), '--skip-baseline', '--output', str(results)]) == 0
+                     str(folder), '--skip-baseline', '--probe-images', '600', '--output', str(results)]) == 0
     assert '| rba |' in capsys.readouterr().out
     rows = {r['model']: r for r in json.loads(results.read_text())['results']}
     assert set(rows) == {'original', 'skip', 'rba'}

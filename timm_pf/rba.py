@@ -12,7 +12,8 @@ submission; also "Foundation Models on a Budget: Approximating Blocks in Large V
 
 Blocks are found through timm's ``feature_info``: every feature module that is, holds (``.blocks``) or
 sits in an ``nn.Sequential`` of blocks contributes that sequence (ViT/DeiT ``blocks``, PiT
-``transformers.k.blocks``, ResNet ``layer1..4``, ConvNeXt/Swin ``stages.k.blocks``). Each block's output
+``transformers.k.blocks``, ResNet ``layer1..4``, ConvNeXt/Swin ``stages.k.blocks``, and our max-pool ViT/PiT,
+whose blocks run on NHWC grids). Each block's output
 is captured with a forward hook while ``forward_features`` runs, stopping after the last block needed:
 ``forward_intermediates`` returns one tensor per *stage* on hierarchical models (ResNet, PiT), not per
 block, and on ViTs the hooked outputs equal its per-block outputs (``norm=False``).
@@ -83,10 +84,12 @@ def _model_name(model: nn.Module) -> str:
 
 @dataclass(frozen=True)
 class BlockRef:
-    """One block of the trunk: its module path, the ``nn.Sequential`` holding it and its position."""
+    """One block of the trunk: its module path, the ``nn.Sequential`` holding it, its position there and
+    the channel count feature_info declares for that sequence (tells NHWC from NCHW block outputs)."""
     name: str
     segment: str
     position: int
+    channels: Optional[int] = None
 
 
 def _block_container(model: nn.Module, module_name: str) -> List[str]:
@@ -113,12 +116,12 @@ def find_blocks(model: nn.Module) -> List[BlockRef]:
         raise RbaError(
             f'{_model_name(model)} has no feature_info: RBA finds the trunk blocks through the feature modules '
             f'that timm models declare, and this model declares none.')
-    segments: List[str] = []
+    segments: Dict[str, Optional[int]] = OrderedDict()
     for info in feature_info:
         for seg in _block_container(model, info['module']):
-            if seg not in segments:
-                segments.append(seg)
-    blocks = [BlockRef(f'{seg}.{i}', seg, i) for seg in segments for i in range(len(model.get_submodule(seg)))]
+            segments.setdefault(seg, info.get('num_chs'))
+    blocks = [BlockRef(f'{seg}.{i}', seg, i, chs) for seg, chs in segments.items()
+              for i in range(len(model.get_submodule(seg)))]
     if not any(len(model.get_submodule(seg)) > 1 for seg in segments):
         modules = [info['module'] for info in feature_info]
         parents = {type(model.get_submodule(m.rpartition('.')[0])).__name__ for m in modules if '.' in m}
@@ -165,11 +168,15 @@ class _StopForward(Exception):
     pass
 
 
-def _layout(model: nn.Module, t: torch.Tensor) -> str:
+def _layout(model: nn.Module, ref: BlockRef, t: torch.Tensor) -> str:
     if t.ndim == 3:
         return 'NLC'
     if t.ndim == 4:
-        return 'NHWC' if getattr(model, 'output_fmt', 'NCHW') == 'NHWC' else 'NCHW'
+        # timm's convention is NCHW; models declare NHWC outputs (Swin), or their blocks run on NHWC grids
+        # (our max-pool ViTs): then the last dim, not dim 1, holds the channels feature_info declares
+        if getattr(model, 'output_fmt', None) == 'NHWC' or t.shape[1] != ref.channels == t.shape[-1]:
+            return 'NHWC'
+        return 'NCHW'
     if t.ndim == 2:
         return 'NC'
     raise RbaError(f'unsupported block output of shape {tuple(t.shape)}')
@@ -475,17 +482,14 @@ def analyze(
     was_training = model.training
     model.eval()
     groups: Dict[Tuple[int, ...], _GroupStats] = OrderedDict()
-    layout = None
+    layouts: List[str] = []
     num_images = 0
     try:
         with _BlockCapture(model, blocks, range(len(blocks))) as capture:
             for x, _ in _iter_images(batches, max_images):
                 outputs = capture.run(x.to(dev))
-                tokens = []
-                for ref in blocks:
-                    t = outputs[ref.name]
-                    layout = layout or _layout(model, t)
-                    tokens.append(_to_tokens(t, _layout(model, t)))
+                layouts = [_layout(model, ref, outputs[ref.name]) for ref in blocks]
+                tokens = [_to_tokens(outputs[ref.name], lay) for ref, lay in zip(blocks, layouts)]
                 if not groups:
                     shapes: Dict[Tuple[int, ...], List[int]] = OrderedDict()
                     for i, t in enumerate(tokens):
@@ -523,7 +527,7 @@ def analyze(
         block_dims=dims,
         num_images=num_images,
         metrics={m: mats[m] for m in metrics},
-        notes=dict(rows='every token (or feature-map pixel) of every image', layout=layout),
+        notes=dict(rows='every token (or feature-map pixel) of every image', layouts=sorted(set(layouts))),
     )
 
 
@@ -664,7 +668,7 @@ def fit_spans(
                         raise RbaError(
                             f'span {blocks[i].name} -> {blocks[j].name}: outputs have shapes {tuple(src.shape[1:])} '
                             f'and {tuple(tgt.shape[1:])}; a D x D map needs equal shapes')
-                    layouts[j] = _layout(model, src)
+                    layouts[j] = _layout(model, blocks[j], src)
                     st.update(_to_tokens(src, layouts[j]), _to_tokens(tgt, layouts[j]))
                 num_images += len(x)
     finally:

@@ -83,6 +83,18 @@ def _client_upload_folder(repo_id: str, folder: str) -> None:
     api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='upload')
 
 
+def _client_listing(repo_id: str):
+    """What the Hub client reports about a repository: branches, files at main, commit titles."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    refs = api.list_repo_refs(repo_id)
+    tree = {f.path: (f.size, f.lfs.sha256 if f.lfs else None) for f in api.list_repo_tree(repo_id)}
+    infos = {f.path: f.size for f in api.get_paths_info(repo_id, ['config.json', WEIGHTS_NAME])}
+    commits = [c.title for c in api.list_repo_commits(repo_id)]
+    return dict(branches=sorted(b.name for b in refs.branches), tree=tree, paths_info=infos, commits=commits,
+                sha=api.model_info(repo_id).sha)
+
+
 class HubClient:
     """One worker process whose ``huggingface_hub`` was imported with ``env`` set."""
 
@@ -217,6 +229,17 @@ def test_push_to_branch_and_dry_run(client, hub, published):
     repo = state.repos[published['repo_id']]
     assert 'dev' in repo.branches and repo.branches['dev'] != repo.branches['main']
     assert client(_client_pull, f'hf-hub:{published["repo_id"]}@dev') == ('ok', published['ema_digests'])
+
+
+def test_published_repo_as_the_hub_client_lists_it(client, hub, published):
+    listing = client(_client_listing, published['repo_id'])
+    assert listing['branches'][0] == 'main' and listing['sha'] == hub[1].repos[published['repo_id']].branches['main']
+    assert set(listing['tree']) == {'README.md', 'config.json', WEIGHTS_NAME}
+    size, lfs_sha256 = listing['tree'][WEIGHTS_NAME]
+    entry = hub[1].repos[published['repo_id']].commits[listing['sha']].files[WEIGHTS_NAME]
+    assert lfs_sha256 == entry.lfs_sha256 == hashlib.sha256(hub[1].blobs[entry.blob_key]).hexdigest()
+    assert listing['paths_info'] == {p: listing['tree'][p][0] for p in ('config.json', WEIGHTS_NAME)}
+    assert listing['commits'][0].startswith('Add ') and listing['commits'][-1] == 'initial commit'
 
 
 def test_private_repo_needs_the_right_token(client, hub, publishable_tags, weights, tmp_path):

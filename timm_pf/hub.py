@@ -15,9 +15,9 @@ checkpoint or a safetensors file into a folder made by timm's ``save_for_hf`` af
 through ``huggingface_hub.HfApi``.
 """
 import hashlib
-import logging
 import re
 import shutil
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple, Union
@@ -49,8 +49,6 @@ __all__ = [
     'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'prepare_push', 'require_token', 'push_to_hub',
 ]
-
-_logger = logging.getLogger(__name__)
 
 WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
@@ -238,7 +236,6 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
 
 def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
     """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` (None if it has none)."""
-    import sys
     module = sys.modules[model_entrypoint(split_model_name_tag(model_name)[0]).__module__]
     return getattr(module, 'checkpoint_filter_fn', None)
 

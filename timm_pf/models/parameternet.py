@@ -273,6 +273,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
             lines.append(f'  {k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}')
         if any(k.endswith('.routing.weight') for k in missing) and not any('.routing.' in k for k in out):
             lines.append('  this looks like a plain GhostNet checkpoint: convert it with upcycle_state_dict()')
+        if 'conv_stem.routing.weight' in mismatched:
+            lines.append(f'  the checkpoint has {out["conv_stem.routing.weight"].shape[0]} experts per dynamic conv')
         raise ValueError('\n'.join(lines))
     return out
 

@@ -316,6 +316,21 @@ def test_save_and_reload_with_timm(trained_vit, digits, tmp_path, options):
         rba.save_rba(rba.approximate(_LinearTrunk('tokens'), [(0, 1)], _linear_trunk_data('tokens')), tmp_path / 'x')
 
 
+def test_rba_architecture_without_weights_is_the_skip_baseline():
+    torch.manual_seed(0)
+    base = timm.create_model('vit_tiny_patch16_224', **TINY_VIT).eval()
+    model = timm.create_model('rba', base_model='vit_tiny_patch16_224', spans=[(1, 3)], **TINY_VIT).eval()
+    model.load_state_dict(base.state_dict(), strict=False)  # the blocks kept; the map stays the identity
+    assert model.rba_spans == [dict(source='blocks.1', target='blocks.3', dim=64, layout='NLC',
+                               bias=False, num_tokens=None)]
+    x = torch.randn(2, 3, DIGITS_SIZE, DIGITS_SIZE)
+    with torch.no_grad():
+        assert torch.equal(model(x), rba.skip_spans(base, [(1, 3)])(x))
+    assert count_params(model) == count_params(base) - count_params(base.blocks[2:4]) + 64 * 64
+    with pytest.raises(rba.RbaError, match='needs base_model'):
+        timm.create_model('rba')
+
+
 def test_linear_probe_reads_the_pre_logits_features(trained_vit, digits):
     x_tr, y_tr, x_va, y_va = digits
     rows = rba.evaluate_models({'vit': trained_vit}, list(zip(x_tr.split(256), y_tr.split(256))),

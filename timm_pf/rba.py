@@ -771,14 +771,36 @@ def skip_spans(model: nn.Module, spans: Sequence[SpanArg], inplace: bool = False
     return out
 
 
+def _complete_spans(model: nn.Module, spans: Sequence[Union[Dict[str, Any], SpanArg]]) -> List[Dict[str, Any]]:
+    """Span records with block names, map width and layout; a bare (source, target) is completed by
+    running one blank image through the base model."""
+    from timm.data.model_config import resolve_input_data_config
+    blocks = find_blocks(model)
+    specs = []
+    for span in spans:
+        spec = dict(span) if isinstance(span, dict) else dict(source=span[0], target=span[1])
+        i, j = _resolve_span(blocks, (spec['source'], spec['target']))
+        spec.update(source=blocks[i].name, target=blocks[j].name)
+        if 'dim' not in spec or 'layout' not in spec:
+            blank = torch.zeros(1, *resolve_input_data_config(model)['input_size'])
+            out = collect_block_outputs(model, blank, [j])[blocks[j].name]
+            spec['layout'] = _layout(model, blocks[j], out)
+            spec['dim'] = _to_tokens(out, spec['layout']).shape[-1]
+        spec.setdefault('bias', False)
+        spec.setdefault('num_tokens', None)
+        specs.append(spec)
+    return specs
+
+
 @register_model
-def rba(pretrained: bool = False, base_model: Optional[str] = None, spans: Sequence[Dict[str, Any]] = (),
-        **kwargs) -> nn.Module:
+def rba(pretrained: bool = False, base_model: Optional[str] = None,
+        spans: Sequence[Union[Dict[str, Any], SpanArg]] = (), **kwargs) -> nn.Module:
     """A timm architecture with spans of blocks replaced by linear maps (RBA).
 
-    ``base_model`` is the timm architecture, ``spans`` the records ``approximate`` writes; other kwargs go
-    to the base model. Weights come from a saved/pushed checkpoint (``local-dir:``/``hf-hub:``); without
-    them the maps are identities (the "skip" baseline).
+    ``base_model`` is the timm architecture, ``spans`` the records ``approximate`` writes, or bare
+    ``(source, target)`` pairs; other kwargs go to the base model. Weights come from a saved/pushed
+    checkpoint (``local-dir:``/``hf-hub:``); without them the maps are identities (the "skip" baseline),
+    which has the structure, and so the speed, of the fitted model.
     """
     pretrained_cfg = kwargs.pop('pretrained_cfg', None)
     overlay = kwargs.pop('pretrained_cfg_overlay', None)
@@ -789,9 +811,10 @@ def rba(pretrained: bool = False, base_model: Optional[str] = None, spans: Seque
                        "timm_pf.rba.approximate or load a saved one with timm.create_model('local-dir:<folder>')")
     model = timm.create_model(base_model, **kwargs)
     base_args = dict(model._model_args, base_model=base_model, spans=[])
-    for spec in spans:
-        _install(model, spec, LinearBlockApprox(spec['dim'], spec['layout'], spec['bias'], spec.get('num_tokens')))
-    _mark_approximated(model, base_args, [dict(s) for s in spans])
+    specs = _complete_spans(model, spans)
+    for spec in specs:
+        _install(model, spec, LinearBlockApprox(spec['dim'], spec['layout'], spec['bias'], spec['num_tokens']))
+    _mark_approximated(model, base_args, specs)
     if hasattr(pretrained_cfg, 'to_dict'):
         pretrained_cfg = pretrained_cfg.to_dict()
     if isinstance(pretrained_cfg, str):

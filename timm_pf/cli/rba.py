@@ -221,7 +221,7 @@ def run_evaluate(args) -> int:
     model = _create_model(args)
     if args.rba_model:
         approx = load_rba(args.rba_model).to(args.device).eval()
-        spans = [(s['source'], s['target']) for s in approx._model_args['spans']]
+        spans = [(s['source'], s['target']) for s in approx.rba_spans]
     else:
         spans = _parse_spans(args.span)
         fit_loader, _ = _loader(model, args, args.split, args.num_images)

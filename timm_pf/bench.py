@@ -10,8 +10,11 @@ all three on the machine at hand and prints the paper's reported values beside o
   throttling machine hits a model and its baseline alike. We report the median, the quartiles and the
   extremes over rounds, and the ratio ``median latency / median latency of the baseline``, with the
   quartiles of the per-round (paired) ratios as its spread;
-* peak memory of one step, weights and input included (see :class:`PeakTensorMemory` for the CPU
-  method; on CUDA ``torch.cuda.max_memory_allocated``).
+* peak memory of one step, weights and input included. On CUDA it is ``torch.cuda.max_memory_allocated``;
+  on CPU, by default (``memory='tensors'``), the peak of live tensor storage tracked at the operator level
+  (:class:`PeakTensorMemory`), the same quantity without the GPU allocator; with ``memory='rss'`` the
+  growth of the resident set (Linux ``VmHWM``) during two steps of each model in a fresh process, which
+  adds what kernels allocate internally and the allocator's overhead.
 
 The data that ties it to the papers lives here too: :data:`BASELINE_RULES` (which baseline each
 variant is compared with), :data:`PAPER_REPORTS` (params, MACs and speeds the papers report, with the
@@ -19,12 +22,14 @@ table they come from) and :data:`SPEED_TARGETS` (the ratios the package promises
 """
 import csv
 import fnmatch
+import gc
 import io
 import json
 import math
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import time
 import weakref
@@ -288,6 +293,8 @@ class PeakTensorMemory(TorchDispatchMode):
 
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+_MEMORY_METHODS = ('tensors', 'rss', 'off')
+_PROC_STATUS, _PROC_CLEAR_REFS = '/proc/self/status', '/proc/self/clear_refs'
 
 
 @dataclass
@@ -302,9 +309,11 @@ class BenchOptions:
     warmup: int = 1  # discarded rounds before timing (every model's first call is one)
     repeats: Optional[int] = None  # timed rounds; None: as many as time_budget allows, within [3, 50]
     time_budget: float = 50.0  # seconds of timed rounds in all, shared equally by the settings
-    memory: bool = True
+    memory: str = 'tensors'  # 'tensors', 'rss' (CPU, fresh process per model and setting) or 'off'
 
     def validate(self) -> None:
+        if self.memory not in _MEMORY_METHODS:
+            raise BenchInputError(f'unknown memory method {self.memory!r}; choose one of {", ".join(_MEMORY_METHODS)}')
         if self.dtype not in _DTYPES:
             raise BenchInputError(f'unknown dtype {self.dtype!r}; choose one of {", ".join(_DTYPES)}')
         try:
@@ -313,6 +322,8 @@ class BenchOptions:
             raise BenchInputError(f'unknown device {self.device!r}: {err}') from None
         if device.type not in ('cpu', 'cuda'):
             raise BenchInputError(f'unsupported device {self.device!r}; use cpu or cuda[:N]')
+        if self.memory == 'rss' and (device.type != 'cpu' or not os.path.exists(_PROC_CLEAR_REFS)):
+            raise BenchInputError('--memory rss measures CPU runs on Linux only (it resets /proc/self/clear_refs)')
         if device.type == 'cuda':
             if not torch.cuda.is_available():
                 raise BenchInputError(f'--device {self.device}: CUDA is not available on this machine')
@@ -539,12 +550,56 @@ class _Step:
             self()
             self.sync()
             return fixed + torch.cuda.max_memory_allocated(self.device) - before
+        if self.options.memory == 'rss':
+            return _peak_rss_in_fresh_process(self.subject.name, self.setting, self.options)
         if self.options.compile:
             return None  # compiled CPU kernels allocate outside the dispatcher
         existing = [self.x, self.target, *self.subject.eager.parameters(), *self.subject.eager.buffers()]
         with PeakTensorMemory(existing) as tracker:
             self()
         return fixed + tracker.peak
+
+
+    def peak_rss(self) -> int:
+        """Weights, buffers, input and the resident-set growth over two steps (call in a fresh process)."""
+        fixed = self.subject.weight_bytes() + self.x.numel() * self.x.element_size()
+        gc.collect()
+        with open(_PROC_CLEAR_REFS, 'w') as f:
+            f.write('5')  # reset the high-water mark VmHWM to the current resident set
+        start = _proc_status_bytes('VmRSS')
+        for _ in range(2):
+            self()
+        return fixed + _proc_status_bytes('VmHWM') - start
+
+
+def _proc_status_bytes(key: str) -> int:
+    with open(_PROC_STATUS) as f:
+        for line in f:
+            if line.startswith(key + ':'):
+                return int(line.split()[1]) * 1024  # reported in kB
+    raise RuntimeError(f'{key} missing from {_PROC_STATUS}')
+
+
+def _peak_rss_in_fresh_process(name: str, setting: Setting, options: BenchOptions) -> int:
+    request = json.dumps({'model': name, 'setting': asdict(setting), 'options': asdict(options)})
+    code = 'import sys; from timm_pf.bench import _peak_rss_main; _peak_rss_main(sys.argv[1])'
+    proc = subprocess.run([sys.executable, '-c', code, request], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f'measuring the memory of {name} at {setting} failed:\n{proc.stderr[-2000:]}')
+    return int(proc.stdout.strip().splitlines()[-1])
+
+
+def _peak_rss_main(request: str) -> None:
+    """Entry point of the fresh process of ``memory='rss'``: prints the peak in bytes."""
+    import timm_pf  # noqa: F401  registers the models
+    spec = json.loads(request)
+    options = BenchOptions(**spec['options'])
+    torch.set_flush_denormal(True)
+    if options.threads is not None:
+        torch.set_num_threads(options.threads)
+    subject = _Subject(spec['model'], options)
+    subject.prepare()
+    print(_Step(subject, Setting(**spec['setting']), options).peak_rss())
 
 
 class _Progress:
@@ -620,11 +675,12 @@ def run_benchmark(
             if repeats is None:
                 round_time = sum(times[-1] for times in warm.values())
                 repeats = int(min(_MAX_AUTO_REPEATS, max(_MIN_AUTO_REPEATS, budget // max(round_time, 1e-6))))
-            bar.add(repeats * len(steps) + (len(steps) if options.memory else 0))
+            measure_memory = options.memory != 'off'
+            bar.add(repeats * len(steps) + (len(steps) if measure_memory else 0))
             times = _interleaved(steps, repeats, bar, str(setting))
             for name, step in steps.items():
                 peak = None
-                if options.memory:
+                if measure_memory:
                     peak = step.peak_memory()
                     bar.step(f'{setting} memory {name}')
                 measured[(name, setting)] = ([t * 1e3 for t in times[name]], peak)
@@ -726,6 +782,25 @@ def _heading(text: str, markdown: bool) -> str:
     return f'### {text}' if markdown else f'== {text} =='
 
 
+def _summary_table(result: BenchResult, markdown: bool) -> List[str]:
+    settings = list(dict.fromkeys(r.setting for r in result.rows))
+    rows = []
+    for model, baseline in dict.fromkeys((r.model, r.baseline) for r in result.rows if r.baseline):
+        cells = [model, baseline]
+        first = None
+        for setting in settings:
+            row = result.row(model, setting)
+            first = first or row
+            cells += [_fmt(row and row.latency_ratio, '.2f', 'x'), _fmt(row and row.memory_ratio, '.2f', 'x')]
+        rows.append(cells[:2] + [_fmt(first.params_ratio, '.2f', 'x'), _fmt(first.macs_ratio, '.2f', 'x')] + cells[2:])
+    if not rows:
+        return []
+    headers = ['model', 'baseline', 'params', 'MACs']
+    for setting in settings:
+        headers += [f'latency {setting}', f'memory {setting}']
+    return [_heading('Summary: ours / baseline', markdown), _table(headers, rows, markdown), '']
+
+
 def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
     out = []
     seen = set()
@@ -771,9 +846,10 @@ def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
                 _fmt(r.peak_memory_mb, '.0f'), ratio, _fmt(r.memory_ratio, '.2f', 'x'), paper,
             ])
         n = len(result.row(rows[0][0], setting).latencies_ms)
+        memory = 'peak MB' if opts.device.startswith('cuda') else f'peak MB ({opts.memory})'
         out += [_heading(f'{setting.mode}, batch {setting.batch_size}, {setting.img_size}px, '
                          f'{opts.device} {numerics}: median of {n} interleaved runs', markdown),
-                _table(['model', 'baseline', 'latency (ms)', 'IQR', 'min-max', 'img/s', 'peak MB',
+                _table(['model', 'baseline', 'latency (ms)', 'IQR', 'min-max', 'img/s', memory,
                         'latency vs base [IQR]', 'memory vs base', 'paper latency ratio'], rows, markdown), '']
     return out
 
@@ -783,7 +859,8 @@ def _target_table(result: BenchResult, markdown: bool) -> List[str]:
         return []
     rows = [[c.target.model, c.target.baseline, str(c.target.setting), c.target.metric,
              f'<= {c.target.max_ratio:.2f}x', _fmt(c.measured, '.2f', 'x'), c.status] for c in result.targets]
-    return [_heading('Targets (ratio to the baseline, measured side by side)', markdown),
+    method = 'CUDA allocator' if result.options.device.startswith('cuda') else result.options.memory
+    return [_heading(f'Targets (ratio to the baseline, measured side by side; memory: {method})', markdown),
             _table(['model', 'baseline', 'setting', 'metric', 'target', 'measured', 'check'], rows, markdown), '']
 
 
@@ -793,7 +870,8 @@ def format_report(result: BenchResult, markdown: bool = False) -> str:
     device = env.get('gpu') or f'{env["cpu"]}, {env["threads"]} threads'
     header = (f'timm-pf bench on {device} (torch {env["torch"]}, timm {env["timm"]}). Ratios are ours / '
               f'baseline measured in this run; below 1 is better.')
-    parts = [header, ''] + _cost_table(result, markdown) + _speed_tables(result, markdown)
+    parts = [header, ''] + _summary_table(result, markdown) + _cost_table(result, markdown)
+    parts += _speed_tables(result, markdown)
     parts += _target_table(result, markdown)
     return '\n'.join(parts).rstrip() + '\n'
 
@@ -833,7 +911,7 @@ def plot_result(result: BenchResult, path: str) -> None:
         import matplotlib
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
-        from matplotlib.ticker import NullFormatter, ScalarFormatter
+        from matplotlib.ticker import LogLocator, NullFormatter, ScalarFormatter
     except ImportError as err:
         raise ImportError("plotting needs matplotlib: pip install 'timm-pf[plot]'") from err
     settings = list(dict.fromkeys(r.setting for r in result.rows))
@@ -864,6 +942,7 @@ def plot_result(result: BenchResult, path: str) -> None:
             ax.set_xscale('log')
             ax.set_yscale('log')
             for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
                 axis.set_major_formatter(ScalarFormatter())
                 axis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)

@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
             compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
-            memory=not args.no_memory)
+            memory=args.memory)
         options.validate()
         if args.plot:
             import importlib.util
@@ -151,7 +151,10 @@ def register(subparsers) -> None:
                    help='timed rounds per setting (default: fill --time-budget, between 3 and 50)')
     p.add_argument('--time-budget', type=float, metavar='SECONDS',
                    help='seconds of timed rounds, shared by the settings (default: 50; targets: 240)')
-    p.add_argument('--no-memory', action='store_true', help='skip the peak-memory pass')
+    p.add_argument('--memory', choices=('tensors', 'rss', 'off'), default='tensors',
+                   help='peak memory on CPU: tensors = live tensor storage tracked per operator (like '
+                        "CUDA's max_memory_allocated; default), rss = resident-set growth of a fresh process "
+                        'per model and setting (Linux; adds kernel scratch and allocator overhead; slower), off')
     p.add_argument('--csv', metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
     p.add_argument('--json', metavar='PATH', help="write everything as JSON ('-': stdout)")
     p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")

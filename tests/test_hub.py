@@ -233,10 +233,11 @@ def test_push_to_branch_and_dry_run(client, hub, published):
 
 def test_published_repo_as_the_hub_client_lists_it(client, hub, published):
     listing = client(_client_listing, published['repo_id'])
-    assert listing['branches'][0] == 'main' and listing['sha'] == hub[1].repos[published['repo_id']].branches['main']
+    repo = hub[1].repos[published['repo_id']]
+    assert listing['branches'] == sorted(repo.branches) and listing['sha'] == repo.branches['main']
     assert set(listing['tree']) == {'README.md', 'config.json', WEIGHTS_NAME}
     size, lfs_sha256 = listing['tree'][WEIGHTS_NAME]
-    entry = hub[1].repos[published['repo_id']].commits[listing['sha']].files[WEIGHTS_NAME]
+    entry = repo.commits[listing['sha']].files[WEIGHTS_NAME]
     assert lfs_sha256 == entry.lfs_sha256 == hashlib.sha256(hub[1].blobs[entry.blob_key]).hexdigest()
     assert listing['paths_info'] == {p: listing['tree'][p][0] for p in ('config.json', WEIGHTS_NAME)}
     assert listing['commits'][0].startswith('Add ') and listing['commits'][-1] == 'initial commit'

@@ -93,9 +93,10 @@ def resolve_name_tag(name: str) -> str:
         close = [n for n in pf_model_names() if n.split('_')[0] == arch.split('_')[0]]
         hint = f' Similar: {", ".join(close)}.' if close else ' List them with `timm.list_models(module=...)`.'
         raise PushError(f'{arch!r} is not a timm-pf model.{hint}')
-    tags = [split_model_name_tag(n)[1] for n in get_arch_pretrained_cfgs(arch)]
+    tags = [split_model_name_tag(n)[1] for n in pf_pretrained_tags([arch])]
     if not tags:
-        raise PushError(f'{arch} has no pretrained tags: add one to its default cfgs (generate_pf_cfgs) first.')
+        raise PushError(f'{arch} has no pretrained tag with a Hub repository: give it one in its default cfgs '
+                        f'(generate_pf_cfgs) first.')
     if not tag:
         tag = tags[0]
     if tag not in tags:

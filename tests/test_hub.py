@@ -419,6 +419,23 @@ def test_convert_rejects_bad_checkpoints(weights, tmp_path, capsys):
     assert 'no pretrained tag' in capsys.readouterr().err
 
 
+HELP_OPTIONS = {
+    'convert': ('--model', '--ema', '--num-classes', '--output'),
+    'push': ('--model', '--ema', '--revision', '--private', '--dry-run', '--commit-message'),
+    'card': ('--write', '--check'),
+}
+
+
+@pytest.mark.parametrize('command', sorted(HELP_OPTIONS))
+def test_each_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([command, '--help'])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f'usage: timm-pf {command}')
+    assert [o for o in HELP_OPTIONS[command] if o not in out] == []
+
+
 def test_loader_hook_is_installed_for_our_repos_only():
     from timm.models import _builder
     from timm_pf import hub

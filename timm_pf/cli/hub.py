@@ -15,7 +15,7 @@ def register(subparsers) -> None:
                     "layout). The authors' checkpoints go through the family's checkpoint_filter_fn; the result "
                     "must load strictly into the model. A mismatched or corrupted checkpoint exits with code 2.",
     )
-    _add_source_args(convert)
+    _add_source_args(convert, 'checkpoint file: .pth / .pth.tar (authors\' or timm train.py) or .safetensors')
     convert.add_argument('-o', '--output', required=True, type=Path, help='output folder')
     convert.set_defaults(func=run_convert)
 
@@ -25,7 +25,7 @@ def register(subparsers) -> None:
                     'with its model card rendered from hub_cards/. Weights that do not load strictly into the '
                     'named model are refused. The token comes from HF_TOKEN or `hf auth login`.',
     )
-    _add_source_args(push)
+    _add_source_args(push, 'a folder made by `timm-pf convert`, or a checkpoint file to convert on the way')
     push.add_argument('--revision', '--branch', dest='revision', default=None,
                       help='branch to push to (created if missing; default: main)')
     push.add_argument('--private', action='store_true', help='create the repository as private')
@@ -47,9 +47,8 @@ def register(subparsers) -> None:
     card.set_defaults(func=run_card)
 
 
-def _add_source_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument('source', type=Path, help='checkpoint file (.pth, .pth.tar, .safetensors) or, for push, '
-                                                  'a converted folder')
+def _add_source_args(parser: argparse.ArgumentParser, source_help: str) -> None:
+    parser.add_argument('source', type=Path, help=source_help)
     parser.add_argument('-m', '--model', required=True, help='model or pretrained tag, e.g. ours_r50_max.pf_in1k '
                                                              '(no tag: the default one)')
     parser.add_argument('--ema', action='store_true', help="use the EMA weights of a timm train.py checkpoint")
@@ -98,6 +97,8 @@ def run_push(args) -> int:
             return _fail(str(e), EXIT_BAD_INPUT)
         except HfHubHTTPError as e:
             return _fail(f'the Hub refused the upload to {plan.repo_id}: {e}', EXIT_HUB_ERROR)
+        except OSError as e:  # offline mode, network down
+            return _fail(f'cannot reach the Hub to upload {plan.repo_id}: {e}', EXIT_HUB_ERROR)
     print(f'pushed {plan.name_tag}: {commit.commit_url}')
     return 0
 

@@ -47,7 +47,8 @@ class _LinearTrunk(nn.Module):
             else:
                 block = nn.Linear(dim, dim, bias=bias) if kind == 'tokens' else nn.Conv2d(dim, dim, 1, bias=bias)
                 with torch.no_grad():
-                    block.weight.copy_((torch.eye(dim) + 0.3 * torch.randn(dim, dim) / dim ** 0.5).view_as(block.weight))
+                    weight = torch.eye(dim) + 0.3 * torch.randn(dim, dim) / dim ** 0.5
+                    block.weight.copy_(weight.view_as(block.weight))
             blocks.append(block)
         self.blocks = nn.Sequential(*blocks)
         self.feature_info = [dict(module=f'blocks.{i}', num_chs=dim, reduction=1) for i in range(depth)]
@@ -329,6 +330,42 @@ def test_rba_architecture_without_weights_is_the_skip_baseline():
     assert count_params(model) == count_params(base) - count_params(base.blocks[2:4]) + 64 * 64
     with pytest.raises(rba.RbaError, match='needs base_model'):
         timm.create_model('rba')
+
+
+_HUB_CLIENT = '''
+import json, sys, torch, timm, timm_pf
+from timm.models import push_to_hf_hub
+from timm_pf import rba
+model = rba.load_rba(sys.argv[1]).eval()
+push_to_hf_hub(model, 'maintainer/rba-test', safe_serialization=True)
+pulled = timm.create_model('hf-hub:maintainer/rba-test', pretrained=True).eval()
+x = torch.randn(2, 3, 16, 16)
+with torch.no_grad():
+    diff = (pulled(x) - model(x)).abs().max().item()
+print(json.dumps(dict(diff=diff, blocks=[type(b).__name__ for b in pulled.blocks])))
+'''
+
+
+def test_push_to_hub_and_load_with_timm(tmp_path):
+    """timm's own Hub tooling publishes and rebuilds an approximated model (against the local test Hub)."""
+    import os
+    import subprocess
+    import sys
+    from hub_server import serve_hub
+    torch.manual_seed(0)
+    base = timm.create_model('vit_tiny_patch16_224', **TINY_VIT).eval()
+    folder = rba.save_rba(rba.approximate(base, [(2, 4)], [torch.randn(8, 3, DIGITS_SIZE, DIGITS_SIZE)]),
+                          tmp_path / 'rba')
+    with serve_hub({'hf_test': 'maintainer'}, {}) as (endpoint, _):
+        # huggingface_hub reads its endpoint when imported: the client runs in a fresh process
+        env = dict(os.environ, HF_ENDPOINT=endpoint, HF_TOKEN='hf_test', HF_HOME=str(tmp_path / 'hf'),
+                   HF_HUB_DISABLE_XET='1', HF_HUB_DISABLE_TELEMETRY='1', HF_HUB_DISABLE_PROGRESS_BARS='1')
+        done = subprocess.run([sys.executable, '-c', _HUB_CLIENT, str(folder)], env=env, capture_output=True,
+                              text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result['diff'] == 0.0
+    assert result['blocks'][2:5] == ['Block', 'Identity', 'LinearBlockApprox']
 
 
 def test_linear_probe_reads_the_pre_logits_features(trained_vit, digits):

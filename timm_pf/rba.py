@@ -125,7 +125,8 @@ def find_blocks(model: nn.Module) -> List[BlockRef]:
     if not any(len(model.get_submodule(seg)) > 1 for seg in segments):
         modules = [info['module'] for info in feature_info]
         parents = {type(model.get_submodule(m.rpartition('.')[0])).__name__ for m in modules if '.' in m}
-        held = f' (they sit in {", ".join(sorted(parents))}, which may pass extra arguments to each block)' if parents else ''
+        held = (f' (they sit in {", ".join(sorted(parents))}, which may pass extra arguments to each block)'
+                if parents else '')
         raise RbaError(
             f'{_model_name(model)} has no nn.Sequential of at least two blocks behind its feature modules '
             f'{modules[0]}..{modules[-1]}{held}; RBA replaces blocks inside an nn.Sequential, where each block maps '
@@ -238,7 +239,8 @@ class _BlockCapture:
                     f'block {name} of {_model_name(self.model)} returns {type(output).__name__}, '
                     f'RBA needs blocks that map one tensor to one tensor')
             if name in self.outputs:
-                raise RbaError(f'block {name} runs more than once per forward (shared weights?): its output is ambiguous')
+                raise RbaError(
+                    f'block {name} runs more than once per forward (shared weights?): its output is ambiguous')
             self.outputs[name] = output.detach()
             if last:
                 raise _StopForward
@@ -260,6 +262,9 @@ class _BlockCapture:
             self.model.forward_features(x)
         except _StopForward:
             pass
+        missing = [n for n in self.names if n not in self.outputs]
+        if missing:
+            raise RbaError(f'blocks {", ".join(missing)} of {_model_name(self.model)} did not run in forward_features')
         return self.outputs
 
 
@@ -398,8 +403,9 @@ class RedundancyReport:
         lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
         for rank, r in enumerate(rows, 1):
             replaced = self.block_names[r['source_index'] + 1:r['target_index'] + 1]
-            cells = [str(rank), f"{r['source']} -> {r['target']}", f'{replaced[0]}..{replaced[-1]} ({len(replaced)})'
-                     if len(replaced) > 1 else replaced[0], *(f'{r[m]:.4g}' for m in self.metrics), f"{r['params_removed']:,}"]
+            replaced_cell = f'{replaced[0]}..{replaced[-1]} ({len(replaced)})' if len(replaced) > 1 else replaced[0]
+            cells = [str(rank), f"{r['source']} -> {r['target']}", replaced_cell,
+                     *(f'{r[m]:.4g}' for m in self.metrics), f"{r['params_removed']:,}"]
             lines.append('| ' + ' | '.join(cells) + ' |')
         return '\n'.join(lines)
 
@@ -818,7 +824,8 @@ def rba(pretrained: bool = False, base_model: Optional[str] = None,
     if hasattr(pretrained_cfg, 'to_dict'):
         pretrained_cfg = pretrained_cfg.to_dict()
     if isinstance(pretrained_cfg, str):
-        raise RbaError(f"'rba' has no pretrained tags (got {pretrained_cfg!r}); load saved weights via local-dir:/hf-hub:")
+        raise RbaError(
+            f"'rba' has no pretrained tags (got {pretrained_cfg!r}); load saved weights via local-dir:/hf-hub:")
     model.pretrained_cfg.update({k: v for k, v in (pretrained_cfg or {}).items() if v is not None})
     model.pretrained_cfg.update(overlay or {})
     model.pretrained_cfg['architecture'] = 'rba'

@@ -37,7 +37,8 @@ def register(subparsers) -> None:
                               '(blocks*dim)^2 float64 matrix)')
     analyze.add_argument('--rank-by', default='br', help='metric that ranks the spans (default: br, the paper\'s)')
     analyze.add_argument('--top', type=int, default=10, help='spans to print')
-    analyze.add_argument('--max-blocks', type=int, default=None, help='list only spans replacing at most this many blocks')
+    analyze.add_argument('--max-blocks', type=int, default=None,
+                         help='list only spans replacing at most this many blocks')
     analyze.add_argument('--output', type=Path, default=Path('rba_analysis'),
                          help='folder for rba_metrics.json, rba_spans.md and rba_heatmap.png')
     analyze.add_argument('--no-plot', action='store_true', help='skip the heatmap (no matplotlib needed)')
@@ -169,7 +170,7 @@ def _guard(func):
 
 @_guard
 def run_analyze(args) -> int:
-    from timm_pf.rba import METRICS, analyze
+    from timm_pf.rba import analyze
     metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
     if args.rank_by not in metrics:
         raise _CliError(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')

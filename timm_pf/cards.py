@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 from string import Template
-from typing import Dict, List, Optional, Union
+from typing import Callable, Dict, List, Optional, Union
 
 import torch
 import yaml
@@ -24,7 +24,7 @@ from .stats import ModelStats, count_params, model_stats
 
 __all__ = [
     'CARDS_DIR', 'CardError', 'family_of', 'load_family', 'weights_provenance', 'measure_stats', 'count_params_fast',
-    'format_stats', 'parse_stats', 'render_card', 'card_path', 'card_problems', 'write_cards',
+    'format_stats', 'parse_stats', 'render_card', 'card_path', 'card_problems', 'write_cards', 'orphan_cards',
 ]
 
 CARDS_DIR = Path(__file__).resolve().parents[1] / 'hub_cards'
@@ -232,8 +232,12 @@ class CardStatus:
     up_to_date: bool
 
 
+def _log(message: str) -> None:
+    print(message, flush=True)
+
+
 def write_cards(name_tags: List[str], cards_dir: Union[str, Path] = CARDS_DIR, check_only: bool = False,
-                log=print) -> List[CardStatus]:
+                log: Callable[[str], None] = _log) -> List[CardStatus]:
     """Render the cards of ``name_tags``; write the ones that changed unless ``check_only``."""
     statuses = []
     for name_tag in name_tags:
@@ -247,3 +251,9 @@ def write_cards(name_tags: List[str], cards_dir: Union[str, Path] = CARDS_DIR, c
         log(f'{"ok     " if up_to_date else ("stale  " if check_only else "written")} {path}')
         statuses.append(CardStatus(name_tag, path, up_to_date))
     return statuses
+
+
+def orphan_cards(name_tags: List[str], cards_dir: Union[str, Path] = CARDS_DIR) -> List[Path]:
+    """Committed cards whose tag is not in ``name_tags`` (e.g. a removed or renamed tag)."""
+    keep = {card_path(t, cards_dir) for t in name_tags}
+    return sorted(p for p in (Path(cards_dir) / 'cards').glob('*.md') if p not in keep)

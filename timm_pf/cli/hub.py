@@ -104,7 +104,7 @@ def run_push(args) -> int:
 
 
 def run_card(args) -> int:
-    from timm_pf.cards import CardError, render_card, write_cards
+    from timm_pf.cards import CardError, orphan_cards, render_card, write_cards
     from timm_pf.hub import PushError, pf_pretrained_tags, resolve_name_tag
     try:
         name_tags = [resolve_name_tag(m) for m in args.models]
@@ -116,7 +116,12 @@ def run_card(args) -> int:
         statuses = write_cards(name_tags or pf_pretrained_tags(), check_only=args.check)
     except (CardError, PushError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
-    stale = [s for s in statuses if not s.up_to_date]
+    orphans = [] if name_tags else orphan_cards(pf_pretrained_tags())
+    for path in orphans:
+        print(f'{"orphan " if args.check else "removed"} {path} (no such registered tag)')
+        if args.write:
+            path.unlink()
+    stale = [s for s in statuses if not s.up_to_date] + (orphans if args.check else [])
     if args.check and stale:
         return _fail(f'{len(stale)} card(s) out of date: run `timm-pf card --write`', 1)
     return 0

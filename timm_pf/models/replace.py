@@ -1,1 +1,80 @@
-"""(being written)"""
+"""Replacement Learning variants of timm's ViTs and ResNets.
+
+"Replacement Learning: Training Vision Tasks with Fewer Learnable Parameters" (Zhang et al., 2024,
+arXiv:2410.01239): every ``replace_interval``-th layer (default 2) is trained as a learnable mix of its
+neighbours (see :mod:`timm_pf.replacement`). Each variant is the plain timm architecture in that training
+form; ``timm_pf.replacement.finalize`` turns a trained one back into the plain architecture, whose weights
+load into the timm model named in the docstring.
+
+The variants have no weights of their own: ``pretrained=True`` starts from the plain timm model's
+pretrained weights (its pretrained cfg, data config included, is kept) and then replaces the layers.
+``replace_interval`` is a model kwarg, so timm's ``train.py`` sets it with ``--model-kwargs replace_interval=3``.
+"""
+import logging
+
+import timm
+from timm.models import register_model
+from torch import nn
+
+from ..replacement import replace_layers
+
+__all__ = []
+
+_logger = logging.getLogger(__name__)
+
+
+def _create_replaced(base_model: str, pretrained: bool = False, replace_interval: int = 2, **kwargs) -> nn.Module:
+    """Build ``base_model`` with timm (``kwargs`` go to it unchanged), then replace every k-th layer."""
+    model = timm.create_model(base_model, pretrained=pretrained, **kwargs)
+    report = replace_layers(model, interval=replace_interval)
+    _logger.info(str(report))
+    return model
+
+
+@register_model
+def vit_ti_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ViT-Ti/16 (timm ``vit_tiny_patch16_224``), every 2nd attention layer replaced."""
+    return _create_replaced('vit_tiny_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def vit_s_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ViT-S/16 (timm ``vit_small_patch16_224``), every 2nd attention layer replaced."""
+    return _create_replaced('vit_small_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def vit_b_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ViT-B/16 (timm ``vit_base_patch16_224``), every 2nd attention layer replaced (paper: ViT-B)."""
+    return _create_replaced('vit_base_patch16_224', pretrained, **kwargs)
+
+
+@register_model
+def vit_s_maxpool_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ViT-S with max-pool token mixers (timm_pf ``vit_s_maxpool``): its layers are the attention blocks,
+    every 2nd of them replaced; the max-pool blocks train normally."""
+    return _create_replaced('vit_s_maxpool', pretrained, **kwargs)
+
+
+@register_model
+def resnet34_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-34 (timm ``resnet34``), every 2nd block with same-shaped neighbours replaced (paper: ResNet-34)."""
+    return _create_replaced('resnet34', pretrained, **kwargs)
+
+
+@register_model
+def resnet50_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-50 (timm ``resnet50``), every 2nd block with same-shaped neighbours replaced."""
+    return _create_replaced('resnet50', pretrained, **kwargs)
+
+
+@register_model
+def resnet101_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-101 (timm ``resnet101``), every 2nd block with same-shaped neighbours replaced (paper: ResNet-101)."""
+    return _create_replaced('resnet101', pretrained, **kwargs)
+
+
+@register_model
+def resnet152_replace(pretrained: bool = False, **kwargs) -> nn.Module:
+    """ResNet-152 (timm ``resnet152``), every 2nd block with same-shaped neighbours replaced (paper: ResNet-152)."""
+    return _create_replaced('resnet152', pretrained, **kwargs)

@@ -96,6 +96,7 @@ def test_pretrained_loader_still_adapts_classifier():
 @pytest.mark.parametrize('pattern,expected', [
     ('EEBB', ['EEE', 'EEEE', 'BBBBBB', 'BBB']),
     ('E→E→B→B', ['EEE', 'EEEE', 'BBBBBB', 'BBB']),
+    ('B -> E -> E -> E', ['BBB', 'EEEE', 'EEEEEE', 'EEE']),
     ('e-BEBE-h-B', ['EEE', 'BEBE', 'HHHHHH', 'BBB']),
     ('hybrid', ['HHH', 'HHHH', 'HHHHHH', 'HHH']),
     ('efficient', ['EEE', 'EEEE', 'EEEEEE', 'EEE']),

@@ -35,7 +35,7 @@ from timm.layers import BatchNormAct2d, create_attn, create_conv2d
 from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import ResNet
 
-from timm_pf.layers.pf_pool import PfMaxPool2d
+from ..layers.pf_pool import PfMaxPool2d
 from ._cfg import generate_pf_cfgs
 
 __all__ = [
@@ -78,7 +78,7 @@ BLOCK_LETTERS: Dict[str, str] = {
 }
 
 NAMED_BLOCK_PATTERNS: Tuple[str, ...] = ('hybrid', 'efficient', 'regular', 'eb')
-_STAGE_SEPARATORS = re.compile(r'\s*(?:-|→|->)\s*')
+_STAGE_SEPARATORS = re.compile(r'\s*(?:->|→|-)\s*')
 
 
 def _pattern_error(pattern: str, problem: str) -> ValueError:

@@ -204,7 +204,8 @@ def test_cli_missing_cuda_exits_2(monkeypatch, capsys):
 def test_cli_plot_without_matplotlib_exits_2(monkeypatch, capsys):
     import importlib.util
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == 'matplotlib' else find_spec(name, *a))
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'matplotlib' else find_spec(name, *a))
     assert main(['bench', '--models', 'resnet18', '--plot', 'x.png', '--no-progress']) == 2
     assert "timm-pf[plot]" in capsys.readouterr().err
 
@@ -220,3 +221,15 @@ def test_quantiles_of_one_run():
     assert bench._quantiles([3.0]) == (3.0, 3.0, 3.0)
     assert bench._quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
     assert not math.isnan(bench._quantiles([1.0, 2.0])[1])
+
+
+def test_count_macs_of_a_model_passing_parameter_views_to_submodules():
+    # PiT hands its expanded class token (a view of a parameter) to a submodule
+    from timm_pf.stats import count_macs
+    model = timm.create_model('pit_s_224')
+    macs = count_macs(model)
+    assert all(p.requires_grad for p in model.parameters())
+    frozen = timm.create_model('pit_s_224').eval().requires_grad_(False)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        frozen(torch.randn(1, 3, 224, 224))
+    assert macs == counter.get_total_flops() // 2

@@ -35,7 +35,7 @@ import time
 import weakref
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -475,7 +475,10 @@ class _Subject:
         from timm_pf.stats import count_activations, count_macs
         if img_size not in self._stats:
             input_size = (3, img_size, img_size)
-            self._stats[img_size] = (count_macs(self.eager, input_size), count_activations(self.eager, input_size))
+            try:
+                self._stats[img_size] = (count_macs(self.eager, input_size), count_activations(self.eager, input_size))
+            except Exception as err:
+                raise RuntimeError(f'{self.name} failed at {img_size}px: {err}') from err
         return self._stats[img_size]
 
     def prepare(self) -> None:
@@ -684,7 +687,7 @@ def run_benchmark(
                     peak = step.peak_memory()
                     bar.step(f'{setting} memory {name}')
                 measured[(name, setting)] = ([t * 1e3 for t in times[name]], peak)
-            del steps
+                step.subject.eager.zero_grad(set_to_none=True)  # free a training step's gradients
     finally:
         bar.close()
 
@@ -932,8 +935,8 @@ def plot_result(result: BenchResult, path: str) -> None:
                     is_base = r.model == family
                     ax.scatter(x, r.latency_ms, color=color, marker='s' if is_base else 'o', s=50, zorder=3,
                                label=family if is_base else None)
-                    ax.errorbar(x, r.latency_ms, yerr=[[r.latency_ms - r.latency_q1_ms], [r.latency_q3_ms - r.latency_ms]],
-                                color=color, fmt='none', zorder=2)
+                    spread = [[r.latency_ms - r.latency_q1_ms], [r.latency_q3_ms - r.latency_ms]]
+                    ax.errorbar(x, r.latency_ms, yerr=spread, color=color, fmt='none', zorder=2)
                     ax.annotate(r.model, (x, r.latency_ms), fontsize=7, xytext=(4, 4), textcoords='offset points')
                     base = by_name.get(r.baseline) if r.baseline else None
                     if base is not None:

@@ -5,6 +5,7 @@ convolutions and matrix products, the convention the papers' tables follow (pool
 ops are free). Activations follow "Fast and Accurate Model Scaling" (Dollar et al., 2021): the number of
 elements written by convolutions and matrix products.
 """
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Dict, Optional, Sequence
 
@@ -67,13 +68,28 @@ def _dummy_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -
     return torch.randn(batch_size, *input_size, **kw)
 
 
+@contextmanager
+def _frozen(model: nn.Module):
+    """Parameters temporarily not requiring grad. Under ``no_grad`` a view of a parameter (e.g. PiT's
+    expanded class token) still requires grad without a grad_fn, which FlopCounterMode's module tracker
+    rejects when such a view is passed to a submodule."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
     """Multiply-accumulates of one forward pass per image (FLOPs / 2 from ``FlopCounterMode``)."""
     was_training = model.training
     model.eval()
     x = _dummy_input(model, input_size, batch_size)
-    with FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
+    with _frozen(model), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         model(x)
     model.train(was_training)
     return counter.get_total_flops() // 2 // batch_size

@@ -434,9 +434,13 @@ class RedundancyReport:
         import numpy as np
         metrics = list(metrics or self.metrics)
         n = len(self.block_names)
-        single_segment = len(set(self.segments)) == 1
-        labels = [str(i) if single_segment else name for i, name in enumerate(self.block_names)]
-        fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 4.2), squeeze=False)
+        segments = list(dict.fromkeys(self.segments))
+        single_segment = len(segments) == 1
+        # one stage: block index; several: stage.position (stages numbered in forward order)
+        labels = [str(i) if single_segment else f'{segments.index(seg)}.{name.rpartition(".")[2]}'
+                  for i, (seg, name) in enumerate(zip(self.segments, self.block_names))]
+        side = 4.2 + max(0, n - 12) * 0.2
+        fig, axes = plt.subplots(1, len(metrics), figsize=(side * len(metrics), side), squeeze=False)
         for ax, m in zip(axes[0], metrics):
             mat = np.array(self.metrics[m], dtype=float)
             cmap = plt.get_cmap('viridis').with_extremes(bad='#dddddd')
@@ -445,21 +449,23 @@ class RedundancyReport:
             ticks = range(n)
             ax.set_xticks(ticks, labels, rotation=90 if not single_segment else 0, fontsize=7)
             ax.set_yticks(ticks, labels, fontsize=7)
-            ax.set_xlabel('block j' + (f' ({self.segments[0]}.j)' if single_segment else ''), fontsize=8)
+            ax.set_xlabel(f'block j ({segments[0]}.j)' if single_segment else 'block j (stage.block)', fontsize=8)
             ax.set_ylabel('block i', fontsize=8)
-            if n <= 12:
+            if n <= 10:
                 finite = mat[np.isfinite(mat)]
                 mid = (finite.max() + finite.min()) / 2 if finite.size else 0
                 for i in range(n):
                     for j in range(n):
                         if np.isfinite(mat[i, j]):
-                            ax.text(j, i, f'{mat[i, j] + 0.0:.2g}', ha='center', va='center', fontsize=5.5,
+                            ax.text(j, i, f'{mat[i, j] + 0.0:.2g}', ha='center', va='center', fontsize=5.5 if n <= 8 else 4.5,
                                     color='black' if mat[i, j] > mid else 'white')
             bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             bar.formatter.set_useOffset(False)
             bar.update_ticks()
-        fig.suptitle(f'{self.model_name}: block similarities over {self.num_images} images (higher = more redundant)',
-                     fontsize=11)
+        title = f'{self.model_name}: block similarities over {self.num_images} images (higher = more redundant)'
+        if not single_segment:
+            title += '\nstages: ' + ', '.join(f'{k} = {seg}' for k, seg in enumerate(segments))
+        fig.suptitle(title, fontsize=11)
         fig.tight_layout()
         path = Path(path)
         fig.savefig(path, dpi=dpi)

@@ -225,11 +225,11 @@ def test_quantiles_of_one_run():
 
 def test_count_macs_of_a_model_passing_parameter_views_to_submodules():
     # PiT hands its expanded class token (a view of a parameter) to a submodule
-    from timm_pf.stats import count_macs
+    from timm_pf.stats import _EXTRA_FLOP_FORMULAS, count_macs
     model = timm.create_model('pit_s_224')
     macs = count_macs(model)
     assert all(p.requires_grad for p in model.parameters())
     frozen = timm.create_model('pit_s_224').eval().requires_grad_(False)
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+    with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         frozen(torch.randn(1, 3, 224, 224))
     assert macs == counter.get_total_flops() // 2

@@ -13,13 +13,35 @@ from typing import Optional, Type, Union
 import torch
 from torch import nn
 
-from timm.layers import Attention, get_act_layer
+from timm.layers import Attention, get_act_layer, is_exporting
 
-__all__ = ['MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS']
+__all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS']
+
+
+def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+    """Stride-1, size-preserving k x k max-pool of a ``(B, H, W, C)`` grid, as running maxima of shifted views.
+
+    Separable (rows, then columns) and index-free: the same values as ``F.max_pool2d`` with -inf padding,
+    without the argmax indices the CPU pooling kernel always writes (3x its output in memory traffic).
+    """
+    radius = kernel_size // 2
+    for dim in (2, 1):
+        src, x = x, x.clone()
+        length = src.shape[dim]
+        for shift in range(1, min(radius, length - 1) + 1):
+            head, tail = x.narrow(dim, 0, length - shift), x.narrow(dim, shift, length - shift)
+            torch.maximum(tail, src.narrow(dim, 0, length - shift), out=tail)
+            torch.maximum(head, src.narrow(dim, shift, length - shift), out=head)
+    return x
 
 
 class MaxPool2dNhwc(nn.MaxPool2d):
-    """Stride-1, size-preserving max-pool of a ``(B, H, W, C)`` grid (padding acts as -inf)."""
+    """Stride-1, size-preserving max-pool of a ``(B, H, W, C)`` grid (padding acts as -inf).
+
+    Without autograd it runs :func:`max_filter_nhwc`; when gradients are needed (and when tracing or
+    exporting, for a single pooling op in the graph) it runs PyTorch's pooling kernel on the
+    channels_last view, whose backward routes each gradient to one argmax as ``nn.MaxPool2d`` does.
+    """
 
     def __init__(self, kernel_size: int = 3) -> None:
         if kernel_size % 2 != 1:
@@ -27,7 +49,10 @@ class MaxPool2dNhwc(nn.MaxPool2d):
         super().__init__(kernel_size, stride=1, padding=kernel_size // 2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if torch.jit.is_scripting() or torch.jit.is_tracing() or is_exporting() or (
+                torch.is_grad_enabled() and x.requires_grad):
+            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return max_filter_nhwc(x, self.kernel_size)
 
 
 class Conv2dNhwc(nn.Conv2d):

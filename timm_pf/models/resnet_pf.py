@@ -121,6 +121,11 @@ def parse_block_pattern(pattern: str, layers: Sequence[int]) -> List[str]:
     return stages
 
 
+def _check_spatial_op(name: str) -> None:
+    if name not in SPATIAL_OPS:
+        raise ValueError(f'unknown spatial_op {name!r}; registered: {", ".join(SPATIAL_OPS)}')
+
+
 def _resolve_spatial_op(letter: str, stride: int, spatial_op: str) -> str:
     if letter == 'B':
         return 'conv3x3'
@@ -159,8 +164,7 @@ class PfBottleneck(nn.Module):
             dtype=None,
     ) -> None:
         super().__init__()
-        if spatial_op not in SPATIAL_OPS:
-            raise ValueError(f'unknown spatial_op {spatial_op!r}; registered: {", ".join(SPATIAL_OPS)}')
+        _check_spatial_op(spatial_op)
         unsupported = dict(cardinality=(cardinality, 1), reduce_first=(reduce_first, 1),
                            dilation=(max(dilation, first_dilation or 1), 1), aa_layer=(aa_layer, None))
         for arg, (value, supported) in unsupported.items():
@@ -236,8 +240,7 @@ class PfResNet(ResNet):
             spatial_op: str = 'max',
             **kwargs,
     ):
-        if spatial_op not in SPATIAL_OPS:
-            raise ValueError(f'unknown spatial_op {spatial_op!r}; registered: {", ".join(SPATIAL_OPS)}')
+        _check_spatial_op(spatial_op)
         stages = parse_block_pattern(block_pattern, layers)
         if kwargs.get('output_stride', 32) != 32:
             raise ValueError('PfResNet supports output_stride=32 only (its pooling blocks do not dilate)')

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models.resnet import BasicBlock, ResNet
 from timm.optim import create_optimizer_v2
+from timm.scheduler import CosineLRScheduler
 from timm.utils import ModelEmaV3
 from torch import nn
 
@@ -162,31 +163,37 @@ def test_gradients_of_a_b_and_neighbours_match_finite_differences():
 # Training on digits: replacement learning vs normal training
 # ---------------------------------------------------------------------------------------------------
 
-DIGITS_SIZE = 16
-EPOCHS, BATCH, LR = 6, 16, 1e-3
+# 2x2 tokens of 8x8 pixels, global average pooling: a ViT that learns digits in ~230 steps on a CPU.
+DIGITS_VIT = dict(img_size=16, patch_size=8, embed_dim=64, depth=6, num_heads=2, num_classes=10,
+                  global_pool='avg', class_token=False)
+EPOCHS, BATCH, LR = 10, 64, 3e-3
 
 
 def _train_on_digits(interval):
-    """AdamW, weight decay 1e-4, cosine schedule (supplement A.1); returns (val accuracy, params, seconds)."""
+    """AdamW with weight decay 1e-4 and a cosine schedule (supplement A.1), stepped per update as train.py
+    does, after a one-epoch warm-up. Returns (validation accuracy, learnable parameters, seconds)."""
     torch.set_flush_denormal(True)
-    x_tr, y_tr, x_va, y_va = digits_tensors(DIGITS_SIZE)
+    x_tr, y_tr, x_va, y_va = digits_tensors(DIGITS_VIT['img_size'])
     torch.manual_seed(0)
-    model = timm.create_model('vit_tiny_patch16_224', global_pool='avg', class_token=False, **TINY_VIT)
+    model = timm.create_model('vit_tiny_patch16_224', **DIGITS_VIT)
     if interval:
         replace_layers(model, interval=interval)
     opt = create_optimizer_v2(model, 'adamw', lr=LR, weight_decay=1e-4)
-    steps = EPOCHS * math.ceil(len(x_tr) / BATCH)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    steps_per_epoch = math.ceil(len(x_tr) / BATCH)
+    sched = CosineLRScheduler(opt, t_initial=EPOCHS * steps_per_epoch, warmup_t=steps_per_epoch,
+                              warmup_lr_init=LR / 25, t_in_epochs=False)
     generator = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     model.train()
+    step = 0
     for _ in range(EPOCHS):
         for idx in torch.randperm(len(x_tr), generator=generator).split(BATCH):
             loss = F.cross_entropy(model(x_tr[idx]), y_tr[idx])
             opt.zero_grad()
             loss.backward()
             opt.step()
-            sched.step()
+            step += 1
+            sched.step_update(step)
     seconds = time.perf_counter() - start
     model.eval()
     with torch.no_grad():
@@ -202,13 +209,14 @@ def test_training_on_digits_matches_normal_training(record_property):
         record_property(key, value)
     print(f'digits val accuracy: normal {normal_acc:.3f} ({normal_params} params, {normal_s:.1f}s), '
           f'replacement learning {replaced_acc:.3f} ({replaced_params} params, {replaced_s:.1f}s)')
-    assert replaced_params == normal_params - 2 * (_attention_params(TINY_VIT['embed_dim'], True) - 2)
+    # layers 2 and 4 of 6 replaced
+    assert replaced_params == normal_params - 2 * (_attention_params(DIGITS_VIT['embed_dim'], True) - 2)
     # Both learn (chance is 0.10) ...
-    assert normal_acc > 0.75 and replaced_acc > 0.75
-    # ... and replacement learning is within 0.06 of normal training: 360 validation images give a
-    # binomial standard error of about 0.02 per run at this accuracy, so 0.06 is ~2 standard errors of
-    # the difference, while a model that does not learn through the mixes falls far below.
-    assert replaced_acc >= normal_acc - 0.06
+    assert normal_acc > 0.85 and replaced_acc > 0.85
+    # ... and replacement learning is within 0.04 of normal training: at ~0.95 accuracy the 360 validation
+    # images give a binomial standard error of ~0.012 per run, ~0.016 for the difference of two runs, so
+    # 0.04 allows ~2.5 standard errors (the runs differ in their training trajectories, not only in noise).
+    assert replaced_acc >= normal_acc - 0.04
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -1,0 +1,161 @@
+"""Deformable max/avg-pool operators (paper §5.1, App. B): exact reductions to the regular poolings,
+agreement with ``torchvision.ops.deform_conv2d`` and float64 gradient checks."""
+import pytest
+import torch
+import torch.nn.functional as F
+import torchvision
+
+from timm_pf.layers import DeformAvgPool2d, DeformMaxPool2d, LearnedDeformPool2d, deform_pool2d
+from timm_pf.layers import deform_pool as deform_pool_module
+
+# (kernel_size, stride, padding, dilation)
+POOL_CONFIGS = [
+    (3, 1, 1, 1),
+    (3, 2, 1, 1),
+    (2, 2, 0, 1),
+    (3, 1, 1, 2),
+    ((3, 5), (2, 1), (1, 2), 1),
+]
+
+
+def _out_size(size, kernel, stride, padding, dilation):
+    return (size + 2 * padding - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def _pair(v):
+    return (v, v) if isinstance(v, int) else v
+
+
+def _zero_offsets(x, kernel_size, stride, padding, dilation, groups=1):
+    kh, kw = _pair(kernel_size)
+    (sh, sw), (ph, pw), (dh, dw) = _pair(stride), _pair(padding), _pair(dilation)
+    ho = _out_size(x.shape[2], kh, sh, ph, dh)
+    wo = _out_size(x.shape[3], kw, sw, pw, dw)
+    return torch.zeros(x.shape[0], 2 * groups * kh * kw, ho, wo, dtype=x.dtype)
+
+
+@pytest.mark.parametrize('kernel_size,stride,padding,dilation', POOL_CONFIGS)
+def test_zero_offsets_equal_max_pool_on_non_negative_input(kernel_size, stride, padding, dilation):
+    # Out-of-image samples are zeros, max_pool2d pads with -inf: identical on post-ReLU (>= 0) features.
+    x = torch.rand(2, 5, 9, 11, dtype=torch.float64)
+    offset = _zero_offsets(x, kernel_size, stride, padding, dilation)
+    ref = F.max_pool2d(x, kernel_size, stride, padding, dilation)
+    out = DeformMaxPool2d(kernel_size, stride, padding, dilation)(x, offset)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_zero_padding_semantics_on_negative_input():
+    # A window that reaches outside the image sees zeros there: max(negative values, 0) = 0 at the border.
+    x = -torch.rand(1, 2, 6, 6, dtype=torch.float64) - 0.1
+    out = deform_pool2d(x, _zero_offsets(x, 3, 1, 1, 1), None, 3, 1, 1, 1, 'max')
+    zero_padded = F.max_pool2d(F.pad(x, (1, 1, 1, 1)), 3, 1, 0)
+    torch.testing.assert_close(out, zero_padded, rtol=0, atol=1e-12)
+    assert (out[..., 0, :] == 0).all() and (out[..., 1:-1, 1:-1] < 0).all()
+
+
+@pytest.mark.parametrize('kernel_size,stride,padding,dilation', [c for c in POOL_CONFIGS if c[3] == 1])
+def test_zero_offsets_equal_avg_pool_count_include_pad(kernel_size, stride, padding, dilation):
+    x = torch.randn(2, 5, 9, 11, dtype=torch.float64)
+    offset = _zero_offsets(x, kernel_size, stride, padding, dilation)
+    ref = F.avg_pool2d(x, kernel_size, stride, padding, count_include_pad=True)
+    out = DeformAvgPool2d(kernel_size, stride, padding, dilation)(x, offset)
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_integer_offsets_shift_the_window():
+    # Offsets of exactly (+1, -2) pixels sample the max-pool of the shifted image.
+    x = torch.rand(1, 3, 10, 12, dtype=torch.float64)
+    offset = _zero_offsets(x, 3, 1, 1, 1)
+    offset[:, 0::2], offset[:, 1::2] = 1.0, -2.0
+    # Window of output (y, x): rows y..y+2, columns x-3..x-1 of the zero-padded image.
+    ref = F.max_pool2d(F.pad(x, (3, 3, 3, 3)), 3, 1, 0)[:, :, 3:13, 0:12]
+    torch.testing.assert_close(deform_pool2d(x, offset, None, 3, 1, 1), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('stride,padding,dilation,groups', [(1, 1, 1, 1), (2, 1, 1, 2), (1, 2, 2, 3), (2, 0, 1, 6)])
+def test_avg_equals_torchvision_deform_conv_with_constant_kernel(stride, padding, dilation, groups):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 9, 11, dtype=torch.float64)
+    ho, wo = _out_size(9, 3, stride, padding, dilation), _out_size(11, 3, stride, padding, dilation)
+    offset = torch.randn(2, 2 * groups * 9, ho, wo, dtype=torch.float64) * 3  # many samples leave the image
+    mask = torch.rand(2, groups * 9, ho, wo, dtype=torch.float64)
+    weight = torch.full((6, 1, 3, 3), 1 / 9, dtype=torch.float64)  # depthwise, constant 1/(k*k)
+    ref = torchvision.ops.deform_conv2d(x, offset, weight, stride=stride, padding=padding, dilation=dilation, mask=mask)
+    out = deform_pool2d(x, offset, mask, 3, stride, padding, dilation, 'avg')
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-12)
+
+
+def test_max_equals_per_point_bilinear_samples():
+    # Reference: sample each kernel point with torchvision (a one-hot kernel), modulate, take the max.
+    torch.manual_seed(1)
+    x = torch.randn(2, 4, 7, 8, dtype=torch.float64)
+    offset = torch.randn(2, 2 * 2 * 9, 7, 8, dtype=torch.float64) * 2
+    mask = torch.rand(2, 2 * 9, 7, 8, dtype=torch.float64)
+    samples = []
+    for k in range(9):
+        one_hot = torch.zeros(4, 1, 3, 3, dtype=torch.float64)
+        one_hot.view(4, 9)[:, k] = 1
+        samples.append(torchvision.ops.deform_conv2d(x, offset, one_hot, padding=1, mask=mask))
+    ref = torch.stack(samples).amax(0)
+    torch.testing.assert_close(deform_pool2d(x, offset, mask, 3, 1, 1), ref, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('reduction', ['max', 'avg'])
+def test_dense_gather_path_matches_sparse_path(reduction, monkeypatch):
+    torch.manual_seed(2)
+    x = torch.randn(2, 6, 8, 9, dtype=torch.float64)
+    offset = torch.randn(2, 2 * 2 * 9, 4, 5, dtype=torch.float64) * 2
+    mask = torch.rand(2, 2 * 9, 4, 5, dtype=torch.float64)
+    sparse = deform_pool2d(x, offset, mask, 3, 2, 1, 1, reduction)
+    monkeypatch.setattr(deform_pool_module, '_use_sparse_gather', lambda *tensors: False)
+    dense = deform_pool2d(x, offset, mask, 3, 2, 1, 1, reduction)
+    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize('reduction', ['max', 'avg'])
+@pytest.mark.parametrize('stride,groups', [(1, 1), (2, 2)])
+def test_gradcheck_input_offsets_masks(reduction, stride, groups):
+    torch.manual_seed(3)
+    x = torch.randn(1, 2 * groups, 4, 5, dtype=torch.float64, requires_grad=True)
+    ho, wo = _out_size(4, 3, stride, 1, 1), _out_size(5, 3, stride, 1, 1)
+    # Non-integer offsets (bilinear weights are piecewise linear in them), some pointing outside the image.
+    offset = (torch.rand(1, 2 * groups * 9, ho, wo, dtype=torch.float64) * 3 - 1.5 + 0.25).requires_grad_()
+    mask = torch.rand(1, groups * 9, ho, wo, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: deform_pool2d(a, b, c, 3, stride, 1, 1, reduction), (x, offset, mask))
+
+
+def test_learned_pool_starts_as_half_scaled_pool():
+    # Zero-initialised predictor (as DCNv2): regular grid, sigmoid(0) = 0.5 masks.
+    x = torch.rand(2, 8, 10, 10)
+    for stride in (1, 2):
+        for reduction, ref_pool in (('max', F.max_pool2d), ('avg', F.avg_pool2d)):
+            pool = LearnedDeformPool2d(8, stride=stride, reduction=reduction)
+            assert pool.offset_conv.out_channels == 27 and pool.offset_conv.stride == (stride, stride)
+            torch.testing.assert_close(pool(x), 0.5 * ref_pool(x, 3, stride, 1), rtol=1e-6, atol=1e-6)
+
+
+def test_learned_pool_trains_its_predictor():
+    pool = LearnedDeformPool2d(4)
+    torch.nn.init.normal_(pool.offset_conv.weight, std=0.1)
+    x = torch.rand(1, 4, 6, 6, requires_grad=True)
+    pool(x).sum().backward()
+    assert pool.offset_conv.weight.grad.abs().sum() > 0 and x.grad.abs().sum() > 0
+
+
+def test_bad_arguments_raise_clear_errors():
+    x = torch.rand(1, 4, 6, 6)
+    with pytest.raises(ValueError, match='reduction'):
+        deform_pool2d(x, _zero_offsets(x, 3, 1, 1, 1), None, 3, 1, 1, reduction='sum')
+    with pytest.raises(ValueError, match='does not match'):
+        deform_pool2d(x, torch.zeros(1, 18, 5, 5), None, 3, 1, 1)
+    with pytest.raises(ValueError, match='offset must be'):
+        deform_pool2d(x, torch.zeros(1, 17, 6, 6), None, 3, 1, 1)
+    with pytest.raises(ValueError, match='deformable groups'):
+        deform_pool2d(x, torch.zeros(1, 3 * 18, 6, 6), None, 3, 1, 1)
+    with pytest.raises(ValueError, match='mask must have shape'):
+        deform_pool2d(x, torch.zeros(1, 18, 6, 6), torch.ones(1, 8, 6, 6), 3, 1, 1)
+    with pytest.raises(ValueError, match='input must be'):
+        deform_pool2d(x[0], torch.zeros(1, 18, 6, 6), None, 3, 1, 1)
+    with pytest.raises(ValueError, match='odd'):
+        LearnedDeformPool2d(4, kernel_size=2)

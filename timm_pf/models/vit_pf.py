@@ -234,7 +234,8 @@ def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
     for k, v in checkpoint.items():
         if not isinstance(v, torch.Tensor):
             raise ValueError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor: corrupted checkpoint?')
-        if v.is_floating_point() and not torch.isfinite(v).all():
+        if v.is_floating_point() and v.numel() and not torch.isfinite(torch.stack(torch.aminmax(v))).all():
+            # min / max propagate NaN and Inf: one pass, no tensor-sized temporaries
             raise ValueError(f'checkpoint tensor {k!r} holds NaN or Inf values: corrupted checkpoint')
         state_dict[k[len('module.'):] if k.startswith('module.') else k] = v
     return state_dict

@@ -35,6 +35,7 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
 
@@ -139,8 +140,11 @@ class _SparseGather(torch.autograd.Function):
 
 
 def _use_sparse_gather(*tensors: torch.Tensor) -> bool:
-    """Sparse product in eager mode; a dense gather (same result) when tracing, exporting or compiling."""
+    """Sparse product in eager mode; a dense gather (same result) when tracing, exporting or compiling, and
+    under dispatch modes such as ``FlopCounterMode`` (which would count the sparse product as dense)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+        return False
+    if _get_current_dispatch_mode() is not None:
         return False
     return all(t.device.type in ('cpu', 'cuda') for t in tensors)
 

@@ -35,6 +35,7 @@ from timm.layers import BatchNormAct2d, create_attn, create_conv2d
 from timm.models import build_model_with_cfg, register_model
 from timm.models.resnet import ResNet
 
+from ..layers.deform_pool import LearnedDeformPool2d
 from ..layers.pf_pool import PfMaxPool2d
 from ._cfg import generate_pf_cfgs
 
@@ -480,3 +481,33 @@ def ours_r50se_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
     return _create_resnet_pf(
         'ours_r50se_hybrid', pretrained, kwargs,
         layers=(3, 4, 6, 3), block_pattern='hybrid', block_args=dict(attn_layer='se'))
+
+
+# Deformable pooling (§5.1 "Deformable Max-pool Operation", App. B "Deformable Avg-pool Operation"): in the
+# hybrid R50 each of the 13 max-pool blocks pools at points moved by a zero-initialised 3x3 conv predicting
+# 18 offsets + 9 sigmoid masks (DCNv2-style, built on DCNv2 per §5.1 footnote 5). 18.03M params and
+# 2.88 GMACs, as Table 3 / Table B.1 (18.0M, 2.9G).
+SPATIAL_OPS['deform_max'] = lambda channels, stride: LearnedDeformPool2d(channels, stride=stride, reduction='max')
+SPATIAL_OPS['deform_avg'] = lambda channels, stride: LearnedDeformPool2d(channels, stride=stride, reduction='avg')
+
+default_cfgs.update(generate_pf_cfgs({
+    'ours_r50_deform_max.in1k': _to_train(
+        'paper Table 3 / Table B.1 (Ours-R50 (deform_max)): top-1 75.3 / top-5 92.5 (90 epochs), '
+        '78.3 / 94.0 (Appendix C recipe, 400 epochs); COCO Faster R-CNN FPN box AP 33.2 (Table 5)'),
+    'ours_r50_deform_avg.in1k': _to_train(
+        'paper Table B.1 (Ours-R50 (deform_avg)): top-1 78.3 / top-5 93.9 (Appendix C recipe, 400 epochs)'),
+}))
+
+
+@register_model
+def ours_r50_deform_max(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50-hybrid with deformable max-pools in its 13 efficient blocks (§5.1, Table 3, Table 5)."""
+    return _create_resnet_pf(
+        'ours_r50_deform_max', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='hybrid', spatial_op='deform_max')
+
+
+@register_model
+def ours_r50_deform_avg(pretrained: bool = False, **kwargs) -> PfResNet:
+    """R50-hybrid with deformable avg-pools in its 13 efficient blocks (Appendix B, Table B.1)."""
+    return _create_resnet_pf(
+        'ours_r50_deform_avg', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='hybrid', spatial_op='deform_avg')

@@ -14,7 +14,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from timm.models.resnet import BasicBlock, ResNet
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -23,6 +23,7 @@ from torch import nn
 
 import timm_pf  # noqa: F401  registers the *_replace variants
 from timm_pf.data import digits_tensors
+from timm_pf.models.replace import PLAIN_MODELS
 from timm_pf.replacement import finalize, is_replaced, replace_layers, replacement_report
 from timm_pf.stats import count_params
 
@@ -354,6 +355,17 @@ torch.testing.assert_close(y, io['y'], rtol=0, atol=1e-6)
 '''
     done = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
+
+
+def test_every_variant_finalizes_to_its_plain_model():
+    assert sorted(PLAIN_MODELS) == sorted(timm.list_models(module='replace'))
+    for variant, plain_name in PLAIN_MODELS.items():
+        torch.manual_seed(0)
+        model = finalize(timm.create_model(variant))
+        plain = timm.create_model(plain_name)
+        shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, plain)]
+        assert shapes[0] == shapes[1]
+        assert count_params(model) == count_params(plain)
 
 
 def test_finalized_ema_copy_is_plain():

@@ -233,3 +233,11 @@ def test_count_macs_of_a_model_passing_parameter_views_to_submodules():
     with torch.no_grad(), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         frozen(torch.randn(1, 3, 224, 224))
     assert macs == counter.get_total_flops() // 2
+
+
+def test_statistic_min_ratio():
+    options = BenchOptions(repeats=3, statistic='min', memory='off')
+    result = bench.run_benchmark([(Setting('infer', 1, 32), list(SMALL_PAIR))], [SMALL_PAIR], options, progress=False)
+    row, base = result.rows[1], result.rows[0]
+    assert row.latency_ratio == pytest.approx(min(row.latencies_ms) / min(base.latencies_ms))
+    assert row.peak_memory_mb is None and row.memory_ratio is None

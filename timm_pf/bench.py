@@ -294,6 +294,7 @@ class PeakTensorMemory(TorchDispatchMode):
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 _MEMORY_METHODS = ('tensors', 'rss', 'off')
+_STATISTICS = {'median': statistics.median, 'min': min}
 _PROC_STATUS, _PROC_CLEAR_REFS = '/proc/self/status', '/proc/self/clear_refs'
 
 
@@ -310,8 +311,11 @@ class BenchOptions:
     repeats: Optional[int] = None  # timed rounds; None: as many as time_budget allows, within [3, 50]
     time_budget: float = 50.0  # seconds of timed rounds in all, shared equally by the settings
     memory: str = 'tensors'  # 'tensors', 'rss' (CPU, fresh process per model and setting) or 'off'
+    statistic: str = 'median'  # latency the ratios use; 'min' resists interference on a busy machine
 
     def validate(self) -> None:
+        if self.statistic not in _STATISTICS:
+            raise BenchInputError(f'unknown statistic {self.statistic!r}; choose one of {", ".join(_STATISTICS)}')
         if self.memory not in _MEMORY_METHODS:
             raise BenchInputError(f'unknown memory method {self.memory!r}; choose one of {", ".join(_MEMORY_METHODS)}')
         if self.dtype not in _DTYPES:
@@ -362,7 +366,7 @@ class BenchRow:
     peak_memory_mb: Optional[float]
     params_ratio: Optional[float] = None
     macs_ratio: Optional[float] = None
-    latency_ratio: Optional[float] = None  # median latency / median latency of the baseline
+    latency_ratio: Optional[float] = None  # latency / baseline latency (median, or min with statistic='min')
     latency_ratio_q1: Optional[float] = None  # quartiles of the per-round paired ratios
     latency_ratio_q3: Optional[float] = None
     memory_ratio: Optional[float] = None
@@ -697,7 +701,7 @@ def run_benchmark(
             baseline = baselines.get(name)
             if baseline not in names:
                 baseline = None
-            rows.append(_make_row(name, baseline, setting, subjects, measured))
+            rows.append(_make_row(name, baseline, setting, subjects, measured, options))
     result = BenchResult(rows, options, _environment(options))
     result.targets = check_targets(result)
     return result
@@ -717,7 +721,8 @@ def _grouped(names: Sequence[str], baselines: Dict[str, Optional[str]]) -> List[
 
 
 def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Dict[str, _Subject],
-              measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]]) -> BenchRow:
+              measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]],
+              options: BenchOptions) -> BenchRow:
     subject = subjects[name]
     latencies, peak = measured[(name, setting)]
     macs, activations = subject.stats(setting.img_size)
@@ -739,7 +744,8 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
         base_macs, _ = subjects[baseline].stats(setting.img_size)
         row.params_ratio = subject.params / subjects[baseline].params
         row.macs_ratio = macs / base_macs if base_macs else None
-        row.latency_ratio = median / statistics.median(base_latencies)
+        statistic = _STATISTICS[options.statistic]
+        row.latency_ratio = statistic(latencies) / statistic(base_latencies)
         paired = [a / b for a, b in zip(latencies, base_latencies)]
         row.latency_ratio_q1, _, row.latency_ratio_q3 = _quantiles(paired)
         if peak is not None and base_peak:
@@ -851,7 +857,7 @@ def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
         n = len(result.row(rows[0][0], setting).latencies_ms)
         memory = 'peak MB' if opts.device.startswith('cuda') else f'peak MB ({opts.memory})'
         out += [_heading(f'{setting.mode}, batch {setting.batch_size}, {setting.img_size}px, '
-                         f'{opts.device} {numerics}: median of {n} interleaved runs', markdown),
+                         f'{opts.device} {numerics}: {n} interleaved runs, ratios of the {opts.statistic}', markdown),
                 _table(['model', 'baseline', 'latency (ms)', 'IQR', 'min-max', 'img/s', memory,
                         'latency vs base [IQR]', 'memory vs base', 'paper latency ratio'], rows, markdown), '']
     return out

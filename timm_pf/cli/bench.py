@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
             compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
-            memory=args.memory)
+            memory=args.memory, statistic=args.statistic)
         options.validate()
         if args.plot:
             import importlib.util
@@ -155,6 +155,9 @@ def register(subparsers) -> None:
                    help='peak memory on CPU: tensors = live tensor storage tracked per operator (like '
                         "CUDA's max_memory_allocated; default), rss = resident-set growth of a fresh process "
                         'per model and setting (Linux; adds kernel scratch and allocator overhead; slower), off')
+    p.add_argument('--statistic', choices=('median', 'min'), default='median',
+                   help='latency statistic of the ratios and targets (default: median; min resists '
+                        'interference from other processes on a busy machine)')
     p.add_argument('--csv', metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
     p.add_argument('--json', metavar='PATH', help="write everything as JSON ('-': stdout)")
     p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")

@@ -239,6 +239,7 @@ def _mixed_tensors(layer: nn.Module) -> List[Tuple[nn.Module, str]]:
     return found
 
 
+@torch.no_grad()
 def replacement_report(model: nn.Module) -> ReplacementReport:
     """Learnable parameters of a model in replacement-learning form, and of the same model trained normally."""
     replaced = _replaced_layers(model)

@@ -346,14 +346,18 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     return state_dict
 
 
+def _adapted_by_timm(key: str) -> bool:
+    """The classifier and the first conv, which timm's pretrained loader adapts after the filter."""
+    return key.startswith('fc.') or key == 'conv1.weight'
+
+
 def _check_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
     expected = {k: v.shape for k, v in model.state_dict().items()}
-    adapted_by_timm = lambda k: k.startswith('fc.') or k == 'conv1.weight'
-    missing = [k for k in expected if k not in state_dict and not adapted_by_timm(k)]
-    unexpected = [k for k in state_dict if k not in expected and not adapted_by_timm(k)]
+    missing = [k for k in expected if k not in state_dict and not _adapted_by_timm(k)]
+    unexpected = [k for k in state_dict if k not in expected and not _adapted_by_timm(k)]
     mis_shaped = [
         f'{k} has shape {tuple(v.shape)}, model expects {tuple(expected[k])}'
-        for k, v in state_dict.items() if k in expected and not adapted_by_timm(k) and v.shape != expected[k]]
+        for k, v in state_dict.items() if k in expected and not _adapted_by_timm(k) and v.shape != expected[k]]
     if not (missing or unexpected or mis_shaped):
         return
     name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__

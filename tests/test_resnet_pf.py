@@ -223,3 +223,13 @@ def test_pretrained_cfgs():
     official = timm.models.get_pretrained_cfg('ours_r50_hybrid.pf_in1k')
     assert 'top-1 77.1' in official.notes[0] and 'drive.google.com' in official.notes[1]
     assert timm.create_model('ours_r50_max', device='meta').pretrained_cfg['tag'] == 'pf_in1k_long'
+
+
+def test_official_pth_through_timm_pretrained_loader(tmp_path):
+    official, _, _, _ = load_official_fixture('ours_r50_hybrid')
+    path = tmp_path / 'checkpoint.pth'
+    torch.save({'state_dict': {f'module.{k}': v for k, v in official.items()}, 'epoch': 90}, path)
+    model = timm.create_model(
+        'ours_r50_hybrid', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
+    assert model.fc.out_features == 10
+    assert torch.equal(model.layer2[0].spatial.conv.weight, official['layer2.0.conv_block.1.0.weight'])

@@ -159,3 +159,25 @@ def test_bad_arguments_raise_clear_errors():
         deform_pool2d(x[0], torch.zeros(1, 18, 6, 6), None, 3, 1, 1)
     with pytest.raises(ValueError, match='odd'):
         LearnedDeformPool2d(4, kernel_size=2)
+
+
+def test_composed_sampling_points_of_two_blocks():
+    from timm_pf.cli.deform_points import compose_sampling_points
+    zero = torch.zeros(18, 7, 7)
+    predicted, regular = compose_sampling_points([zero, zero], (3.0, 3.0))
+    assert predicted.shape == regular.shape == (81, 2)
+    torch.testing.assert_close(predicted, regular)
+    assert regular.min().item() == 1 and regular.max().item() == 5  # two 3x3 steps: a 5x5 footprint
+    shifted = torch.zeros(18, 7, 7)
+    shifted[1::2] = 0.5  # every point of the last block moves half a pixel right
+    predicted, regular = compose_sampling_points([zero, shifted], (3.0, 3.0))
+    torch.testing.assert_close(predicted[:, 1], regular[:, 1] + 0.5)
+
+
+def test_deform_points_cli_writes_png(tmp_path):
+    pytest.importorskip('matplotlib', reason='the picture needs matplotlib')
+    from timm_pf.cli import main
+    out = tmp_path / 'points.png'
+    assert main(['deform-points', '--img-size', '64', '--init-std', '0.02', '--output', str(out)]) == 0
+    assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    assert main(['deform-points', '--img-size', '64', '--blocks', 'layer9.spatial', '--output', str(out)]) == 2

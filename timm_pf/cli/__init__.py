@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order ``timm-pf --help`` lists them.
-_COMMAND_MODULES = ('bench', 'digits', 'run', 'hub', 'rba')
+_COMMAND_MODULES = ('bench', 'digits', 'run', 'hub', 'rba', 'deform_points')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -193,7 +193,8 @@ def register(subparsers) -> None:
     parser.add_argument('--image', help='image file (default: skimage.data.chelsea())')
     parser.add_argument('--img-size', type=int, default=224, help='square input size (default 224)')
     parser.add_argument('--centres', nargs='+', type=_parse_centre, metavar='Y,X',
-                        help='output locations to draw, relative "y,x" in [0, 1] (default: near the centre and near a corner)')
+                        help='output locations to draw, relative "y,x" in [0, 1] '
+                             '(default: near the centre and near a corner)')
     parser.add_argument('--output', default='deform_points.png', help='PNG to write')
     parser.add_argument('--dpi', type=int, default=150)
     parser.set_defaults(func=draw_sampling_points)

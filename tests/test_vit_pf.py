@@ -227,7 +227,8 @@ def test_pretrained_loading_adapts_classes_and_channels(official_vit, tmp_path):
         'vit_s_maxpool', pretrained=True, pretrained_cfg_overlay=dict(file=str(path)), num_classes=10, in_chans=1)
     assert model.head.weight.shape == (10, 384)
     torch.testing.assert_close(model.blocks[1].attn.expand.weight, state_dict['blocks.1.attn.qkv.weight'])
-    torch.testing.assert_close(model.patch_embed.proj.weight, state_dict['patch_embed.proj.weight'].sum(1, keepdim=True))
+    stem = state_dict['patch_embed.proj.weight']
+    torch.testing.assert_close(model.patch_embed.proj.weight, stem.sum(1, keepdim=True))
 
 
 def test_finetune_at_384_resamples_the_position_embedding(official_vit, vit_s_official):

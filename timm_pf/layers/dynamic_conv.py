@@ -26,6 +26,9 @@ ROUTING_TYPES = ('sigmoid', 'softmax')
 
 _Pair = Tuple[int, int]
 
+# Mixed kernels of at most this many elements are materialised at once in eager mode.
+MIX_CHUNK_NUMEL = 1 << 22
+
 
 def _is_exporting() -> bool:
     return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
@@ -39,24 +42,21 @@ def _conv_as_matmul(
         dilation: _Pair,
         groups: int,
 ) -> torch.Tensor:
-    """Per-sample convolution as im2col (shifted strided views) and a batched matmul.
+    """Per-sample convolution as im2col (``F.unfold``; a strided view for 1x1) and a batched matmul.
 
     Every shape is batch-independent, so the graph exports with a dynamic batch axis, and the only
     multiply-accumulates are the matmul's, exactly the convolution's MACs.
     """
-    batch, in_chs = x.shape[:2]
+    batch, in_chs, height, width = x.shape
     out_chs, kh, kw = weight.shape[1], weight.shape[-2], weight.shape[-1]
     (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    if ph or pw:
-        x = F.pad(x, (pw, pw, ph, ph))
-    out_h = (x.shape[-2] - dh * (kh - 1) - 1) // sh + 1
-    out_w = (x.shape[-1] - dw * (kw - 1) - 1) // sw + 1
-    views = [
-        x[:, :, i * dh:i * dh + sh * (out_h - 1) + 1:sh, j * dw:j * dw + sw * (out_w - 1) + 1:sw]
-        for i in range(kh) for j in range(kw)
-    ]
-    # (B, groups, C_in / groups * kh * kw, H' * W'), channel-major like the flattened kernel
-    cols = views[0] if len(views) == 1 else torch.stack(views, dim=2)
+    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
+    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
+        cols = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
+    else:
+        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
+    # (B, groups, C_in / groups * kh * kw, H' * W'): channel-major, like the flattened kernel
     cols = cols.reshape(batch, groups, (in_chs // groups) * kh * kw, out_h * out_w)
     kernels = weight.reshape(batch, groups, out_chs // groups, -1)
     out = torch.matmul(kernels, cols)
@@ -147,8 +147,11 @@ class DynamicConv2d(CondConv2d):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
-        logits = self.routing(x.mean((2, 3)))
-        return torch.sigmoid(logits) if self.routing_type == 'sigmoid' else logits.softmax(dim=-1)
+        pooled = x.mean((2, 3))
+        if self.routing_type == 'sigmoid':
+            # F.linear rather than the module call: this runs once per conv, its overhead counts at batch 1
+            return F.linear(pooled, self.routing.weight, self.routing.bias).sigmoid()
+        return self.routing(pooled).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
@@ -156,13 +159,21 @@ class DynamicConv2d(CondConv2d):
                 f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
         if routing_weights is None:
             routing_weights = self.routing_weights(x)
-        batch = x.shape[0]
-        weight = torch.matmul(routing_weights, self.weight).reshape(batch, *self.weight_shape)
-        bias = None if self.bias is None else torch.matmul(routing_weights, self.bias)
-        padding = self.padding
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-            padding = (0, 0)
+        batch = x.shape[0]
+        chunk = batch if _is_exporting() else max(1, MIX_CHUNK_NUMEL // self.weight.shape[1])
+        if chunk < batch:
+            # big kernels x big batches: mix and apply a chunk of kernels at a time, so they stay in cache
+            return torch.cat([
+                self._mixed_conv(x_chunk, r_chunk)
+                for x_chunk, r_chunk in zip(x.split(chunk), routing_weights.split(chunk))])
+        return self._mixed_conv(x, routing_weights)
+
+    def _mixed_conv(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        weight = torch.matmul(routing_weights, self.weight).reshape(x.shape[0], *self.weight_shape)
+        bias = None if self.bias is None else torch.matmul(routing_weights, self.bias)
+        padding = (0, 0) if self.dynamic_padding else self.padding
         return per_sample_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
 
     @torch.no_grad()

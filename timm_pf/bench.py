@@ -8,8 +8,9 @@ all three on the machine at hand and prints the paper's reported values beside o
   cross-entropy loss and a backward pass). The first ``warmup`` rounds are discarded; then every round
   runs each model once, in alternating order (A B C, C B A, ...), so that drift of a shared or
   throttling machine hits a model and its baseline alike. We report the median, the quartiles and the
-  extremes over rounds, and the ratio ``median latency / median latency of the baseline``, with the
-  quartiles of the per-round (paired) ratios as its spread;
+  extremes over rounds, and the ratio ``median latency / median latency of the baseline`` (or of the
+  minima, with ``statistic='min'``, for a busy machine), with the quartiles of the per-round (paired)
+  ratios as its spread;
 * peak memory of one step, weights and input included. On CUDA it is ``torch.cuda.max_memory_allocated``;
   on CPU, by default (``memory='tensors'``), the peak of live tensor storage tracked at the operator level
   (:class:`PeakTensorMemory`), the same quantity without the GPU allocator; with ``memory='rss'`` the
@@ -47,7 +48,7 @@ __all__ = [
     'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'DEFAULT_BATCH_SIZES',
     'BenchInputError', 'ReportedSpeed', 'PaperReport', 'Setting', 'SpeedTarget', 'BenchOptions',
     'BenchRow', 'TargetCheck', 'BenchResult', 'PeakTensorMemory', 'baseline_for', 'resolve_models',
-    'target_settings', 'run_benchmark', 'check_targets', 'format_report', 'to_csv', 'to_json', 'plot_result',
+    'target_settings', 'paper_latency_ratio', 'run_benchmark', 'check_targets', 'format_report', 'to_csv', 'to_json', 'plot_result',
 ]
 
 # The variants ``timm-pf bench`` runs by default, each next to its baseline.

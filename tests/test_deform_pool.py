@@ -181,3 +181,15 @@ def test_deform_points_cli_writes_png(tmp_path):
     assert main(['deform-points', '--img-size', '64', '--init-std', '0.02', '--output', str(out)]) == 0
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert main(['deform-points', '--img-size', '64', '--blocks', 'layer9.spatial', '--output', str(out)]) == 2
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+def test_low_precision_matches_float32(dtype):
+    torch.manual_seed(4)
+    x = torch.rand(1, 4, 6, 7)
+    offset = torch.randn(1, 18, 6, 7)
+    mask = torch.rand(1, 9, 6, 7)
+    ref = deform_pool2d(x, offset, mask, 3, 1, 1)
+    out = deform_pool2d(x.to(dtype), offset.to(dtype), mask.to(dtype), 3, 1, 1)
+    assert out.dtype == dtype
+    torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)

@@ -140,13 +140,16 @@ class _SparseGather(torch.autograd.Function):
 
 
 def _use_sparse_gather(*tensors: torch.Tensor) -> bool:
-    """Sparse product in eager mode; a dense gather (same result) when tracing, exporting or compiling, and
-    under dispatch modes such as ``FlopCounterMode`` (which would count the sparse product as dense)."""
+    """Sparse product in eager mode for float32/float64 on CPU or CUDA; a dense gather (same result) for other
+    dtypes (no sparse kernels), when tracing, exporting or compiling, and under dispatch modes such as
+    ``FlopCounterMode`` (which would count the sparse product as dense)."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
     if _get_current_dispatch_mode() is not None:
         return False
-    return all(t.device.type in ('cpu', 'cuda') for t in tensors)
+    floats = [t for t in tensors if t.is_floating_point()]
+    return (all(t.device.type in ('cpu', 'cuda') for t in tensors)
+            and all(t.dtype in (torch.float32, torch.float64) for t in floats))
 
 
 def _gather(features: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ ROUTING_TYPES = ('sigmoid', 'softmax')
 _Pair = Tuple[int, int]
 
 # Mixed kernels of at most this many elements are materialised at once in eager mode.
-MIX_CHUNK_NUMEL = 1 << 22
+MIX_CHUNK_NUMEL = 1 << 20
 
 
 def _is_exporting() -> bool:

@@ -68,7 +68,6 @@ def test_features_only_for_detection(name):
     assert [tuple(f.shape[-2:]) for f in features] == [(24, 32), (12, 16), (6, 8), (3, 4)]
 
 
-@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
 def test_onnx_export_matches_onnxruntime(tmp_path):
     ort = pytest.importorskip('onnxruntime', reason='onnxruntime is needed to run the exported graph')
     model = timm.create_model('ours_r50_deform_max').eval()
@@ -77,7 +76,7 @@ def test_onnx_export_matches_onnxruntime(tmp_path):
     with torch.no_grad():
         expected = model(x)
     path = tmp_path / 'ours_r50_deform_max.onnx'
-    torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=['x'], output_names=['logits'])
+    torch.onnx.export(model, (x,), str(path), dynamo=True, input_names=['x'], output_names=['logits'])
     session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
     (logits,) = session.run(None, {'x': x.numpy()})
     torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=0, atol=1e-4)

@@ -261,6 +261,16 @@ def test_dynamic_img_size_on_non_square_inputs():
     assert tokens.shape == (2, 4 * 6, 48)
 
 
+def test_set_input_size_resamples_in_place():
+    model = _tiny_vit().eval()
+    before = model.pos_embed.detach().clone()
+    model.set_input_size(img_size=(96, 128))
+    expected = resample_abs_pos_embed(before, new_size=(6, 8), old_size=(14, 14), num_prefix_tokens=0)
+    torch.testing.assert_close(model.pos_embed.detach(), expected)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 128)).shape == (1, 1000)
+
+
 # --- timm features -------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import LayerNorm, get_device_dtype, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, checkpoint_seq, register_model
 from timm.models._features import feature_take_indices
 from timm.models.pit import ConvEmbedding
 from timm.models.vision_transformer import global_pool_nlc
@@ -366,9 +366,10 @@ default_cfgs = generate_pf_cfgs({
         'the README does not say which recipe the released file was trained with.',
     )),
 })
-# Architectures of the paper without released weights.
-default_cfgs.update(generate_default_cfgs({
-    name: _pit_cfg(notes=(note,)) for name, note in {
+# Architectures of the paper without released weights: their tags name where weights trained with
+# train_configs/<model>.yaml will be published.
+default_cfgs.update(generate_pf_cfgs({
+    f'{name}.in1k': _pit_cfg(notes=(note, 'Weights to be trained with the timm-pf DeiT recipe.')) for name, note in {
         'pit_ti_maxpool': 'PiT-Ti with alternating max-pool blocks (pit_pf.py pit_ti_max); no released weights.',
         'pit_b_maxpool': 'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.',
         'pit_s_dwconv': 'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.',

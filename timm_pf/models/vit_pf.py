@@ -25,7 +25,7 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models import build_model_with_cfg, register_model
 from timm.models.vision_transformer import Block, VisionTransformer
 
 from timm_pf.layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
@@ -372,9 +372,10 @@ default_cfgs = generate_pf_cfgs({
         'the README does not say which recipe the released file was trained with.',
     )),
 })
-# Architectures of the paper without released weights.
-default_cfgs.update(generate_default_cfgs({
-    name: vit_pf_cfg(notes=(note,)) for name, note in {
+# Architectures of the paper without released weights: their tags name where weights trained with
+# train_configs/<model>.yaml will be published.
+default_cfgs.update(generate_pf_cfgs({
+    f'{name}.in1k': vit_pf_cfg(notes=(note, 'Weights to be trained with the timm-pf DeiT recipe.')) for name, note in {
         'vit_ti_maxpool': 'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.',
         'vit_b_maxpool': 'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.',
         'vit_s_dwconv': 'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.',

@@ -17,7 +17,7 @@ predictor does. The paper builds it on DCNv2 and released no code; this is our i
   are applied to zeros, as in DCN and ``torchvision.ops.deform_conv2d``). Hence with zero offsets and unit
   masks the avg variant equals ``avg_pool2d(count_include_pad=True)`` and the max variant equals
   ``max_pool2d`` on non-negative inputs (such as the post-ReLU features it sees in the network);
-  ``max_pool2d`` pads with ``-inf`` and would differ only where a whole window is negative.
+  ``max_pool2d`` pads with ``-inf`` and differs only in border windows whose in-image values are all negative.
 * :class:`LearnedDeformPool2d` is the module used in the network: a 3x3 convolution (stride of the block)
   predicts ``3 * G * k * k`` channels per output location, ``2 * G * k * k`` offsets and ``G * k * k``
   sigmoid masks, zero-initialised like DCNv2, so training starts from the regular pooling grid (with
@@ -33,7 +33,6 @@ import warnings
 from typing import Optional, Tuple, Union
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 

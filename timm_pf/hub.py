@@ -261,10 +261,14 @@ def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
             if n_ckpt != n_model:
                 hint = f'\nThe checkpoint has {n_ckpt} classes and the model {n_model}: pass --num-classes {n_ckpt}.'
         raise CheckpointError(f'{source} does not fit {_model_label(model)}:\n' + '\n'.join(lines) + hint)
+    _check_finite(state_dict, source)
+    model.load_state_dict(state_dict, strict=True)
+
+
+def _check_finite(state_dict: Dict[str, torch.Tensor], source: str) -> None:
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f'{source} holds non-finite values (NaN/inf) in {", ".join(bad[:8])}')
-    model.load_state_dict(state_dict, strict=True)
 
 
 def _model_label(model: nn.Module) -> str:
@@ -296,6 +300,7 @@ def convert_checkpoint(
     """
     name_tag = resolve_name_tag(model_name)
     state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
+    _check_finite(state_dict, str(checkpoint))
     kwargs = {} if num_classes is None else {'num_classes': num_classes}
     model = timm.create_model(name_tag, pretrained=False, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)

@@ -11,8 +11,7 @@ The per-sample convolution (:func:`per_sample_conv2d`) never builds a convolutio
 depends on the batch size when the model is exported, so ONNX / TensorRT graphs keep a dynamic batch
 axis; in eager mode it picks the fastest exact kernel for the layer's shape.
 """
-import math
-from typing import Dict, List, Optional, Tuple, Union
+from typing import Dict, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F

@@ -22,7 +22,7 @@ Variants:
   dynamic one with identical outputs.
 """
 from functools import partial
-from typing import Any, Callable, Dict, List, Optional, Type, Union
+from typing import Any, Callable, Dict, List, Type, Union
 
 import torch
 from torch import nn

@@ -246,9 +246,9 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     The official ``DynamicConv`` keeps its experts in a CondConv2d child (``<conv>.cond_conv.weight``)
     beside the routing ``nn.Linear`` (``<conv>.routing.*``); ours is the CondConv2d itself, so
     ``.cond_conv.`` is dropped. ``module.`` prefixes, ``state_dict_ema`` (preferred) / ``state_dict`` /
-    ``model`` wrappers and thop's
-    ``total_ops`` / ``total_params`` buffers are removed. Missing or unexpected keys and shape mismatches
-    (other than the classifier, which timm re-sizes) raise ``ValueError`` naming the tensors.
+    ``model`` wrappers and thop's ``total_ops`` / ``total_params`` buffers are removed. Missing or
+    unexpected keys and shape mismatches (other than the classifier, which timm re-sizes) raise
+    ``ValueError`` naming the tensors.
     """
     out = {}
     for key, value in _unwrap(state_dict).items():

@@ -196,7 +196,7 @@ class GhostNet(timm_ghostnet.GhostNet):
         self.act1 = act_layer(inplace=True)
         prev_chs = stem_chs
 
-        stage_dpr = torch.linspace(0, drop_path_rate, len(cfgs)).tolist()
+        stage_dpr = [drop_path_rate * i / max(len(cfgs) - 1, 1) for i in range(len(cfgs))]
         stages = []
         net_stride = 2
         for stage_idx, cfg in enumerate(cfgs):

@@ -171,7 +171,11 @@ def _yaml_value(value: Any) -> str:
         return '{' + ', '.join(f'{k}: {_yaml_value(v)}' for k, v in value.items()) + '}'
     if isinstance(value, str):
         return f"'{value}'"
-    return repr(value)
+    text = repr(value)
+    if isinstance(value, float) and 'e' in text and '.' not in text:
+        mantissa, exponent = text.split('e')
+        text = f'{mantissa}.0e{exponent}'  # YAML 1.1 (PyYAML) reads 1e-05 as a string, 1.0e-05 as a float
+    return text
 
 
 def render_config(model_name: str, recipe: Recipe) -> str:

@@ -5,6 +5,7 @@ switch when it is imported, and this process imported it already (conftest impor
 side runs in fresh worker processes started with those variables set (``HubClient``); the functions named
 ``_client_*`` run there.
 """
+import argparse
 import contextlib
 import hashlib
 import io
@@ -168,8 +169,9 @@ def weights(publishable_tags, tmp_path_factory):
     ema = {k: v + 0.5 if v.is_floating_point() else v.clone() for k, v in state_dict.items()}
     tmp = tmp_path_factory.mktemp('weights')
     path = tmp / 'checkpoint.pth.tar'
+    # laid out like timm's train.py checkpoints, which also keep the run's argparse.Namespace
     torch.save({'epoch': 3, 'arch': name_tag.split('.')[0], 'state_dict': state_dict, 'state_dict_ema': ema,
-                'optimizer': {'lr': 0.1}}, path)
+                'optimizer': {'lr': 0.1}, 'args': argparse.Namespace(model=name_tag, lr=0.1)}, path)
     folders = {}
     for kind, flag in (('ema', ['--ema']), ('plain', [])):
         folders[kind] = tmp / kind
@@ -386,7 +388,8 @@ def test_convert_picks_ema_weights_on_request(weights):
 
 def test_convert_rejects_bad_checkpoints(weights, tmp_path, capsys):
     name_tag = weights['name_tag']
-    state_dict = torch.load(weights['path'], weights_only=True)['state_dict']
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        state_dict = torch.load(weights['path'], weights_only=True)['state_dict']
     classifier = timm.models.get_pretrained_cfg(name_tag).classifier
     cases = {}
     truncated = tmp_path / 'truncated.pth'
@@ -442,3 +445,20 @@ def test_loader_hook_is_installed_for_our_repos_only():
     assert _builder.load_state_dict_from_hf is hub._load_state_dict_from_hf
     assert hub.is_pf_repo('timm-pf/ours_x.tag@abc') and not hub.is_pf_repo('timm/resnet50.a1_in1k')
     assert hub.is_pf_repo(timm.models.get_pretrained_cfg(pf_pretrained_tags()[0]).hf_hub_id)
+
+
+class _Payload:
+    """Unpickling this would call os.getcwd: what a malicious .pth does with os.system."""
+
+    def __reduce__(self):
+        return os.getcwd, ()
+
+
+def test_convert_never_unpickles_code(weights, tmp_path, capsys):
+    state_dict = safetensors.torch.load_file(str(weights['folders']['plain'] / WEIGHTS_NAME))
+    evil = tmp_path / 'evil.pth'
+    torch.save({'state_dict': state_dict, 'payload': _Payload()}, evil)
+    rc = cli_main(['convert', str(evil), '--model', weights['name_tag'], '-o', str(tmp_path / 'out')])
+    assert rc == 2
+    assert 'cannot read checkpoint' in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists()

@@ -7,6 +7,7 @@ train_configs/quickstart/digits.yaml, validate the checkpoint with validate.py, 
 timm's scripts are not part of the timm wheel: set TIMM_PF_TRAIN_SCRIPT to the train.py of a checkout of
 huggingface/pytorch-image-models (validate.py is taken from the same folder). Without it these tests skip.
 """
+import argparse
 import json
 import os
 import subprocess
@@ -70,7 +71,8 @@ def test_quickstart_trains_validates_and_converts(digits, tmp_path):
     _run([sys.executable, '-m', 'timm_pf', 'convert', str(checkpoint), '--model', 'ours_r50_hybrid',
           '--model-kwargs', *MODEL_KWARGS, '--num-classes', '10', '--output', str(out)], cwd=tmp_path)
     converted = load_file(str(out / 'model.safetensors'))
-    trained = torch.load(checkpoint, map_location='cpu', weights_only=True)['state_dict']
+    with torch.serialization.safe_globals([argparse.Namespace]):  # train.py also saves its arguments
+        trained = torch.load(checkpoint, map_location='cpu', weights_only=True)['state_dict']
     assert converted.keys() == trained.keys()
     assert all(torch.equal(converted[k], trained[k]) for k in trained)
 

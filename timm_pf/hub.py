@@ -14,13 +14,14 @@ checkpoint or a safetensors file into a folder made by timm's ``save_for_hf`` af
 ``checkpoint_filter_fn`` and a strict load; :func:`push_to_hub` uploads such a folder with its model card
 through ``huggingface_hub.HfApi``.
 """
+import argparse
 import hashlib
 import re
 import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
 import safetensors.torch
 import torch
@@ -217,7 +218,10 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
         if path.suffix == '.safetensors':
             checkpoint = safetensors.torch.load_file(str(path), device='cpu')
         else:
-            checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+            # timm train.py checkpoints also store their argparse.Namespace of arguments: a plain attribute
+            # container, allowed next to tensors; anything else still refuses to unpickle
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # torch/safetensors raise many types for truncated or foreign files
         raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
     if not isinstance(checkpoint, dict):
@@ -291,6 +295,7 @@ def convert_checkpoint(
         output_dir: Union[str, Path],
         use_ema: bool = False,
         num_classes: Optional[int] = None,
+        model_kwargs: Optional[Dict[str, Any]] = None,
 ) -> ConvertResult:
     """Convert ``checkpoint`` for ``model_name`` (``model[.tag]``) into ``output_dir`` (timm's Hub layout).
 
@@ -301,7 +306,8 @@ def convert_checkpoint(
     name_tag = resolve_name_tag(model_name)
     state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
     _check_finite(state_dict, str(checkpoint))
-    kwargs = {} if num_classes is None else {'num_classes': num_classes}
+    model_kwargs = dict(model_kwargs or {})
+    kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
     model = timm.create_model(name_tag, pretrained=False, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)
     if filter_fn is not None:
@@ -313,7 +319,8 @@ def convert_checkpoint(
                 f'{type(e).__name__}: {e}') from e
     _load_strict(model, state_dict, str(checkpoint))
     output_dir = Path(output_dir)
-    save_for_hf(model.eval(), str(output_dir), safe_serialization=True)
+    # model_args go to config.json, so `local-dir:` rebuilds e.g. a scaled-down variant
+    save_for_hf(model.eval(), str(output_dir), model_args=model_kwargs or None, safe_serialization=True)
     return ConvertResult(
         name_tag=name_tag,
         folder=output_dir,

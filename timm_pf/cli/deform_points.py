@@ -84,12 +84,8 @@ def _load_image(path: Optional[str], size: int):
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
-    if path.endswith('.safetensors'):
-        from safetensors.torch import load_file
-        state_dict = load_file(path)
-    else:
-        state_dict = torch.load(path, map_location='cpu', weights_only=True)
-        state_dict = state_dict.get('state_dict', state_dict.get('model', state_dict))
+    from timm_pf.hub import read_checkpoint
+    state_dict = read_checkpoint(path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
         raise ValueError(f'checkpoint {path} does not fit the model: {len(missing)} missing keys '

@@ -4,6 +4,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from timm.utils import ParseKwargs
+
 EXIT_BAD_INPUT = 2  # mismatched or corrupted checkpoint, unknown model/tag, no token
 EXIT_HUB_ERROR = 1  # the Hub refused or failed the upload
 
@@ -17,6 +19,8 @@ def register(subparsers) -> None:
     )
     _add_source_args(convert, 'checkpoint file: .pth / .pth.tar (authors\' or timm train.py) or .safetensors')
     convert.add_argument('-o', '--output', required=True, type=Path, help='output folder')
+    convert.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                         help="the model's kwargs as in timm's train.py, e.g. 'layers=[1,1,1,1]' stem_width=16")
     convert.set_defaults(func=run_convert)
 
     push = subparsers.add_parser(
@@ -67,7 +71,7 @@ def run_convert(args) -> int:
         return _fail(f'{args.source} is a folder; convert takes a checkpoint file', EXIT_BAD_INPUT)
     try:
         result = convert_checkpoint(args.model, args.source, args.output, use_ema=args.ema,
-                                    num_classes=args.num_classes)
+                                    num_classes=args.num_classes, model_kwargs=args.model_kwargs)
     except (CheckpointError, PushError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     how = "through the family's checkpoint filter" if result.filtered else 'as is'

@@ -10,6 +10,8 @@ from typing import Dict, Tuple
 
 import torch
 from safetensors import safe_open
+from timm.layers import Attention
+from torch import nn
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,3 +39,11 @@ def load_official_fixture(name: str) -> Tuple[Dict[str, torch.Tensor], torch.Ten
             raise RuntimeError(f'{name}: rebuilt tensor {key} has sum {rebuilt_sum}, fixture says {spec["sum"]}')
         state_dict[key] = t
     return state_dict, tensors['input'], tensors['logits'], meta
+
+
+def unfused_attention(model: nn.Module) -> nn.Module:
+    """Turn off timm's fused attention: the official fixtures were produced with the non-fused path."""
+    for m in model.modules():
+        if isinstance(m, Attention):
+            m.fused_attn = False
+    return model

@@ -4,24 +4,15 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
-from timm.layers import Attention
 from torch import nn
 
-from _official import load_official_fixture
+from _official import load_official_fixture, unfused_attention
 from timm_pf.layers.token_mixers import EfficientTokenMixer, GridAttention
 from timm_pf.models.pit_pf import checkpoint_filter_fn
 from timm_pf.stats import count_params
 
 # Parameter counts of the authors' pit_pf.py (pit_ti_max, pit_s_max, pit_b_max, naver-ai/PfLayer b4bb770).
 AUTHORS_PARAMS = {'pit_ti_maxpool': 5_174_504, 'pit_s_maxpool': 25_119_784, 'pit_b_maxpool': 79_005_928}
-
-
-def _unfused(model: nn.Module) -> nn.Module:
-    """The official fixtures were produced with timm's non-fused attention."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.fused_attn = False
-    return model
 
 
 @pytest.fixture(scope='module')
@@ -34,7 +25,7 @@ def pit_s_official(official_pit):
     state_dict, _, _, _ = official_pit
     model = timm.create_model('pit_s_maxpool')
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))
-    return _unfused(model.eval())
+    return unfused_attention(model.eval())
 
 
 def _tiny_pit(**kwargs) -> nn.Module:
@@ -168,11 +159,11 @@ def test_finetune_at_384_resamples_the_position_embedding(official_pit, pit_s_of
     expected = F.interpolate(state_dict['pos_embed'], size=(47, 47), mode='bicubic', align_corners=False)
     torch.testing.assert_close(converted['pos_embed'], expected)
     model.load_state_dict(converted)
-    _unfused(model.eval())
+    unfused_attention(model.eval())
     x384 = F.interpolate(x[:1], size=(384, 384), mode='bilinear', align_corners=False)
     with torch.no_grad():
         out = model(x384)
-        dynamic = _unfused(timm.create_model('pit_s_maxpool', dynamic_img_size=True).eval())
+        dynamic = unfused_attention(timm.create_model('pit_s_maxpool', dynamic_img_size=True).eval())
         dynamic.load_state_dict(pit_s_official.state_dict())
         torch.testing.assert_close(dynamic(x384), out, rtol=1e-4, atol=1e-4)
     assert out.shape == (1, 1000)

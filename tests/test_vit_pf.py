@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from timm.layers import Attention, resample_abs_pos_embed
 from torch import nn
 
-from _official import load_official_fixture
+from _official import load_official_fixture, unfused_attention
 from safetensors.torch import save_file
 from timm_pf.layers.token_mixers import Conv2dNhwc, EfficientTokenMixer, GridAttention, MaxPool2dNhwc
 from timm_pf.models.vit_pf import checkpoint_filter_fn
@@ -16,14 +16,6 @@ from timm_pf.stats import count_macs, count_params
 
 # Parameter counts of the authors' vit_pf.py (vit_ti_max, vit_s_max, vit_b_max, naver-ai/PfLayer b4bb770).
 AUTHORS_PARAMS = {'vit_ti_maxpool': 6_159_400, 'vit_s_maxpool': 23_819_368, 'vit_b_maxpool': 93_644_008}
-
-
-def _unfused(model: nn.Module) -> nn.Module:
-    """The official fixtures were produced with timm's non-fused attention."""
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.fused_attn = False
-    return model
 
 
 @pytest.fixture(scope='module')
@@ -36,7 +28,7 @@ def vit_s_official(official_vit):
     state_dict, _, _, _ = official_vit
     model = timm.create_model('vit_s_maxpool')
     model.load_state_dict(checkpoint_filter_fn(state_dict, model))
-    return _unfused(model.eval())
+    return unfused_attention(model.eval())
 
 
 def _tiny_vit(**kwargs) -> nn.Module:
@@ -238,12 +230,12 @@ def test_finetune_at_384_resamples_the_position_embedding(official_vit, vit_s_of
     expected = resample_abs_pos_embed(state_dict['pos_embed'], new_size=(24, 24), num_prefix_tokens=0)
     torch.testing.assert_close(converted['pos_embed'], expected)
     model.load_state_dict(converted)
-    _unfused(model.eval())
+    unfused_attention(model.eval())
     x384 = F.interpolate(x[:1], size=(384, 384), mode='bilinear', align_corners=False)
     with torch.no_grad():
         out = model(x384)
         # the same weights, resampling on the fly
-        dynamic = _unfused(timm.create_model('vit_s_maxpool', dynamic_img_size=True).eval())
+        dynamic = unfused_attention(timm.create_model('vit_s_maxpool', dynamic_img_size=True).eval())
         dynamic.load_state_dict(vit_s_official.state_dict())
         torch.testing.assert_close(dynamic(x384), out, rtol=1e-4, atol=1e-4)
     assert out.shape == (1, 1000)

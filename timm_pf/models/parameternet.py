@@ -35,6 +35,7 @@ from timm.models._efficientnet_blocks import ConvBnAct as TimmConvBnAct
 
 from ..layers.dynamic_conv import DynamicConv2d
 from ._cfg import generate_pf_cfgs
+from ._checkpoint import CheckpointMismatch, check_matches_model, unwrap_checkpoint
 
 __all__ = ['GhostNet', 'checkpoint_filter_fn', 'upcycle_state_dict']
 
@@ -232,12 +233,8 @@ def _dynamic_convs(model: nn.Module) -> Dict[str, DynamicConv2d]:
     return {name: m for name, m in model.named_modules() if isinstance(m, DynamicConv2d)}
 
 
-def _unwrap(state_dict: Dict[str, Any]) -> Dict[str, torch.Tensor]:
-    for key in ('state_dict_ema', 'state_dict', 'model'):
-        if key in state_dict and isinstance(state_dict[key], dict):
-            state_dict = state_dict[key]
-            break
-    return {(k[len('module.'):] if k.startswith('module.') else k): v for k, v in state_dict.items()}
+# Training checkpoints keep the EMA weights beside the raw ones: the EMA ones are preferred.
+_WRAPPERS = ('state_dict_ema', 'state_dict', 'model')
 
 
 def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
@@ -251,33 +248,26 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     ``ValueError`` naming the tensors.
     """
     out = {}
-    for key, value in _unwrap(state_dict).items():
+    for key, value in unwrap_checkpoint(state_dict, _WRAPPERS).items():
         if key.endswith(('total_ops', 'total_params')):
             continue
         out[key.replace('.cond_conv.', '.')] = value
 
-    expected = model.state_dict()
-    classifier = getattr(model, 'pretrained_cfg', {}).get('classifier', 'classifier')
-    missing = sorted(set(expected) - set(out))
-    unexpected = sorted(set(out) - set(expected))
-    mismatched = sorted(
-        k for k in set(out) & set(expected)
-        if out[k].shape != expected[k].shape and not k.startswith(classifier + '.'))
-    if missing or unexpected or mismatched:
-        num_experts = getattr(model, 'num_experts', None)
-        lines = [f'checkpoint does not match {type(model).__name__} (num_experts={num_experts}):']
-        if missing:
-            lines.append(f'  missing {len(missing)} keys, e.g. {missing[:4]}')
-        if unexpected:
-            lines.append(f'  unexpected {len(unexpected)} keys, e.g. {unexpected[:4]}')
-        for k in mismatched[:4]:
-            lines.append(f'  {k}: checkpoint {tuple(out[k].shape)} vs model {tuple(expected[k].shape)}')
-        if any(k.endswith('.routing.weight') for k in missing) and not any('.routing.' in k for k in out):
-            lines.append('  this looks like a plain GhostNet checkpoint: convert it with upcycle_state_dict()')
-        if 'conv_stem.routing.weight' in mismatched:
-            lines.append(f'  the checkpoint has {out["conv_stem.routing.weight"].shape[0]} experts per dynamic conv')
-        raise ValueError('\n'.join(lines))
+    classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'classifier')
+    check_matches_model(
+        out, model, classifier=classifier, hints=lambda mismatch: _mismatch_hints(out, model, mismatch))
     return out
+
+
+def _mismatch_hints(state_dict: Dict[str, torch.Tensor], model: nn.Module, mismatch: CheckpointMismatch) -> List[str]:
+    """Explain the two usual mistakes: a plain GhostNet checkpoint, or another number of experts."""
+    hints = []
+    if any(k.endswith('.routing.weight') for k in mismatch.missing) and not any('.routing.' in k for k in state_dict):
+        hints.append('this looks like a plain GhostNet checkpoint: convert it with upcycle_state_dict()')
+    if any(k == 'conv_stem.routing.weight' for k, _, _ in mismatch.mis_shaped):
+        hints.append(f'model num_experts={getattr(model, "num_experts", None)}, checkpoint has '
+                     f'{state_dict["conv_stem.routing.weight"].shape[0]} experts per dynamic conv')
+    return hints
 
 
 def upcycle_state_dict(
@@ -294,7 +284,7 @@ def upcycle_state_dict(
     Example: ``upcycle_state_dict(timm.create_model('ghostnet_100', pretrained=True).state_dict(),
     timm.create_model('ghostnet_dyn'))``.
     """
-    plain = _unwrap(state_dict)
+    plain = unwrap_checkpoint(state_dict, _WRAPPERS)
     generator = torch.Generator().manual_seed(seed)
     out = {}
     dynamic = _dynamic_convs(model)

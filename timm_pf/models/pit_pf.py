@@ -27,9 +27,9 @@ from timm.models.vision_transformer import global_pool_nlc
 
 from timm_pf.layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
 from ._cfg import generate_pf_cfgs
+from ._checkpoint import check_matches_model, unwrap_checkpoint
 from .vit_pf import (
-    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_matches_model, check_mixer_args, convert_block_keys, pf_block,
-    unwrap_checkpoint, vit_pf_cfg,
+    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, pf_block, vit_pf_cfg,
 )
 
 __all__ = ['PfPoolingVisionTransformer', 'checkpoint_filter_fn']

@@ -38,6 +38,7 @@ from timm.models.resnet import ResNet
 from ..layers.deform_pool import LearnedDeformPool2d
 from ..layers.pf_pool import PfMaxPool2d
 from ._cfg import generate_pf_cfgs
+from ._checkpoint import check_matches_model, unwrap_checkpoint
 
 __all__ = [
     'SPATIAL_OPS', 'BLOCK_LETTERS', 'NAMED_BLOCK_PATTERNS', 'PfBottleneck', 'PfResNet',
@@ -286,19 +287,6 @@ _OFFICIAL_KEY_RULES = (
 )
 
 
-def _unwrap_checkpoint(state_dict: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    for wrapper in ('state_dict', 'model'):
-        if wrapper in state_dict and isinstance(state_dict[wrapper], Mapping):
-            state_dict = state_dict[wrapper]
-            break
-    out = {}
-    for key, value in state_dict.items():
-        if not isinstance(value, torch.Tensor):
-            raise ValueError(f'checkpoint entry {key!r} is a {type(value).__name__}, not a tensor')
-        out[key[len('module.'):] if key.startswith('module.') else key] = value
-    return out
-
-
 def _block_layout(keys) -> str:
     """Per stage, 'C' for each block whose spatial op has parameters, 'P' for parameter-free ones."""
     blocks = {}
@@ -332,7 +320,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
     parameters when the checkpoint does not fit ``model`` (the classifier and the input channels of the
     first conv are left to timm's pretrained loader, which adapts them).
     """
-    state_dict = _unwrap_checkpoint(state_dict)
+    state_dict = unwrap_checkpoint(state_dict)
     if any('.reduction_block.' in k or k.startswith('conv1.0.') for k in state_dict):
         converted = {}
         for key, value in state_dict.items():
@@ -342,36 +330,19 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
                     break
             converted[key] = value
         state_dict = converted
-    _check_fits(state_dict, model)
+    check_matches_model(state_dict, model, first_conv='conv1', classifier='fc',
+                        hints=lambda mismatch: _layout_hint(state_dict, model))
     return state_dict
 
 
-def _adapted_by_timm(key: str) -> bool:
-    """The classifier and the first conv, which timm's pretrained loader adapts after the filter."""
-    return key.startswith('fc.') or key == 'conv1.weight'
-
-
-def _check_fits(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> None:
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in state_dict and not _adapted_by_timm(k)]
-    unexpected = [k for k in state_dict if k not in expected and not _adapted_by_timm(k)]
-    mis_shaped = [
-        f'{k} has shape {tuple(v.shape)}, model expects {tuple(expected[k])}'
-        for k, v in state_dict.items() if k in expected and not _adapted_by_timm(k) and v.shape != expected[k]]
-    if not (missing or unexpected or mis_shaped):
-        return
-    name = getattr(model, 'pretrained_cfg', {}).get('architecture') or type(model).__name__
-    problems = []
-    ckpt_layout, model_layout = _block_layout(state_dict), _block_layout(expected)
-    if ckpt_layout != model_layout:
-        problems.append(
-            f'checkpoint is for {_describe_layout(ckpt_layout)}, not {name}? Block layout (C = spatial op '
-            f'with parameters, P = parameter-free): checkpoint {ckpt_layout}, model {model_layout}')
-    for label, items in (('missing', missing), ('unexpected', unexpected), ('mis-shaped', mis_shaped)):
-        if items:
-            shown = '; '.join(items[:5]) + (f'; ... ({len(items) - 5} more)' if len(items) > 5 else '')
-            problems.append(f'{len(items)} {label}: {shown}')
-    raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
+def _layout_hint(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> List[str]:
+    """Name the kind of model the checkpoint was trained for when its block layout differs from ``model``'s."""
+    ckpt_layout, model_layout = _block_layout(state_dict), _block_layout(model.state_dict())
+    if ckpt_layout == model_layout:
+        return []
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    return [f'checkpoint is for {_describe_layout(ckpt_layout)}, not {name}? Block layout (C = spatial op '
+            f'with parameters, P = parameter-free): checkpoint {ckpt_layout}, model {model_layout}']
 
 
 def _create_resnet_pf(variant: str, pretrained: bool, kwargs: Dict[str, Any], **defaults) -> PfResNet:

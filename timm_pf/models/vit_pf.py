@@ -30,6 +30,7 @@ from timm.models.vision_transformer import Block, VisionTransformer
 
 from timm_pf.layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
 from ._cfg import generate_pf_cfgs
+from ._checkpoint import check_matches_model, unwrap_checkpoint
 
 __all__ = ['PfVisionTransformer', 'checkpoint_filter_fn', 'EFFICIENT_BLOCK_PATTERNS']
 
@@ -222,25 +223,6 @@ class PfVisionTransformer(VisionTransformer):
 # Checkpoints: the authors' format and ours
 
 
-def unwrap_checkpoint(checkpoint: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
-    """The tensors of a checkpoint, out of a ``state_dict`` / ``model`` entry and without ``module.`` prefixes."""
-    if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'a checkpoint must be a mapping of names to tensors, got {type(checkpoint).__name__}')
-    for key in ('state_dict', 'model'):
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    state_dict = {}
-    for k, v in checkpoint.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor: corrupted checkpoint?')
-        if v.is_floating_point() and v.numel() and not torch.isfinite(torch.stack(torch.aminmax(v))).all():
-            # min / max propagate NaN and Inf: one pass, no tensor-sized temporaries
-            raise ValueError(f'checkpoint tensor {k!r} holds NaN or Inf values: corrupted checkpoint')
-        state_dict[k[len('module.'):] if k.startswith('module.') else k] = v
-    return state_dict
-
-
 def convert_block_keys(
         state_dict: Dict[str, torch.Tensor],
         blocks: Mapping[str, nn.Module],
@@ -268,37 +250,6 @@ def convert_block_keys(
                 if old in out:
                     out[f'{prefix}attn.expand.{suffix}'] = out.pop(old)
     return out
-
-
-def check_matches_model(
-        state_dict: Dict[str, torch.Tensor],
-        model: nn.Module,
-        first_conv: str,
-        classifier: str = 'head',
-) -> None:
-    """Raise a ValueError naming missing, unexpected and mis-shaped keys.
-
-    The classifier and the input channels of the first conv may differ: timm adapts or drops them after
-    the filter (``num_classes`` / ``in_chans`` other than the checkpoint's).
-    """
-    expected = model.state_dict()
-    adaptable = lambda k: k.startswith(f'{classifier}.')
-    missing = [k for k in expected if k not in state_dict and not adaptable(k)]
-    unexpected = [k for k in state_dict if k not in expected and not adaptable(k)]
-    mis_shaped = []
-    for k, v in state_dict.items():
-        if k in expected and v.shape != expected[k].shape and not adaptable(k):
-            shape, want = tuple(v.shape), tuple(expected[k].shape)
-            if k == f'{first_conv}.weight' and shape[:1] + shape[2:] == want[:1] + want[2:]:
-                continue
-            mis_shaped.append(f'{k}: checkpoint {shape}, model {want}')
-    if missing or unexpected or mis_shaped:
-        problems = []
-        for name, items in (('missing', missing), ('unexpected', unexpected), ('shape mismatch', mis_shaped)):
-            if items:
-                more = f' (+{len(items) - 5} more)' if len(items) > 5 else ''
-                problems.append(f'{name}: {", ".join(items[:5])}{more}')
-        raise ValueError(f'checkpoint does not fit {type(model).__name__}: ' + '; '.join(problems))
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PfVisionTransformer) -> Dict[str, torch.Tensor]:

@@ -327,4 +327,5 @@ def test_pretrained_cfgs():
     assert any('drive.google.com' in n for n in cfg.notes) and any('80.0' in n for n in cfg.notes)
     for name in ('vit_ti_maxpool', 'vit_b_maxpool', 'vit_s_dwconv', 'vit_s_maxpool_all'):
         cfg = timm.models.get_pretrained_cfg(name)
-        assert cfg.hf_hub_id is None and not cfg.url, name  # no released weights
+        # no released weights: the tag names where weights trained with train_configs/ will be published
+        assert cfg.tag == 'in1k' and cfg.hf_hub_id == f'timm-pf/{name}.in1k' and not cfg.url, name

@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
+from _model_checks import assert_grad_checkpointing_keeps_gradients
 from _official import load_official_fixture, unfused_attention
 from timm_pf.layers.token_mixers import EfficientTokenMixer, GridAttention
 from timm_pf.models.pit_pf import checkpoint_filter_fn
@@ -209,19 +210,7 @@ def test_features_only():
 
 def test_grad_checkpointing_gives_the_same_gradients():
     torch.manual_seed(0)
-    model = _tiny_pit(img_size=64, num_classes=5).train()
-    x = torch.randn(2, 3, 64, 64)
-
-    def grads():
-        model.zero_grad()
-        model(x).square().sum().backward()
-        return [p.grad.clone() for p in model.parameters()]
-
-    plain = grads()
-    model.set_grad_checkpointing(True)
-    checkpointed = grads()
-    for a, b in zip(plain, checkpointed):
-        torch.testing.assert_close(a, b)
+    assert_grad_checkpointing_keeps_gradients(_tiny_pit(img_size=64, num_classes=5).train(), torch.randn(2, 3, 64, 64))
 
 
 def test_reset_classifier():

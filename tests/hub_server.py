@@ -143,6 +143,17 @@ class _HubHandler(BaseHTTPRequestHandler):
             return None
         return repo
 
+    def _readable_commit(self, repo_id: str, rev: str) -> Optional[Tuple[Repo, Commit]]:
+        """The repo and its commit at ``rev`` if readable; otherwise answers the error and returns None."""
+        repo = self._readable_repo(repo_id)
+        if repo is None:
+            return None
+        commit = repo.resolve(rev)
+        if commit is None:
+            self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
+            return None
+        return repo, commit
+
     def _route(self, method: str):
         url = urlsplit(self.path)
         path, query = unquote(url.path), parse_qs(url.query)
@@ -222,12 +233,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         self._json(200, {'errors': [], 'warnings': []})
 
     def _model_info(self, query, head, repo, rev=None):
-        repo_obj = self._readable_repo(repo)
-        if repo_obj is None:
+        found = self._readable_commit(repo, rev or 'main')
+        if found is None:
             return
-        commit = repo_obj.resolve(rev or 'main')
-        if commit is None:
-            return self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
+        repo_obj, commit = found
         self._json(200, {
             'id': repo, 'modelId': repo, 'sha': commit.oid, 'private': repo_obj.private,
             'siblings': [{'rfilename': p} for p in sorted(commit.files)],
@@ -265,12 +274,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         return item
 
     def _tree(self, query, head, repo, rev, sub=None):
-        repo_obj = self._readable_repo(repo)
-        if repo_obj is None:
+        found = self._readable_commit(repo, rev)
+        if found is None:
             return
-        commit = repo_obj.resolve(rev)
-        if commit is None:
-            return self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
+        repo_obj, commit = found
         prefix = f'{sub.strip("/")}/' if sub else ''
         items = [self._entry_json(e) for p, e in sorted(commit.files.items()) if p.startswith(prefix)]
         self._json(200, items)
@@ -282,21 +289,17 @@ class _HubHandler(BaseHTTPRequestHandler):
             paths = json.loads(body).get('paths', [])
         else:
             paths = parse_qs(body.decode()).get('paths', [])
-        repo_obj = self._readable_repo(repo)
-        if repo_obj is None:
+        found = self._readable_commit(repo, rev)
+        if found is None:
             return
-        commit = repo_obj.resolve(rev)
-        if commit is None:
-            return self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
+        repo_obj, commit = found
         self._json(200, [self._entry_json(commit.files[p]) for p in paths if p in commit.files])
 
     def _commits(self, query, head, repo, rev):
-        repo_obj = self._readable_repo(repo)
-        if repo_obj is None:
+        found = self._readable_commit(repo, rev)
+        if found is None:
             return
-        commit = repo_obj.resolve(rev)
-        if commit is None:
-            return self._error(404, f'Invalid rev id: {rev}', 'RevisionNotFound')
+        repo_obj, commit = found
         history = []
         while commit is not None:
             history.append({'id': commit.oid, 'title': commit.title, 'message': '', 'authors': [],

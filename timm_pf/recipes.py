@@ -41,6 +41,19 @@ _REPLACEMENT_NOTES = (
     "Augmentation and label smoothing are not given: train.py's defaults apply.",
 )
 
+
+def _replacement_recipe(name: str, models: str, batch_size: int, lr: float, note: str) -> Recipe:
+    """Supplement A.1: one ImageNet recipe, with batch size and lr per architecture."""
+    return Recipe(
+        name=name,
+        source=f'{_REPLACEMENT}: the {models} settings, batch {batch_size}, lr {lr}',
+        args=dict(
+            model_kwargs={'replace_interval': 2}, opt='adamw', lr=lr, batch_size=batch_size, weight_decay=1e-4,
+            sched='cosine', epochs=100, warmup_epochs=0,
+        ),
+        notes=_REPLACEMENT_NOTES + (note,),
+    )
+
 RECIPES: Dict[str, Recipe] = {r.name: r for r in (
     Recipe(
         name='pflayer_standard',
@@ -111,24 +124,10 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
         notes=('Start from the ImageNet-22K run: --pretrained --pretrained-path <its checkpoint> '
                '(the 21841-class head is dropped).',),
     ),
-    Recipe(
-        name='replacement',
-        source=f'{_REPLACEMENT}: the ViT-B / ResNet-34 settings, batch 128, lr 0.04',
-        args=dict(
-            model_kwargs={'replace_interval': 2}, opt='adamw', lr=0.04, batch_size=128, weight_decay=1e-4,
-            sched='cosine', epochs=100, warmup_epochs=0,
-        ),
-        notes=_REPLACEMENT_NOTES + ('ViT-Ti/S and the max-pool ViT-S are not in the paper: ViT-B\'s settings.',),
-    ),
-    Recipe(
-        name='replacement_deep_resnet',
-        source=f'{_REPLACEMENT}: the ResNet-101 / ResNet-152 settings, batch 32, lr 0.01',
-        args=dict(
-            model_kwargs={'replace_interval': 2}, opt='adamw', lr=0.01, batch_size=32, weight_decay=1e-4,
-            sched='cosine', epochs=100, warmup_epochs=0,
-        ),
-        notes=_REPLACEMENT_NOTES + ('ResNet-50 is not in the paper: the settings of its bottleneck ResNets.',),
-    ),
+    _replacement_recipe('replacement', 'ViT-B / ResNet-34', 128, 0.04,
+                        "ViT-Ti/S and the max-pool ViT-S are not in the paper: ViT-B's settings."),
+    _replacement_recipe('replacement_deep_resnet', 'ResNet-101 / ResNet-152', 32, 0.01,
+                        'ResNet-50 is not in the paper: the settings of its bottleneck ResNets.'),
 )}
 
 # Model family (timm module name of the entrypoint) -> its recipes; the first is the variant's main config.

@@ -1,7 +1,9 @@
 """The committed model cards (hub_cards/cards/) agree with the registered models and the card data.
 
-Cost: the parameter count, image size and every line outside the stats table are checked for every
-pretrained tag (models built on the meta device: no memory, no init). MACs and activations need a forward
+Cards: every pretrained tag and every Replacement Learning variant (no tag: its card describes the
+finalised plain model published as timm-pf/<variant>). Cost: the parameter counts, image size and every
+line outside the stats table are checked for every card (models built on the meta device: no memory, no
+init). MACs and activations need a forward
 pass at 224 (seconds per model on 2 cores), so they are measured for one model per family, the smallest
 one: the stats code is shared by all models of a family, and a family-wide change in the layers moves the
 smallest model's numbers too.
@@ -12,28 +14,32 @@ from collections import defaultdict
 import pytest
 import yaml
 
+import timm
 from timm_pf.cards import (
-    CARDS_DIR, CardError, card_path, card_problems, count_params_fast, family_of, format_stats, orphan_cards,
-    parse_stats, render_card,
+    CARDS_DIR, CardError, card_names, card_path, card_problems, count_params_fast, family_of, format_stats,
+    orphan_cards, parse_stats, render_card, stats_table,
 )
 from timm_pf.hub import pf_pretrained_tags
-from timm_pf.stats import ModelStats
+from timm_pf.models.replace import PLAIN_MODELS
+from timm_pf.stats import ModelStats, count_params
 
 TAGS = pf_pretrained_tags()
+CARDS = card_names()
 
 
 def _smallest_per_family():
     by_family = defaultdict(list)
-    for name_tag in TAGS:
-        by_family[family_of(name_tag)].append((count_params_fast(name_tag), name_tag))
+    for name in CARDS:
+        by_family[family_of(name)].append((count_params_fast(name), name))
     return [min(tags)[1] for _, tags in sorted(by_family.items())]
 
 
 def test_there_are_cards_to_check():
     assert TAGS, 'no pretrained tags registered'
+    assert set(PLAIN_MODELS) <= set(CARDS), 'every Replacement Learning variant has a card'
 
 
-@pytest.mark.parametrize('name_tag', TAGS)
+@pytest.mark.parametrize('name_tag', CARDS)
 def test_card_matches_model_params_and_data(name_tag):
     assert card_problems(name_tag, measure_macs=False) == []
 
@@ -45,10 +51,10 @@ def test_card_macs_and_activations_match_model(name_tag):
 
 def test_no_card_without_a_registered_tag():
     assert list((CARDS_DIR / 'cards').glob('*.md')), 'no committed cards'
-    assert orphan_cards(TAGS) == [], 'cards of tags no longer registered: run `timm-pf card --write`'
+    assert orphan_cards(CARDS) == [], 'cards of tags no longer registered: run `timm-pf card --write`'
 
 
-@pytest.mark.parametrize('name_tag', TAGS)
+@pytest.mark.parametrize('name_tag', CARDS)
 def test_front_matter_is_what_the_hub_reads(name_tag):
     from huggingface_hub import ModelCard
     card = ModelCard.load(card_path(name_tag))
@@ -58,7 +64,8 @@ def test_front_matter_is_what_the_hub_reads(name_tag):
     for heading in ('## Model details', '### Model stats', '## Architecture', '## What differs from the paper',
                     '## Results reported in the paper', '## Usage', '## Citation'):
         assert heading in card.text, heading
-    assert f"timm.create_model('{name_tag}', pretrained=True" in card.text
+    model_ref = f'hf-hub:timm-pf/{name_tag}' if name_tag in PLAIN_MODELS else name_tag
+    assert f"timm.create_model('{model_ref}', pretrained=True" in card.text
     assert 'features_only=True' in card.text and 'num_classes=0' in card.text
 
 
@@ -103,6 +110,38 @@ def test_a_variant_without_card_data_is_named(tmp_path):
 def test_stats_cells_round_trip():
     stats = ModelStats(params=14_232_232, macs=2_239_000_123, activations=9_740_001, input_size=(3, 256, 192))
     cells = format_stats(stats)
-    table = '\n'.join(f'| {k} | {v} |' for k, v in cells.items())
-    assert parse_stats(table) == cells
+    assert parse_stats(stats_table(cells)) == cells
+    with pytest.raises(CardError, match='MACs'):
+        parse_stats(stats_table({k: v for k, v in cells.items() if k != 'MACs'}))
     assert cells['Parameters'] == '14,232,232 (14.23 M)' and cells['Image size'] == '256 x 192'
+
+
+@pytest.mark.parametrize('variant', ['vit_ti_replace', 'resnet34_replace'])
+def test_replace_variant_card_counts_and_provenance(variant):
+    """The stats of a variant's card: the plain timm model it publishes, and its training form's learnable
+    parameters; the provenance names the plain model's weights, the recipe, finalize and the push."""
+    text = card_path(variant).read_text(encoding='utf-8')
+    cells = parse_stats(text)
+    plain = PLAIN_MODELS[variant]
+    plain_params = count_params(timm.create_model(plain, pretrained=False))
+    learnable = count_params(timm.create_model(variant, pretrained=False, replace_interval=2))
+    assert cells['Parameters'].startswith(f'{plain_params:,d} ')
+    assert cells['Learnable parameters in training'].startswith(f'{learnable:,d} ') and learnable < plain_params
+    plain_cfg = timm.models.get_pretrained_cfg(plain)
+    for fact in (f'{plain}.{plain_cfg.tag}', plain_cfg.hf_hub_id, f'train_configs/{variant}.yaml',
+                 'timm_pf.replacement.finalize', f'--repo-id timm-pf/{variant}', 'arXiv:2410.01239'):
+        assert fact in text, fact
+
+
+def test_stale_variant_card_is_caught(tmp_path):
+    cards_dir = tmp_path / 'hub_cards'
+    shutil.copytree(CARDS_DIR, cards_dir)
+    path = card_path('vit_ti_replace', cards_dir)
+    text = path.read_text(encoding='utf-8')
+    learnable = parse_stats(text)['Learnable parameters in training']
+    path.write_text(text.replace(f'| Learnable parameters in training | {learnable} |',
+                                 '| Learnable parameters in training | 1 (0.00 M) |'), encoding='utf-8')
+    problems = card_problems('vit_ti_replace', measure_macs=False, cards_dir=cards_dir)
+    assert len(problems) == 1 and 'Learnable parameters in training' in problems[0]
+    with pytest.raises(CardError, match='no pretrained tags'):
+        render_card('vit_ti_replace.in1k', stats_cells={}, cards_dir=cards_dir)

@@ -108,21 +108,21 @@ def run_push(args) -> int:
 
 
 def run_card(args) -> int:
-    from timm_pf.cards import CardError, orphan_cards, render_card, write_cards
-    from timm_pf.hub import PushError, pf_pretrained_tags, resolve_name_tag
+    from timm_pf.cards import CardError, card_names, orphan_cards, render_card, resolve_card_name, write_cards
+    from timm_pf.hub import PushError
     try:
-        name_tags = [resolve_name_tag(m) for m in args.models]
+        names = [resolve_card_name(m) for m in args.models]
         if not (args.write or args.check):
-            if len(name_tags) != 1:
+            if len(names) != 1:
                 return _fail('name one model or tag to print its card, or use --write / --check', EXIT_BAD_INPUT)
-            print(render_card(name_tags[0]), end='')
+            print(render_card(names[0]), end='')
             return 0
-        statuses = write_cards(name_tags or pf_pretrained_tags(), check_only=args.check)
+        statuses = write_cards(names or card_names(), check_only=args.check)
     except (CardError, PushError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
-    orphans = [] if name_tags else orphan_cards(pf_pretrained_tags())
+    orphans = [] if names else orphan_cards(card_names())
     for path in orphans:
-        print(f'{"orphan " if args.check else "removed"} {path} (no such registered tag)')
+        print(f'{"orphan " if args.check else "removed"} {path} (no such registered tag or variant)')
         if args.write:
             path.unlink()
     stale = [s for s in statuses if not s.up_to_date] + (orphans if args.check else [])

@@ -107,7 +107,7 @@ def test_dense_gather_path_matches_sparse_path(reduction, monkeypatch):
     offset = torch.randn(2, 2 * 2 * 9, 4, 5, dtype=torch.float64) * 2
     mask = torch.rand(2, 2 * 9, 4, 5, dtype=torch.float64)
     sparse = deform_pool2d(x, offset, mask, 3, 2, 1, 1, reduction)
-    monkeypatch.setattr(deform_pool_module, '_use_sparse_gather', lambda *tensors: False)
+    monkeypatch.setattr(deform_pool_module, '_use_tap_loop', lambda *tensors: False)
     dense = deform_pool2d(x, offset, mask, 3, 2, 1, 1, reduction)
     torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
 

@@ -23,18 +23,22 @@ predictor does. The paper builds it on DCNv2 and released no code; this is our i
   sigmoid masks, zero-initialised like DCNv2, so training starts from the regular pooling grid (with
   masks 0.5, a uniform scale that the following conv + BN absorbs).
 
-Sampling is vectorised: the bilinear neighbours and weights of all points are computed at once (the mask
-folded into the weights) and the features, as channel vectors, are gathered with one sparse x dense matrix
-product (one matrix row per sample, or per output location for the mean). There are no Python loops over
-positions or channels. Under tracing, ``torch.compile`` and ONNX export the same product runs as a dense
-gather, which exports with standard ops (``Gather``, ``Mul``, ``ReduceSum``, ``ReduceMax``).
+Sampling is vectorised: the bilinear corners and weights of all points are computed at once (the mask
+folded into the weights), on the input zero-padded by one pixel so that every corner is a row of the
+channels-last feature matrix and outside corners read zeros. In eager mode (float32/float64) the only loop
+is over the ``kh * kw`` kernel taps, none over positions or channels: each tap is one fused weighted
+gather of channel vectors (``embedding_bag``) into a running maximum that also records the winning tap
+per output element (``uint8``); the mean is one gather of all taps. Backward
+(:class:`_DeformPoolFunction`) keeps only the input, offsets, masks and winning taps, and recomputes each
+tap's corners. Under tracing, ``torch.compile`` and ONNX export, and for other dtypes, the same math runs
+as a dense gather of all samples with standard ops (``Gather``, ``Mul``, ``ReduceSum``, ``ReduceMax``).
 """
-import warnings
-from typing import Optional, Tuple, Union
+from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
+from torch.autograd.function import once_differentiable
 
 __all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
 
@@ -49,113 +53,222 @@ def _pair(value: _IntOrPair, name: str) -> Tuple[int, int]:
     return pair
 
 
-def _sampling_points(
-        offset: torch.Tensor,
-        out_size: Tuple[int, int],
-        kernel_size: Tuple[int, int],
-        stride: Tuple[int, int],
-        padding: Tuple[int, int],
-        dilation: Tuple[int, int],
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Sampling positions in pixels, ``ys`` and ``xs`` of shape ``(B, G, K, Ho, Wo)``."""
-    out_height, out_width = out_size
-    kh, kw = kernel_size
+class _Geometry(NamedTuple):
+    """Sizes of one deformable pooling call."""
+    in_size: Tuple[int, int]
+    out_size: Tuple[int, int]
+    kernel_size: Tuple[int, int]
+    stride: Tuple[int, int]
+    padding: Tuple[int, int]
+    dilation: Tuple[int, int]
+    groups: int
+
+    @property
+    def num_points(self) -> int:
+        return self.kernel_size[0] * self.kernel_size[1]
+
+
+def _padded_features(input: torch.Tensor, groups: int) -> torch.Tensor:
+    """The input as a matrix of channel vectors, zero-padded by 1 pixel above/left and 2 below/right:
+    ``(B * (H + 3) * (W + 3) * G, C / G)``, row ``((b * (H + 3) + y + 1) * (W + 3) + x + 1) * G + g``.
+
+    With this border every bilinear corner of a position clamped to ``[-1, H] x [-1, W]`` is a row of the
+    matrix, and the corners outside the image read zeros: no per-corner validity masks are needed.
+    """
+    batch, channels = input.shape[:2]
+    padded = F.pad(input.permute(0, 2, 3, 1), (0, 0, 1, 2, 1, 2))
+    return padded.reshape(-1, channels // groups)
+
+
+def _tap_positions(offset: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
+    """Sampling positions ``(y, x)`` of every kernel tap in padded pixel coordinates (image pixel + 1),
+    ``(K, B, Ho, Wo, G, 2)``, tap-major so that the rows of one tap are contiguous."""
+    batch = offset.shape[0]
+    (out_height, out_width), (kh, kw) = geometry.out_size, geometry.kernel_size
     opts = dict(device=offset.device, dtype=offset.dtype)
-    ki = torch.arange(kh, **opts).repeat_interleave(kw) * dilation[0]  # row of each kernel point
-    kj = torch.arange(kw, **opts).repeat(kh) * dilation[1]  # column of each kernel point
-    oy = torch.arange(out_height, **opts) * stride[0] - padding[0]
-    ox = torch.arange(out_width, **opts) * stride[1] - padding[1]
-    offset = offset.reshape(offset.shape[0], -1, kh * kw, 2, out_height, out_width)
-    ys = (ki[:, None, None] + oy[:, None]) + offset[:, :, :, 0]
-    xs = (kj[:, None, None] + ox) + offset[:, :, :, 1]
-    return ys, xs
+    tap_y = torch.arange(kh, **opts).repeat_interleave(kw) * geometry.dilation[0]
+    tap_x = torch.arange(kw, **opts).repeat(kh) * geometry.dilation[1]
+    out_y = torch.arange(out_height, **opts) * geometry.stride[0] + (1 - geometry.padding[0])
+    out_x = torch.arange(out_width, **opts) * geometry.stride[1] + (1 - geometry.padding[1])
+    grid = torch.stack(torch.broadcast_tensors(
+        (tap_y[:, None] + out_y)[:, :, None], (tap_x[:, None] + out_x)[:, None, :]), dim=-1)
+    offset = offset.reshape(batch, geometry.groups, -1, 2, out_height, out_width).permute(2, 0, 4, 5, 1, 3)
+    return (offset + grid[:, None, :, :, None]).contiguous()
 
 
-def _bilinear_corners(
-        ys: torch.Tensor,
-        xs: torch.Tensor,
-        height: int,
-        width: int,
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The 4 bilinear neighbours of every point: their rows in the feature matrix and their weights, both
-    ``(2, 2, *ys.shape)`` (above/below, left/right). Neighbours outside the image get weight 0 (zero padding).
+def _tap_corners(
+        positions: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        geometry: _Geometry,
+        scale: float,
+        compact_rows: bool,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The 4 bilinear corners of every tap: rows of :func:`_padded_features` ``(K, L, 4)`` and weights
+    ``(K, L, 4)`` (mask and ``scale`` folded in), with ``L = B * Ho * Wo * G`` in that order and corners
+    (above-left, above-right, below-left, below-right); also the unmodulated per-axis weights
+    ``(K, L, 2, 2)`` (axis y/x, corner low/high) used by the backward pass.
 
-    ``ys``/``xs`` are ``(B, G, K, Ho, Wo)``. The feature matrix ``(B * H * W * G, C / G)`` is the input in
-    channels-last order with the ``G`` deformable groups as extra rows: row ``((b * H + y) * W + x) * G + g``.
+    Rows are int32 if ``compact_rows`` and they fit (the tap loop's gathers take them), else int64 (ONNX's
+    ``GatherND`` takes only those). Positions are clamped to the padded image (``[0, H + 1]``): beyond it all corners are zeros in both the
+    clamped and the exact formulation, so values are unchanged, and so are gradients (the clamp's).
     """
-    batch, groups = ys.shape[:2]
-    y0, x0 = ys.detach().floor(), xs.detach().floor()
-    frac_y, frac_x = ys - y0, xs - x0
-    y = torch.stack((y0, y0 + 1)).long()
-    x = torch.stack((x0, x0 + 1)).long()
-    # Per-axis weights (1 - t, t), zeroed where that neighbour lies outside the image.
-    weight_y = torch.stack((1 - frac_y, frac_y)) * ((y >= 0) & (y < height))
-    weight_x = torch.stack((1 - frac_x, frac_x)) * ((x >= 0) & (x < width))
-    first_row = (torch.arange(batch, device=ys.device) * height).view(-1, 1, 1, 1, 1)
-    image_row = (y.clamp_(0, height - 1) + first_row) * (width * groups) + torch.arange(
-        groups, device=ys.device).view(-1, 1, 1, 1)
-    rows = image_row.unsqueeze(1) + x.clamp_(0, width - 1).unsqueeze(0) * groups
-    return rows, weight_y.unsqueeze(1) * weight_x.unsqueeze(0)
+    num_points, batch, out_height, out_width, groups = positions.shape[:5]
+    height, width = geometry.in_size
+    padded_width = width + 3
+    upper = positions.new_tensor([height + 1, width + 1])
+    positions = positions.clamp(min=torch.zeros_like(upper), max=upper)
+    low = positions.floor()
+    frac = positions - low
+    num_rows = batch * (height + 3) * padded_width * groups
+    index_dtype = torch.int32 if compact_rows and num_rows < 2 ** 31 else torch.int64
+    # NaN positions (from NaN offsets) give NaN weights; the clamp keeps their rows inside the matrix.
+    low = low.to(index_dtype).clamp_(min=torch.zeros_like(upper, dtype=index_dtype), max=upper.to(index_dtype))
+    first = low[..., 0] * (padded_width * groups) + low[..., 1] * groups
+    first += (torch.arange(batch, device=low.device, dtype=index_dtype) * ((height + 3) * padded_width * groups)).view(
+        1, -1, 1, 1, 1) + torch.arange(groups, device=low.device, dtype=index_dtype)
+    steps = torch.tensor([0, groups, padded_width * groups, (padded_width + 1) * groups], device=low.device,
+                         dtype=index_dtype)
+    rows = (first.unsqueeze(-1) + steps).view(num_points, -1, 4)
+    axis_weights = torch.stack((1 - frac, frac), dim=-1)  # (..., axis, corner)
+    weight_y, weight_x = axis_weights.unbind(-2)
+    if mask is not None:
+        mask = mask.reshape(batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1)
+        weight_y = weight_y * (mask.unsqueeze(-1) * scale)
+    elif scale != 1:
+        weight_y = weight_y * scale
+    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).view(num_points, -1, 4)
+    return rows, weights, axis_weights.view(num_points, -1, 2, 2)
 
 
-def _sparse_rows(rows: torch.Tensor, weights: torch.Tensor, num_cols: int) -> torch.Tensor:
-    """CSR matrix with ``rows.shape[1]`` entries per row: ``(rows.shape[0], num_cols)``."""
-    num_rows, per_row = rows.shape
-    crow = torch.arange(0, num_rows * per_row + 1, per_row, device=rows.device)
-    with warnings.catch_warnings():  # the matrix lives inside one product: its beta-status notice is noise
-        warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta state')
-        return torch.sparse_csr_tensor(
-            crow, rows.reshape(-1), weights.reshape(-1), (num_rows, num_cols), check_invariants=False)
+def _weighted_bags(features: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """``out[r] = sum_j weights[r, j] * features[rows[r, j]]`` for ``(R, n)`` rows and weights, with one
+    fused gather (``embedding_bag``)."""
+    bag_size = rows.shape[1]
+    rows = rows.reshape(-1)
+    starts = torch.arange(0, rows.numel(), bag_size, device=rows.device, dtype=rows.dtype)
+    return torch.embedding_bag(features, rows, starts, False, 0, False, weights.reshape(-1), False)[0]
 
 
-class _SparseGather(torch.autograd.Function):
-    """``out[r] = sum_j weights[r, j] * features[rows[r, j]]`` as a sparse x dense product.
+def _pool_taps(
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        geometry: _Geometry,
+        reduction: str,
+        record_winner: bool,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Eager forward ``(L, C / G)``: one weighted gather per tap into a running maximum (and, if asked,
+    the first winning tap of every output element as ``uint8``), or one gather of all taps for the mean."""
+    num_points = geometry.num_points
+    features = _padded_features(input, geometry.groups)
+    scale = 1 / num_points if reduction == 'avg' else 1.0
+    rows, weights, _ = _tap_corners(_tap_positions(offset, geometry), mask, geometry, scale, compact_rows=True)
+    if reduction == 'avg':
+        return _weighted_bags(features, rows.transpose(0, 1).flatten(1), weights.transpose(0, 1).flatten(1)), None
+    out = _weighted_bags(features, rows[0], weights[0])
+    winner = None
+    if record_winner:
+        winner = torch.zeros_like(out, dtype=torch.uint8 if num_points <= 256 else torch.int32)
+    for tap in range(1, num_points):
+        sample = _weighted_bags(features, rows[tap], weights[tap])
+        if winner is not None:
+            winner.masked_fill_(sample > out, tap)
+        torch.maximum(out, sample, out=out)
+    return out, winner
 
-    The rows of ``features`` are contiguous channel vectors, so this gathers whole vectors instead of
-    one value per channel (several times faster on CPU than ``grid_sample`` on NCHW features).
+
+class _DeformPoolFunction(torch.autograd.Function):
+    """Eager deformable pooling that keeps no per-sample intermediate for backward.
+
+    Saved: the input, offsets, masks and (max) the winning tap per output element; backward recomputes
+    the corners per tap and sends the gradient of each output element to the sample of its winning tap.
     """
 
     @staticmethod
-    def forward(ctx, features: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-        matrix = _sparse_rows(rows, weights, features.shape[0])
-        ctx.save_for_backward(features, rows, weights)
-        return matrix @ features
+    def forward(ctx, input, offset, mask, geometry: _Geometry, reduction: str):
+        out, winner = _pool_taps(input, offset, mask, geometry, reduction, record_winner=True)
+        ctx.geometry, ctx.reduction = geometry, reduction
+        ctx.save_for_backward(input, offset, mask, winner)
+        return out
 
     @staticmethod
-    def backward(ctx, grad_out: torch.Tensor):
-        features, rows, weights = ctx.saved_tensors
+    @once_differentiable
+    def backward(ctx, grad_out):
+        input, offset, mask, winner = ctx.saved_tensors
+        geometry, reduction = ctx.geometry, ctx.reduction
+        needs_input, needs_offset, needs_mask = ctx.needs_input_grad[:3]
+        num_points, groups = geometry.num_points, geometry.groups
+        batch, channels, height, width = input.shape
+        (out_height, out_width), scale = geometry.out_size, (1 / num_points if reduction == 'avg' else 1.0)
+        features = _padded_features(input, groups)
+        positions = _tap_positions(offset, geometry)
+        rows, weights, axis_weights = _tap_corners(positions, mask, geometry, scale, compact_rows=True)
         grad_out = grad_out.contiguous()
-        grad_features = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            num_rows, per_row = rows.shape
-            sample_ids = torch.arange(num_rows, device=rows.device).repeat_interleave(per_row)
-            transposed = torch.sparse_coo_tensor(
-                torch.stack((rows.reshape(-1), sample_ids)), weights.reshape(-1), (features.shape[0], num_rows),
-                check_invariants=False)
-            grad_features = torch.sparse.mm(transposed, grad_out)
-        if ctx.needs_input_grad[2]:
-            grad_weights = torch.bmm(features[rows], grad_out.unsqueeze(-1)).squeeze(-1)
-        return grad_features, None, grad_weights
+        grad_features = torch.zeros_like(features) if needs_input else None
+        # Gradient of each corner weight: the dot product of its feature row with the output gradient.
+        corner_grads = features.new_empty(rows.shape + (1,)) if needs_offset or needs_mask else None
+        for tap in range(num_points):
+            grad_tap = grad_out if winner is None else grad_out.masked_fill(winner != tap, 0)
+            if grad_features is not None:
+                grad_features.index_add_(
+                    0, rows[tap].reshape(-1), (weights[tap].unsqueeze(-1) * grad_tap.unsqueeze(1)).flatten(0, 1))
+            if corner_grads is not None:
+                torch.bmm(features[rows[tap]], grad_tap.unsqueeze(-1), out=corner_grads[tap])
+        grad_input = grad_offset = grad_mask = None
+        if grad_features is not None:
+            grad_input = grad_features.view(batch, height + 3, width + 3, channels)[:, 1:height + 1, 1:width + 1]
+            grad_input = grad_input.permute(0, 3, 1, 2)
+        if corner_grads is None:
+            return grad_input, grad_offset, grad_mask, None, None
+        corner_grads = corner_grads.view(num_points, -1, 2, 2)  # (tap, location, corner y, corner x)
+        weight_y, weight_x = axis_weights.unbind(-2)
+        grad_y = (corner_grads * weight_x.unsqueeze(-2)).sum(-1)  # per y corner, summed over x corners
+        modulation = scale if mask is None else mask.reshape(
+            batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1).reshape(num_points, -1) * scale
+        shape = (num_points, batch, out_height, out_width, groups)
+        if needs_offset:
+            grad_x = (corner_grads * weight_y.unsqueeze(-1)).sum(-2)
+            grad_positions = torch.stack((grad_y[..., 1] - grad_y[..., 0], grad_x[..., 1] - grad_x[..., 0]), dim=-1)
+            upper = positions.new_tensor([height + 1, width + 1])
+            inside = (positions >= 0) & (positions <= upper)  # the clamp of _tap_corners passes gradients here
+            grad_positions = grad_positions.view(shape + (2,)) * inside
+            if mask is not None:
+                grad_positions *= modulation.view(shape + (1,))
+            elif scale != 1:
+                grad_positions *= scale
+            grad_offset = torch.empty_like(offset)
+            grad_offset.unflatten(1, (groups, num_points, 2)).copy_(grad_positions.permute(1, 4, 0, 5, 2, 3))
+        if needs_mask:
+            grad_modulation = (grad_y * weight_y).sum(-1) * scale
+            grad_mask = torch.empty_like(mask)
+            grad_mask.unflatten(1, (groups, num_points)).copy_(grad_modulation.view(shape).permute(1, 4, 0, 2, 3))
+        return grad_input, grad_offset, grad_mask, None, None
 
 
-def _use_sparse_gather(*tensors: torch.Tensor) -> bool:
-    """Sparse product in eager mode for float32/float64 on CPU or CUDA; a dense gather (same result) for other
-    dtypes (no sparse kernels), when tracing, exporting or compiling, and under dispatch modes such as
-    ``FlopCounterMode`` (which would count the sparse product as dense)."""
+def _use_tap_loop(*tensors: torch.Tensor) -> bool:
+    """The eager tap loop (:class:`_DeformPoolFunction`) for float32/float64 on CPU or CUDA; the dense gather
+    (same result, exportable) for other dtypes and when tracing, scripting, exporting or compiling."""
     if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
         return False
-    if _get_current_dispatch_mode() is not None:
-        return False
-    floats = [t for t in tensors if t.is_floating_point()]
-    return (all(t.device.type in ('cpu', 'cuda') for t in tensors)
+    floats = [t for t in tensors if t is not None and t.is_floating_point()]
+    return (all(t.device.type in ('cpu', 'cuda') for t in floats)
             and all(t.dtype in (torch.float32, torch.float64) for t in floats))
 
 
-def _gather(features: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``out[r] = sum_j weights[r, j] * features[rows[r, j]]``: ``(R, C)`` from ``(N, C)``, ``(R, n)``."""
-    if _use_sparse_gather(features, rows, weights):
-        return _SparseGather.apply(features, rows, weights)
-    return (features[rows] * weights.unsqueeze(-1)).sum(dim=1)
+def _dense_pool(
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        geometry: _Geometry,
+        reduction: str,
+) -> torch.Tensor:
+    """The same pooling with standard differentiable ops: all ``K`` samples ``(K, L, C / G)`` at once."""
+    scale = 1 / geometry.num_points if reduction == 'avg' else 1.0
+    features = _padded_features(input, geometry.groups)
+    rows, weights, _ = _tap_corners(_tap_positions(offset, geometry), mask, geometry, scale, compact_rows=False)
+    samples = (features[rows] * weights.unsqueeze(-1)).sum(dim=2)
+    # max(dim) sends the gradient to the first maximal tap, as the tap loop does
+    return samples.max(dim=0).values if reduction == 'max' else samples.sum(dim=0)
 
 
 def deform_pool2d(
@@ -207,20 +320,16 @@ def deform_pool2d(
         raise ValueError(
             f'mask must have shape {(batch, groups * num_points, out_height, out_width)}, got {tuple(mask.shape)}')
 
-    ys, xs = _sampling_points(offset.to(input.dtype), (out_height, out_width), kernel_size, stride, padding, dilation)
-    rows, weights = _bilinear_corners(ys, xs, height, width)  # (2, 2, B, G, K, Ho, Wo)
-    if mask is not None:  # modulation scales all channels of a sample: fold it into the bilinear weights
-        weights = weights * mask.to(input.dtype).reshape(batch, groups, num_points, out_height, out_width)
-    # One matrix row per (b, ho, wo, g, k) sample (max) or per (b, ho, wo, g) output (mean over k).
-    rows, weights = (t.permute(2, 5, 6, 3, 4, 0, 1) for t in (rows, weights))
-    features = input.permute(0, 2, 3, 1).reshape(batch * height * width * groups, channels // groups)
-    if reduction == 'max':
-        sampled = _gather(features, rows.reshape(-1, 4), weights.reshape(-1, 4))
-        out = sampled.view(batch, out_height, out_width, groups, num_points, -1).amax(dim=4)
+    geometry = _Geometry((height, width), (out_height, out_width), kernel_size, stride, padding, dilation, groups)
+    offset = offset.to(input.dtype)
+    mask = None if mask is None else mask.to(input.dtype)
+    if not _use_tap_loop(input, offset, mask):
+        out = _dense_pool(input, offset, mask, geometry, reduction)
+    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask)):
+        out = _DeformPoolFunction.apply(input, offset, mask, geometry, reduction)
     else:
-        sampled = _gather(features, rows.reshape(-1, 4 * num_points), weights.reshape(-1, 4 * num_points) / num_points)
-        out = sampled.view(batch, out_height, out_width, groups, -1)
-    return out.reshape(batch, out_height, out_width, channels).permute(0, 3, 1, 2)
+        out = _pool_taps(input, offset, mask, geometry, reduction, record_winner=False)[0]
+    return out.view(batch, out_height, out_width, channels).permute(0, 3, 1, 2)
 
 
 class DeformPool2d(nn.Module):

@@ -1,26 +1,22 @@
 """Publishing and fetching weights: ``timm-pf convert`` / ``push`` and ``create_model(..., pretrained=True)``.
 
-The Hub side is tests/hub_server.py on 127.0.0.1. ``huggingface_hub`` reads its endpoint, cache and offline
-switch when it is imported, and this process imported it already (conftest imports timm), so the client
-side runs in fresh worker processes started with those variables set (``HubClient``); the functions named
-``_client_*`` run there.
+The Hub side is tests/hub_server.py on 127.0.0.1; the client side runs in fresh worker processes
+(tests/_hub_client.py), and the ``client_*`` / ``_client_*`` functions run there.
 """
 import argparse
-import contextlib
 import hashlib
-import io
-import multiprocessing
 import os
 import shutil
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Dict, Optional
 
 import pytest
 import safetensors.torch
 import torch
 
 import timm
+from _hub_client import (
+    MAINTAINER_TOKEN, OUTSIDER_TOKEN, TOKENS, HubClient, client_cli, client_env, client_pull, tensor_digests,
+)
 from _official import fixtures_dir, load_official_fixture
 from hub_server import serve_hub
 
@@ -30,52 +26,10 @@ from timm_pf.cli import main as cli_main
 from timm.models import save_for_hf
 from timm_pf.hub import WEIGHTS_NAME, pf_pretrained_tags
 
-MAINTAINER_TOKEN = 'hf_test_maintainer'
-OUTSIDER_TOKEN = 'hf_test_outsider'
-TOKENS = {MAINTAINER_TOKEN: 'maintainer', OUTSIDER_TOKEN: 'outsider'}
 ORGS = {'timm-pf': {'maintainer'}}
 
 
-def tensor_digests(state_dict: Dict[str, torch.Tensor]) -> Dict[str, str]:
-    """sha256 of every tensor's dtype, shape and bytes: equal digests mean bit-identical weights."""
-    return {k: hashlib.sha256(f'{v.dtype}{tuple(v.shape)}'.encode() + v.contiguous().numpy().tobytes()).hexdigest()
-            for k, v in state_dict.items()}
-
-
 # ------------------------------------------------------------------------------------------ client process side
-def _client_ready() -> str:
-    from huggingface_hub import constants
-    return constants.ENDPOINT
-
-
-def _client_cli(argv, env: Optional[Dict[str, Optional[str]]] = None):
-    """Run ``timm-pf`` in the client process; returns (exit code, stdout, stderr)."""
-    saved = {k: os.environ.get(k) for k in (env or {})}
-    for k, v in (env or {}).items():
-        os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    out, err = io.StringIO(), io.StringIO()
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            rc = cli_main(list(argv))
-    finally:
-        for k, v in saved.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-    return rc, out.getvalue(), err.getvalue()
-
-
-def _client_pull(name: str, token: Optional[str] = MAINTAINER_TOKEN, cache_dir: Optional[str] = None):
-    """``create_model(name, pretrained=True)``: ('ok', digests) or ('error', type name, message)."""
-    saved = os.environ.get('HF_TOKEN')
-    os.environ.pop('HF_TOKEN', None) if token is None else os.environ.__setitem__('HF_TOKEN', token)
-    try:
-        model = timm.create_model(name, pretrained=True, cache_dir=cache_dir)
-        return 'ok', tensor_digests(model.state_dict())
-    except Exception as e:
-        return 'error', type(e).__name__, str(e)
-    finally:
-        os.environ.pop('HF_TOKEN', None) if saved is None else os.environ.__setitem__('HF_TOKEN', saved)
-
-
 def _client_upload_folder(repo_id: str, folder: str) -> None:
     """Publish a folder as is, with plain ``HfApi`` (no timm-pf checks)."""
     from huggingface_hub import HfApi
@@ -96,26 +50,6 @@ def _client_listing(repo_id: str):
                 sha=api.model_info(repo_id).sha)
 
 
-class HubClient:
-    """One worker process whose ``huggingface_hub`` was imported with ``env`` set."""
-
-    def __init__(self, env: Dict[str, str]):
-        saved = dict(os.environ)
-        os.environ.update(env)
-        try:
-            self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context('spawn'))
-            self.endpoint = self.pool.submit(_client_ready).result()  # the worker starts with env
-        finally:
-            os.environ.clear()
-            os.environ.update(saved)
-
-    def __call__(self, fn, *args, **kwargs):
-        return self.pool.submit(fn, *args, **kwargs).result()
-
-    def close(self):
-        self.pool.shutdown()
-
-
 # ------------------------------------------------------------------------------------------------------ fixtures
 @pytest.fixture(scope='module')
 def hub():
@@ -125,16 +59,7 @@ def hub():
 
 @pytest.fixture(scope='module')
 def hub_env(hub, tmp_path_factory):
-    home = tmp_path_factory.mktemp('hf_home')
-    return {
-        'HF_ENDPOINT': hub[0],
-        'HF_HUB_DISABLE_XET': '1',
-        'HF_TOKEN': MAINTAINER_TOKEN,
-        'HF_HOME': str(home),
-        'HF_HUB_CACHE': str(home / 'hub'),
-        'HF_HUB_DISABLE_TELEMETRY': '1',
-        'HF_HUB_DISABLE_PROGRESS_BARS': '1',
-    }
+    return client_env(hub[0], tmp_path_factory.mktemp('hf_home'))
 
 
 @pytest.fixture(scope='module')
@@ -183,14 +108,14 @@ def weights(publishable_tags, tmp_path_factory):
 @pytest.fixture(scope='module')
 def published(client, hub, weights):
     """The EMA weights pushed from the training checkpoint to main of the tag's repository."""
-    rc, out, err = client(_client_cli, ['push', str(weights['path']), '--model', weights['name_tag'], '--ema'])
+    rc, out, err = client(client_cli, ['push', str(weights['path']), '--model', weights['name_tag'], '--ema'])
     assert rc == 0, err
     repo_id = f'timm-pf/{weights["name_tag"]}'
     return dict(weights, repo_id=repo_id, first_commit=hub[1].repos[repo_id].branches['main'])
 
 
 def _push(client, folder, name_tag, *args, env=None):
-    return client(_client_cli, ['push', str(folder), '--model', name_tag, *args], env=env)
+    return client(client_cli, ['push', str(folder), '--model', name_tag, *args], env=env)
 
 
 # --------------------------------------------------------------------------------------------------- push + pull
@@ -201,7 +126,7 @@ def test_push_then_pretrained_loads_bit_identical(client, hub, published):
     card = hub[1].blobs[commit.files['README.md'].blob_key].decode()
     assert card.startswith('---\n') and 'library_name: timm' in card and published['name_tag'] in card
     for name in (published['name_tag'], f'hf-hub:{published["repo_id"]}'):
-        assert client(_client_pull, name) == ('ok', published['ema_digests']), name
+        assert client(client_pull, name) == ('ok', published['ema_digests']), name
 
 
 def test_default_tag_and_pinned_revision(client, hub, published):
@@ -209,13 +134,13 @@ def test_default_tag_and_pinned_revision(client, hub, published):
     rc, _, err = _push(client, published['folders']['plain'], published['name_tag'])
     assert rc == 0, err
     assert hub[1].repos[published['repo_id']].branches['main'] != published['first_commit']
-    latest = client(_client_pull, published['name_tag'])
+    latest = client(client_pull, published['name_tag'])
     assert latest == ('ok', published['digests'])
-    pinned = client(_client_pull, f'hf-hub:{published["repo_id"]}@{published["first_commit"]}')
+    pinned = client(client_pull, f'hf-hub:{published["repo_id"]}@{published["first_commit"]}')
     assert pinned == ('ok', published['ema_digests'])
     arch, tag = published['name_tag'].split('.', 1)
     if timm.models.get_pretrained_cfg(arch).tag == tag:
-        assert client(_client_pull, arch) == latest  # pretrained=True on the bare name: the default tag
+        assert client(client_pull, arch) == latest  # pretrained=True on the bare name: the default tag
 
 
 def test_push_to_branch_and_dry_run(client, hub, published):
@@ -230,7 +155,7 @@ def test_push_to_branch_and_dry_run(client, hub, published):
     assert rc == 0, err
     repo = state.repos[published['repo_id']]
     assert 'dev' in repo.branches and repo.branches['dev'] != repo.branches['main']
-    assert client(_client_pull, f'hf-hub:{published["repo_id"]}@dev') == ('ok', published['ema_digests'])
+    assert client(client_pull, f'hf-hub:{published["repo_id"]}@dev') == ('ok', published['ema_digests'])
 
 
 def test_published_repo_as_the_hub_client_lists_it(client, hub, published):
@@ -257,9 +182,9 @@ def test_private_repo_needs_the_right_token(client, hub, publishable_tags, weigh
     rc, _, err = _push(client, folder, name_tag, '--private')
     assert rc == 0, err
     assert hub[1].repos[f'timm-pf/{name_tag}'].private
-    assert client(_client_pull, name_tag) == ('ok', expected)
+    assert client(client_pull, name_tag) == ('ok', expected)
     for token in (OUTSIDER_TOKEN, None):
-        result = client(_client_pull, name_tag, token=token, cache_dir=str(tmp_path / f'cache_{token}'))
+        result = client(client_pull, name_tag, token=token, cache_dir=str(tmp_path / f'cache_{token}'))
         assert result[:2] == ('error', 'PretrainedWeightsError'), result
         assert f'timm-pf/{name_tag}' in result[2] and 'private' in result[2]
 
@@ -310,19 +235,19 @@ def test_push_refuses_weights_that_do_not_load_strictly(client, hub, weights, tm
 def test_corrupted_download_is_detected(client, hub, published, tmp_path):
     hub[1].corrupt.add((published['repo_id'], WEIGHTS_NAME))
     try:
-        result = client(_client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))
+        result = client(client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))
     finally:
         hub[1].corrupt.discard((published['repo_id'], WEIGHTS_NAME))
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
     assert 'corrupted' in result[2] and 'sha256' in result[2]
     # the bad file left the cache: the next attempt downloads it again and succeeds
-    assert client(_client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))[0] == 'ok'
+    assert client(client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))[0] == 'ok'
 
 
 def test_unpublished_tag_says_what_is_missing(client, hub):
     unpublished = [t for t in pf_pretrained_tags() if f'timm-pf/{t}' not in hub[1].repos]
     assert unpublished
-    result = client(_client_pull, unpublished[0])
+    result = client(client_pull, unpublished[0])
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
     assert unpublished[0] in result[2] and 'timm-pf push' in result[2] and 'pretrained=False' in result[2]
 
@@ -333,7 +258,7 @@ def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weig
     save_for_hf(timm.create_model(weights['name_tag']), str(ours), safe_serialization=False)
     repo_id = f'timm-pf/{weights["name_tag"].split(".")[0]}.pickle_only'
     client(_client_upload_folder, repo_id, str(ours))
-    result = client(_client_pull, f'hf-hub:{repo_id}')
+    result = client(client_pull, f'hf-hub:{repo_id}')
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
     assert WEIGHTS_NAME in result[2] and 'only safetensors' in result[2]
     assert f'GET /{repo_id}/resolve/main/pytorch_model.bin' not in hub[1].requests
@@ -341,17 +266,17 @@ def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weig
     other = timm.create_model('test_resnet', num_classes=7)
     save_for_hf(other, str(tmp_path / 'other'), safe_serialization=False)
     client(_client_upload_folder, 'maintainer/test_resnet', str(tmp_path / 'other'))
-    assert client(_client_pull, 'hf-hub:maintainer/test_resnet') == ('ok', tensor_digests(other.state_dict()))
+    assert client(client_pull, 'hf-hub:maintainer/test_resnet') == ('ok', tensor_digests(other.state_dict()))
 
 
 def test_offline_uses_the_cache(client, hub, published, hub_env):
-    online = client(_client_pull, published['name_tag'])  # fills the cache
+    online = client(client_pull, published['name_tag'])  # fills the cache
     assert online[0] == 'ok'
     offline = HubClient(dict(hub_env, HF_HUB_OFFLINE='1'))
     try:
-        assert offline(_client_pull, published['name_tag']) == online
+        assert offline(client_pull, published['name_tag']) == online
         missing = next(t for t in pf_pretrained_tags() if f'timm-pf/{t}' not in hub[1].repos)
-        result = offline(_client_pull, missing)
+        result = offline(client_pull, missing)
     finally:
         offline.close()
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
@@ -424,7 +349,7 @@ def test_convert_rejects_bad_checkpoints(weights, tmp_path, capsys):
 
 HELP_OPTIONS = {
     'convert': ('--model', '--ema', '--num-classes', '--output'),
-    'push': ('--model', '--ema', '--revision', '--private', '--dry-run', '--commit-message'),
+    'push': ('--model', '--repo-id', '--card', '--ema', '--revision', '--private', '--dry-run', '--commit-message'),
     'card': ('--write', '--check'),
 }
 

@@ -48,6 +48,7 @@ _FAMILY_KEYS = ('title', 'paper', 'license', 'datasets', 'tags', 'architecture',
                 'citation', 'variants')
 _PART_OF = 'Part of [timm-pf](https://huggingface.co/timm-pf)'
 _MADE_WITH = 'Made with [timm-pf](https://huggingface.co/timm-pf)'
+_IMPORT_MODELS = 'import timm_pf  # noqa: F401  registers the models'
 
 
 class CardError(ValueError):
@@ -262,6 +263,7 @@ class CardSpec:
     notes: Sequence[str] = ()
     hub_link: str = _PART_OF
     extra_tags: Sequence[str] = ()
+    import_line: str = _IMPORT_MODELS  # the usage snippets' import that registers the architecture
 
 
 def _tag_spec(name_tag: str, stats_cells: Dict[str, str], cards_dir: Union[str, Path]) -> CardSpec:
@@ -299,9 +301,9 @@ def _variant_spec(variant: str, stats_cells: Dict[str, str], cards_dir: Union[st
         model_architecture=f'`{plain}` (trained as `{variant}`{", " + kwargs if kwargs else ""})',
         summary=_variant_summary(family, variant, cards_dir),
         provenance=(f"start from the pretrained weights of `{plain}` (its default tag `{plain}.{plain_cfg.tag}`, "
-                    f"Hub `{plain_cfg.hf_hub_id}`), trained in replacement-learning form by timm's `train.py "
-                    f"--pretrained --config {recipe}`, baked back into a plain `{plain}` by `timm_pf.replacement.finalize` and "
-                    f"published with `timm-pf push <folder> --repo-id {repo_id}`."),
+                    f"Hub `{plain_cfg.hf_hub_id}`), trained in replacement-learning form by timm's "
+                    f"`train.py --pretrained --config {recipe}`, baked back into a plain `{plain}` by "
+                    f"`timm_pf.replacement.finalize` and published with `timm-pf push <folder> --repo-id {repo_id}`."),
         data_cfg=plain_cfg.to_dict(),
         stats_cells=stats_cells,
         family=family,
@@ -341,6 +343,7 @@ def render(spec: CardSpec, cards_dir: Union[str, Path] = CARDS_DIR) -> str:
         name=spec.name,
         model_ref=spec.model_ref,
         hub_repo=spec.hub_repo,
+        import_line=spec.import_line,
         model_architecture=spec.model_architecture,
         summary=spec.summary,
         provenance=spec.provenance,
@@ -428,10 +431,11 @@ def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: st
         base_cells = format_stats(model_stats(base, stats.input_size))
         cells.update({f'{row} of {base_name}': base_cells[row] for row, _ in _STATS_ROWS if row != 'Image size'})
         spans = model_args['spans']
+        n_spans = f'{len(spans)} span{"s" if len(spans) != 1 else ""}'
         spec = dict(
             model_architecture=f'`rba`: `{base_name}`{" with " + _kwargs_text(args) if args else ""}, '
-                               f'{len(spans)} span(s) of blocks replaced (listed under Notes)',
-            summary=(f'`{base_name}` with {len(spans)} span(s) of blocks replaced by linear maps fitted in closed '
+                               f'{n_spans} of blocks replaced (listed under Notes)',
+            summary=(f'`{base_name}` with {n_spans} of blocks replaced by linear maps fitted in closed '
                      f'form: Redundant Blocks Approximation (RBA), from "Detecting and Approximating Redundant '
                      f'Computational Blocks in Neural Networks" (ICLR 2025 submission).'),
             provenance=(f'approximated from a `{base_name}` with `timm_pf.rba.approximate`, saved with '
@@ -439,6 +443,7 @@ def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: st
             notes=[_span_note(s) for s in spans],
             family=_family_if_any(base_name, cards_dir),
             extra_tags=('rba',),
+            import_line="import timm_pf.rba  # noqa: F401  registers the models and the 'rba' architecture",
         )
     else:
         spec = dict(

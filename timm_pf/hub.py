@@ -11,8 +11,11 @@ how to get it.
 
 Converting and publishing: :func:`convert_checkpoint` turns an authors' checkpoint, a timm ``train.py``
 checkpoint or a safetensors file into a folder made by timm's ``save_for_hf`` after passing the family's
-``checkpoint_filter_fn`` and a strict load; :func:`push_to_hub` uploads such a folder with its model card
-through ``huggingface_hub.HfApi``.
+``checkpoint_filter_fn`` and a strict load. :func:`prepare_push` stages such a folder for the repository of
+one of our pretrained tags, :func:`prepare_folder_push` stages any folder in that layout (an RBA model from
+``timm_pf.rba.save_rba``, a model finalised by ``timm_pf.replacement.finalize``, ...) for an explicit
+repository; both check that the weights load strictly and add a model card, and :func:`push_to_hub` uploads
+the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
 import hashlib
@@ -29,8 +32,10 @@ from torch import nn
 
 import timm
 from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
+    HFValidationError,
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
     RepositoryNotFoundError,
@@ -48,7 +53,8 @@ __all__ = [
     'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'ConvertResult', 'PushPlan',
     'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
     'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
-    'convert_checkpoint', 'verify_folder', 'prepare_push', 'require_token', 'push_to_hub',
+    'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
+    'require_token', 'push_to_hub',
 ]
 
 WEIGHTS_NAME = 'model.safetensors'
@@ -66,7 +72,7 @@ class CheckpointError(ValueError):
 
 
 class PushError(RuntimeError):
-    """A push was refused before anything was uploaded (no token, unknown tag)."""
+    """A push was refused before anything was uploaded (no token, unknown tag, bad repository id)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -245,8 +251,10 @@ def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
     return getattr(module, 'checkpoint_filter_fn', None)
 
 
-def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Load every tensor into ``model`` and fail with the differing keys/shapes otherwise."""
+def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
+                 target: Optional[str] = None) -> None:
+    """Load every tensor into ``model`` (``target`` names it in errors) and fail with the differing keys/shapes
+    otherwise."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
     unexpected = sorted(set(state_dict) - set(own))
@@ -264,7 +272,7 @@ def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
             n_ckpt, n_model = state_dict[f'{classifier}.weight'].shape[0], own[f'{classifier}.weight'].shape[0]
             if n_ckpt != n_model:
                 hint = f'\nThe checkpoint has {n_ckpt} classes and the model {n_model}: pass --num-classes {n_ckpt}.'
-        raise CheckpointError(f'{source} does not fit {_model_label(model)}:\n' + '\n'.join(lines) + hint)
+        raise CheckpointError(f'{source} does not fit {target or _model_label(model)}:\n' + '\n'.join(lines) + hint)
     _check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
@@ -330,27 +338,61 @@ def convert_checkpoint(
     )
 
 
-def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
-    """Check that a converted folder holds weights that load strictly into ``name_tag``; returns the model."""
-    folder = Path(folder)
+def _read_folder(folder: Path, make_it: str) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Architecture, model args and weights of a folder in timm's ``save_for_hf`` layout (safetensors only)."""
+    if not folder.is_dir():
+        raise CheckpointError(f'{folder} is not a folder with {WEIGHTS_NAME} + {CONFIG_NAME}: make one with {make_it}')
+    if not (folder / WEIGHTS_NAME).is_file() and any(folder.glob('*.bin')):
+        raise CheckpointError(f'{folder} has pickle weights but no {WEIGHTS_NAME}: timm-pf publishes only safetensors '
+                              f'(save with safe_serialization=True)')
     for fname in (WEIGHTS_NAME, CONFIG_NAME):
         if not (folder / fname).is_file():
-            raise CheckpointError(f'{folder} has no {fname}: make it with `timm-pf convert`')
+            raise CheckpointError(f'{folder} has no {fname}: make it with {make_it}')
     try:
-        pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
+        _, arch, model_args = load_model_config_from_path(folder)
     except Exception as e:
         raise CheckpointError(f'{folder / CONFIG_NAME} is not a timm config: {type(e).__name__}: {e}') from e
-    expected_arch = split_model_name_tag(name_tag)[0]
-    if arch != expected_arch:
-        raise CheckpointError(f'{folder} holds weights of {arch}, not of {expected_arch}')
     try:
         state_dict = safetensors.torch.load_file(str(folder / WEIGHTS_NAME), device='cpu')
     except Exception as e:
         raise CheckpointError(f'cannot read {folder / WEIGHTS_NAME}: {type(e).__name__}: {e}') from e
-    model_args = {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}
+    return arch, {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}, state_dict
+
+
+def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
+    """Check that a converted folder holds weights that load strictly into ``name_tag``; returns the model."""
+    folder = Path(folder)
+    arch, model_args, state_dict = _read_folder(folder, '`timm-pf convert`')
+    expected_arch = split_model_name_tag(name_tag)[0]
+    if arch != expected_arch:
+        raise CheckpointError(f'{folder} holds weights of {arch}, not of {expected_arch}')
     model = timm.create_model(name_tag, pretrained=False, **model_args)
     _load_strict(model, state_dict, str(folder / WEIGHTS_NAME))
     return model
+
+
+def load_folder_model(folder: Union[str, Path]) -> Tuple[nn.Module, Dict[str, Any]]:
+    """The model a folder in timm's ``save_for_hf`` layout describes, with its weights loaded strictly.
+
+    The model is rebuilt from ``config.json`` (architecture, model args, pretrained cfg) exactly as
+    ``timm.create_model('local-dir:<folder>')`` and ``'hf-hub:<repo>'`` will rebuild it; returns it with
+    its model args. Weights that do not fit it raise :class:`CheckpointError` with the differing keys/shapes.
+    """
+    from . import rba  # noqa: F401  registers the 'rba' architecture of RBA models
+    folder = Path(folder)
+    arch, model_args, state_dict = _read_folder(
+        folder, "timm's `save_for_hf(model, folder, safe_serialization=True)` or `timm_pf.rba.save_rba`")
+    described = f'the model {folder / CONFIG_NAME} describes ({arch}' + \
+        (f' with model_args {model_args})' if model_args else ')')
+    if not timm.is_model(arch):
+        raise CheckpointError(f'{folder / CONFIG_NAME} names the architecture {arch!r}, which timm does not know: '
+                              f'import the package that registers it first')
+    try:
+        model = timm.create_model(f'local-dir:{folder}', pretrained=False)
+    except Exception as e:  # model_args the architecture does not take, or values it refuses
+        raise CheckpointError(f'cannot build {described}: {type(e).__name__}: {e}') from e
+    _load_strict(model, state_dict, str(folder / WEIGHTS_NAME), target=described)
+    return model.eval(), model_args
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -359,7 +401,7 @@ def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
 @dataclass
 class PushPlan:
     """What a push uploads: staged files (weights, config, card) and where they go."""
-    name_tag: str
+    label: str  # what is pushed, for messages: 'model.tag', or the architecture of a pushed folder
     repo_id: str
     revision: Optional[str]
     private: bool
@@ -372,6 +414,22 @@ class PushPlan:
         lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {visibility}):']
         lines += [f'  {name:<20} {size:>14,d} bytes  sha256 {digest}' for name, size, digest in self.files]
         return '\n'.join(lines)
+
+
+def _plan(label: str, repo_id: str, staging_dir: Path, card_text: str, revision: Optional[str],
+          private: bool) -> PushPlan:
+    """Write the card next to the staged weights and config and list the three files."""
+    (staging_dir / CARD_NAME).write_text(card_text, encoding='utf-8')
+    files = [(f, (staging_dir / f).stat().st_size, _sha256(staging_dir / f))
+             for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)]
+    return PushPlan(label=label, repo_id=repo_id, revision=revision, private=private, folder=staging_dir,
+                    files=files)
+
+
+def _copy_weights_and_config(folder: Path, staging_dir: Path) -> None:
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    for fname in (WEIGHTS_NAME, CONFIG_NAME):
+        shutil.copyfile(folder / fname, staging_dir / fname)
 
 
 def prepare_push(
@@ -397,33 +455,90 @@ def prepare_push(
     source, staging_dir = Path(source), Path(staging_dir)
     if source.is_dir():
         verify_folder(source, name_tag)
-        staging_dir.mkdir(parents=True, exist_ok=True)
-        for fname in (WEIGHTS_NAME, CONFIG_NAME):
-            shutil.copyfile(source / fname, staging_dir / fname)
+        _copy_weights_and_config(source, staging_dir)
     else:
         convert_checkpoint(name_tag, source, staging_dir, use_ema=use_ema, num_classes=num_classes)  # strict load
     if card_text is None:  # the committed card (checked against the model by the tests), else a fresh one
         committed = card_path(name_tag)
         card_text = committed.read_text(encoding='utf-8') if committed.is_file() else render_card(name_tag)
-    (staging_dir / CARD_NAME).write_text(card_text, encoding='utf-8')
-    files = [(f, (staging_dir / f).stat().st_size, _sha256(staging_dir / f))
-             for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)]
-    return PushPlan(name_tag=name_tag, repo_id=hub_repo_id(name_tag), revision=revision, private=private,
-                    folder=staging_dir, files=files)
+    return _plan(name_tag, hub_repo_id(name_tag), staging_dir, card_text, revision, private)
 
 
-def require_token(token: Optional[str] = None) -> str:
+def _check_repo_id(repo_id: str) -> None:
+    if repo_id.count('/') != 1:
+        raise PushError(f'--repo-id must be ORG/NAME (a user or organisation and a repository name), got {repo_id!r}')
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PushError(f'{repo_id!r} is not a valid Hub repository id: {e}') from e
+    tag_repos = {hub_repo_id(t): t for t in pf_pretrained_tags()}
+    if repo_id in tag_repos:
+        raise PushError(f'{repo_id} is the repository of the pretrained tag {tag_repos[repo_id]}: push it with '
+                        f'`timm-pf push <folder> -m {tag_repos[repo_id]}`')
+
+
+def prepare_folder_push(
+        folder: Union[str, Path],
+        repo_id: str,
+        staging_dir: Union[str, Path],
+        revision: Optional[str] = None,
+        private: bool = False,
+        card_text: Optional[str] = None,
+) -> PushPlan:
+    """Stage a folder in timm's ``save_for_hf`` layout for the repository ``repo_id`` (``ORG/NAME``).
+
+    For models that are not one of our pretrained tags: an RBA model (``timm_pf.rba.save_rba``), a model
+    finalised by ``timm_pf.replacement.finalize`` and saved with ``save_for_hf``, any timm model. The weights
+    must load strictly into the model rebuilt from ``config.json`` (:func:`load_folder_model`). The card is
+    ``card_text``, else for ``timm-pf/<variant>`` of a Replacement Learning variant its committed card (the
+    folder must then hold the variant's plain model), else one rendered now with the model's measured stats
+    (:func:`timm_pf.cards.render_folder_card`).
+    """
+    from .cards import card_path, parse_stats, render_folder_card
+    from .models.replace import PLAIN_MODELS
+    _check_repo_id(repo_id)
+    folder, staging_dir = Path(folder), Path(staging_dir)
+    if folder.exists() and not folder.is_dir():
+        raise PushError(f"{folder} is a file: --repo-id pushes a folder in timm's save_for_hf layout "
+                        f"(model.safetensors + config.json); convert a checkpoint of one of our models with "
+                        f"`timm-pf convert` first")
+    model, model_args = load_folder_model(folder)
+    arch = model.pretrained_cfg['architecture']
+    variant = next((v for v in PLAIN_MODELS if hub_repo_id(v) == repo_id), None)
+    if variant is not None:
+        if arch != PLAIN_MODELS[variant]:
+            raise CheckpointError(
+                f'{repo_id} publishes {variant} finalised into a plain {PLAIN_MODELS[variant]}, but {folder} holds '
+                f'a {arch}: finalise the trained model with timm_pf.replacement.finalize and save it with '
+                f'timm.models.save_for_hf')
+        committed = card_path(variant).read_text(encoding='utf-8')
+        card_params = parse_stats(committed)['Parameters']
+        if not card_params.startswith(f'{count_params(model):,d} '):
+            raise CheckpointError(
+                f'{folder} holds a {arch} with {count_params(model):,d} parameters; {repo_id} publishes the one its '
+                f'card describes ({card_params}): the {variant} of the recipe, finalised')
+        if card_text is None:
+            card_text = committed
+    if card_text is None:
+        card_text = render_folder_card(model, model_args, repo_id)
+    _copy_weights_and_config(folder, staging_dir)
+    label = f'rba of {model_args["base_model"]}' if arch == 'rba' else arch
+    return _plan(label, repo_id, staging_dir, card_text, revision, private)
+
+
+def require_token(token: Optional[str] = None, namespace: str = HF_HUB_ORG) -> str:
     """``token``, else the usual ``huggingface_hub`` sources (``HF_TOKEN``, the ``hf auth login`` cache)."""
     token = token or get_token()
     if not token:
         raise PushError('no Hugging Face token: set HF_TOKEN or run `hf auth login` (a token with write access '
-                        f'to the {HF_HUB_ORG} organisation)')
+                        f'to {namespace})')
     return token
 
 
 def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None):
     """Upload a staged :class:`PushPlan` (creating the repository and branch if needed); see :func:`require_token`."""
-    api = HfApi(token=require_token(token), library_name='timm-pf', library_version=__version__)
+    api = HfApi(token=require_token(token, plan.repo_id.split('/')[0]), library_name='timm-pf',
+                library_version=__version__)
     api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
     if plan.revision and plan.revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
@@ -432,5 +547,5 @@ def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Opt
         folder_path=str(plan.folder),
         revision=plan.revision,
         allow_patterns=[name for name, _, _ in plan.files],
-        commit_message=commit_message or f'Add {plan.name_tag} weights (timm-pf {__version__})',
+        commit_message=commit_message or f'Add {plan.label} weights (timm-pf {__version__})',
     )

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-EXIT_BAD_INPUT = 2  # mismatched or corrupted checkpoint, unknown model/tag, no token
+EXIT_BAD_INPUT = 2  # mismatched or corrupted checkpoint, unknown model/tag, bad repository id, no token
 EXIT_HUB_ERROR = 1  # the Hub refused or failed the upload
 
 
@@ -24,12 +24,24 @@ def register(subparsers) -> None:
     convert.set_defaults(func=run_convert)
 
     push = subparsers.add_parser(
-        'push', help='upload converted weights with their model card to the Hub repo of a pretrained tag',
-        description='Upload a converted folder (or a checkpoint, converted on the way) to timm-pf/<model>.<tag> '
-                    'with its model card rendered from hub_cards/. Weights that do not load strictly into the '
-                    'named model are refused. The token comes from HF_TOKEN or `hf auth login`.',
+        'push', help='upload weights with their model card to the Hub: a pretrained tag (-m) or any folder '
+                     '(--repo-id)',
+        description='With -m: upload a converted folder (or a checkpoint, converted on the way) to '
+                    'timm-pf/<model>.<tag> with its model card from hub_cards/. With --repo-id ORG/NAME: upload a '
+                    "folder in timm's save_for_hf layout (model.safetensors + config.json), e.g. an RBA model "
+                    '(timm_pf.rba.save_rba) or a model finalised by timm_pf.replacement.finalize, with a card '
+                    'rendered from its measured stats; it then loads with '
+                    "timm.create_model('hf-hub:ORG/NAME', pretrained=True). Weights that do not load strictly "
+                    'into the named model, or into the model config.json describes, are refused (exit 2). The '
+                    'token comes from HF_TOKEN or `hf auth login`.',
     )
-    _add_source_args(push, 'a folder made by `timm-pf convert`, or a checkpoint file to convert on the way')
+    target = push.add_mutually_exclusive_group(required=True)
+    _add_source_args(push, 'with -m: a folder made by `timm-pf convert`, or a checkpoint file to convert on the '
+                           "way; with --repo-id: a folder in timm's save_for_hf layout", model_group=target)
+    target.add_argument('--repo-id', default=None, metavar='ORG/NAME',
+                        help='push the folder to this repository (a model that is not one of our pretrained tags)')
+    push.add_argument('--card', type=Path, default=None, metavar='FILE',
+                      help='model card (README.md) to upload instead of the rendered one')
     push.add_argument('--revision', '--branch', dest='revision', default=None,
                       help='branch to push to (created if missing; default: main)')
     push.add_argument('--private', action='store_true', help='create the repository as private')
@@ -51,10 +63,12 @@ def register(subparsers) -> None:
     card.set_defaults(func=run_card)
 
 
-def _add_source_args(parser: argparse.ArgumentParser, source_help: str) -> None:
+def _add_source_args(parser: argparse.ArgumentParser, source_help: str, model_group=None) -> None:
+    """The source and the pretrained tag it is for (-m, in ``model_group`` when another option may replace it)."""
     parser.add_argument('source', type=Path, help=source_help)
-    parser.add_argument('-m', '--model', required=True, help='model or pretrained tag, e.g. ours_r50_max.pf_in1k '
-                                                             '(no tag: the default one)')
+    (model_group or parser).add_argument('-m', '--model', required=model_group is None,
+                                         help='model or pretrained tag, e.g. ours_r50_max.pf_in1k (no tag: the '
+                                              'default one)')
     parser.add_argument('--ema', action='store_true', help="use the EMA weights of a timm train.py checkpoint")
     parser.add_argument('--num-classes', type=int, default=None,
                         help="classes of the checkpoint's classifier (default: the tag's)")
@@ -83,18 +97,32 @@ def run_convert(args) -> int:
 def run_push(args) -> int:
     from huggingface_hub.errors import HfHubHTTPError
     from timm_pf.cards import CardError
-    from timm_pf.hub import CheckpointError, PushError, prepare_push, push_to_hub, require_token
+    from timm_pf.hub import (
+        HF_HUB_ORG, CheckpointError, PushError, prepare_folder_push, prepare_push, push_to_hub, require_token,
+    )
+    if args.repo_id and (args.ema or args.num_classes is not None):
+        return _fail('--ema and --num-classes convert a checkpoint for -m; --repo-id pushes a folder as it is',
+                     EXIT_BAD_INPUT)
+    try:
+        card_text = args.card.read_text(encoding='utf-8') if args.card else None
+    except (OSError, UnicodeDecodeError) as e:
+        return _fail(f'cannot read the card {args.card}: {e}', EXIT_BAD_INPUT)
     with tempfile.TemporaryDirectory(prefix='timm-pf-push-') as staging:
         try:
-            token = None if args.dry_run else require_token()
-            plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
-                                use_ema=args.ema, num_classes=args.num_classes)
+            token = None if args.dry_run else require_token(
+                namespace=args.repo_id.split('/')[0] if args.repo_id else HF_HUB_ORG)
+            if args.repo_id:
+                plan = prepare_folder_push(args.source, args.repo_id, staging, revision=args.revision,
+                                           private=args.private, card_text=card_text)
+            else:
+                plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
+                                    use_ema=args.ema, num_classes=args.num_classes, card_text=card_text)
         except (CheckpointError, PushError, CardError) as e:
             return _fail(str(e), EXIT_BAD_INPUT)
         if args.dry_run:
-            print(f'dry run: would upload to {plan.describe()}')
+            print(f'dry run: would upload {plan.label} to {plan.describe()}')
             return 0
-        print(f'uploading to {plan.describe()}')
+        print(f'uploading {plan.label} to {plan.describe()}')
         try:
             commit = push_to_hub(plan, token=token, commit_message=args.commit_message)
         except PushError as e:
@@ -103,7 +131,7 @@ def run_push(args) -> int:
             return _fail(f'the Hub refused the upload to {plan.repo_id}: {e}', EXIT_HUB_ERROR)
         except OSError as e:  # offline mode, network down
             return _fail(f'cannot reach the Hub to upload {plan.repo_id}: {e}', EXIT_HUB_ERROR)
-    print(f'pushed {plan.name_tag}: {commit.commit_url}')
+    print(f'pushed {plan.label}: {commit.commit_url}')
     return 0
 
 

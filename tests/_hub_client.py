@@ -78,6 +78,14 @@ def client_pull(name: str, token: Optional[str] = MAINTAINER_TOKEN, cache_dir: O
             return 'error', type(e).__name__, str(e)
 
 
+def client_upload_folder(repo_id: str, folder: str) -> None:
+    """Publish a folder as is, with plain ``HfApi`` (no timm-pf checks)."""
+    from huggingface_hub import HfApi
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='upload')
+
+
 class HubClient:
     """One worker process whose ``huggingface_hub`` was imported with ``env`` set."""
 

@@ -15,7 +15,8 @@ import torch
 
 import timm
 from _hub_client import (
-    MAINTAINER_TOKEN, OUTSIDER_TOKEN, TOKENS, HubClient, client_cli, client_env, client_pull, tensor_digests,
+    MAINTAINER_TOKEN, OUTSIDER_TOKEN, TOKENS, HubClient, client_cli, client_env, client_pull, client_upload_folder,
+    tensor_digests,
 )
 from _official import fixtures_dir, load_official_fixture
 from hub_server import serve_hub
@@ -30,14 +31,6 @@ ORGS = {'timm-pf': {'maintainer'}}
 
 
 # ------------------------------------------------------------------------------------------ client process side
-def _client_upload_folder(repo_id: str, folder: str) -> None:
-    """Publish a folder as is, with plain ``HfApi`` (no timm-pf checks)."""
-    from huggingface_hub import HfApi
-    api = HfApi()
-    api.create_repo(repo_id, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message='upload')
-
-
 def _client_listing(repo_id: str):
     """What the Hub client reports about a repository: branches, files at main, commit titles."""
     from huggingface_hub import HfApi
@@ -257,7 +250,7 @@ def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weig
     ours = tmp_path / 'ours'
     save_for_hf(timm.create_model(weights['name_tag']), str(ours), safe_serialization=False)
     repo_id = f'timm-pf/{weights["name_tag"].split(".")[0]}.pickle_only'
-    client(_client_upload_folder, repo_id, str(ours))
+    client(client_upload_folder, repo_id, str(ours))
     result = client(client_pull, f'hf-hub:{repo_id}')
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
     assert WEIGHTS_NAME in result[2] and 'only safetensors' in result[2]
@@ -265,7 +258,7 @@ def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weig
     # any other repository keeps timm's own loader (here: its pickle fallback, weights_only)
     other = timm.create_model('test_resnet', num_classes=7)
     save_for_hf(other, str(tmp_path / 'other'), safe_serialization=False)
-    client(_client_upload_folder, 'maintainer/test_resnet', str(tmp_path / 'other'))
+    client(client_upload_folder, 'maintainer/test_resnet', str(tmp_path / 'other'))
     assert client(client_pull, 'hf-hub:maintainer/test_resnet') == ('ok', tensor_digests(other.state_dict()))
 
 

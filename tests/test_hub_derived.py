@@ -14,7 +14,9 @@ import torch
 from huggingface_hub import ModelCard
 
 import timm
-from _hub_client import OUTSIDER_TOKEN, TOKENS, HubClient, client_cli, client_env, tensor_digests
+from _hub_client import (
+    OUTSIDER_TOKEN, TOKENS, HubClient, client_cli, client_env, client_pull, client_upload_folder, tensor_digests,
+)
 from hub_server import serve_hub
 from timm.models import save_for_hf
 
@@ -204,6 +206,15 @@ def test_replace_variant_repo_takes_its_finalised_plain_model_and_committed_card
     for folder, expected in ((rba_model[1], 'holds a rba'), (finalized_vit[1], 'parameters')):
         rc = cli_main(['push', str(folder), '--repo-id', 'timm-pf/vit_ti_replace', '--dry-run'])
         assert rc == 2 and expected in capsys.readouterr().err
+
+
+def test_variant_repo_without_safetensors_names_the_push_that_fills_it(client, finalized_vit, tmp_path):
+    pickle_only = tmp_path / 'pickle_only'
+    save_for_hf(finalized_vit[0], str(pickle_only), safe_serialization=False)
+    client(client_upload_folder, 'timm-pf/vit_ti_replace', str(pickle_only))
+    result = client(client_pull, 'hf-hub:timm-pf/vit_ti_replace')
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert '`timm-pf push <folder> --repo-id timm-pf/vit_ti_replace`' in result[2]
 
 
 @pytest.mark.parametrize('argv, message', [

@@ -140,6 +140,14 @@ def _verify_cached_blob(path: str, where: str) -> None:
             f'It was removed from the cache; try again.')
 
 
+def _push_command(repo_id: str) -> str:
+    """How weights get into ``repo_id``: ``push -m`` for a pretrained tag's repository, else ``push --repo-id``."""
+    name = repo_id.split('/', 1)[-1]
+    if name in pf_pretrained_tags():
+        return f'`timm-pf convert` and `timm-pf push --model {name}`'
+    return f'`timm-pf push <folder> --repo-id {repo_id}`'
+
+
 def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
     """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
 
@@ -169,12 +177,12 @@ def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) 
     except RepositoryNotFoundError as e:
         raise PretrainedWeightsError(
             f'No {where} are published: the Hub has no repository {repo_id} (or it is private and your token '
-            f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with `timm-pf convert` and '
-            f'`timm-pf push --model {name_tag}`, or use pretrained=False.') from e
+            f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with {_push_command(repo_id)}, '
+            f'or use pretrained=False.') from e
     except RemoteEntryNotFoundError as e:
         raise PretrainedWeightsError(
             f'{repo_id}{at_rev} has no {WEIGHTS_NAME}: timm-pf loads only safetensors weights. '
-            f'Publish them with `timm-pf push --model {name_tag}`.') from e
+            f'Publish them with {_push_command(repo_id)}.') from e
     _verify_cached_blob(path, where)
     return path
 

@@ -300,7 +300,7 @@ def _variant_spec(variant: str, stats_cells: Dict[str, str], cards_dir: Union[st
         hub_repo=repo_id,
         model_architecture=f'`{plain}` (trained as `{variant}`{", " + kwargs if kwargs else ""})',
         summary=_variant_summary(family, variant, cards_dir),
-        provenance=(f"start from the pretrained weights of `{plain}` (its default tag `{plain}.{plain_cfg.tag}`, "
+        provenance=(f"started from the pretrained weights of `{plain}` (its default tag `{plain}.{plain_cfg.tag}`, "
                     f"Hub `{plain_cfg.hf_hub_id}`), trained in replacement-learning form by timm's "
                     f"`train.py --pretrained --config {recipe}`, baked back into a plain `{plain}` by "
                     f"`timm_pf.replacement.finalize` and published with `timm-pf push <folder> --repo-id {repo_id}`."),

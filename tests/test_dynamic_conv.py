@@ -87,6 +87,61 @@ def test_dynamic_conv_is_a_routed_mixture_of_experts(case, routing):
     torch.testing.assert_close(conv(x), _reference(x, weight, bias, s, p, g), atol=1e-5, rtol=1e-5)
 
 
+def _training_grads(conv, x):
+    out = conv(x)
+    return out, torch.autograd.grad(out.square().sum(), [x] + list(conv.parameters()))
+
+
+@pytest.mark.parametrize('chunked', [False, True], ids=['one-chunk', 'chunked'])
+@pytest.mark.parametrize('batch', [1, 3])
+@pytest.mark.parametrize('case', CONV_CASES, ids=[str(c) for c in CONV_CASES])
+def test_training_path_gradients_match_plain_autograd(case, batch, chunked, monkeypatch):
+    """The eager training path mixes the kernels again in backward; its gradients (input, experts, routing,
+    bias) must equal plain autograd through the mixing and the convolution (the export path)."""
+    cin, cout, k, s, p, g = case
+    torch.manual_seed(0)
+    conv = DynamicConv2d(cin, cout, k, s, p, groups=g, num_experts=3, bias=True).double()
+    nn.init.normal_(conv.routing.weight)
+    x = torch.randn(batch, cin, 9, 8, dtype=torch.float64, requires_grad=True)
+    if chunked:  # one sample per chunk
+        monkeypatch.setattr(dynamic_conv, 'MIX_CHUNK_NUMEL', conv.weight.shape[1])
+    out, grads = _training_grads(conv, x)
+    monkeypatch.setattr(dynamic_conv, '_is_exporting', lambda: True)
+    ref_out, ref_grads = _training_grads(conv, x)
+    torch.testing.assert_close(out, ref_out)
+    assert len(grads) == 5  # x, experts, bias, routing weight and bias
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_training_path_keeps_no_mixed_kernels():
+    """Autograd keeps the input, the coefficients and the experts, not the batch x kernel mixed weights."""
+    conv = DynamicConv2d(64, 64, 3, 1, 1, num_experts=4)
+    x = torch.randn(8, 64, 4, 4, requires_grad=True)
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        conv(x).sum().backward()
+    mixed_numel = x.shape[0] * conv.weight.shape[1]
+    assert all(t.numel() < mixed_numel for t in saved), [tuple(t.shape) for t in saved]
+    assert x.grad is not None and conv.weight.grad.abs().sum() > 0 and conv.routing.weight.grad.abs().sum() > 0
+
+
+def test_training_under_autocast():
+    conv = DynamicConv2d(8, 8, 3, 1, 1, groups=8)
+    x = torch.randn(2, 8, 6, 6, requires_grad=True)
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out = conv(x)
+    assert out.dtype == torch.bfloat16
+    out.float().square().sum().backward()
+    assert x.grad.dtype == torch.float32 and conv.weight.grad.dtype == torch.float32
+    assert torch.isfinite(conv.weight.grad).all() and conv.routing.weight.grad.abs().sum() > 0
+
+
 def test_parameter_layout_follows_condconv():
     conv = DynamicConv2d(16, 32, 3, groups=4, num_experts=5)
     assert conv.weight.shape == (5, 32 * 4 * 3 * 3)

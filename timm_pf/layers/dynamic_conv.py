@@ -9,13 +9,16 @@ produces the mixing coefficients from the globally pooled input:
 
 The per-sample convolution (:func:`per_sample_conv2d`) never builds a convolution whose group count
 depends on the batch size when the model is exported, so ONNX / TensorRT graphs keep a dynamic batch
-axis; in eager mode it picks the fastest exact kernel for the layer's shape.
+axis; in eager mode it picks the fastest exact kernel for the layer's shape. In training, the mixed
+per-sample kernels are not kept for backward but mixed again there (a read of the experts instead of
+batch x kernel-size floats per layer), which keeps ParameterNet's training memory near the plain GhostNet's.
 """
-from typing import Dict, Optional, Tuple, Union
+from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from timm.layers import CondConv2d, Mlp, pad_same
 
@@ -104,6 +107,93 @@ def per_sample_conv2d(
     return out.reshape(batch, out_chs, out.shape[-2], out.shape[-1])
 
 
+class _ConvGeometry(NamedTuple):
+    weight_shape: Tuple[int, ...]  # (C_out, C_in / groups, kh, kw)
+    stride: _Pair
+    padding: _Pair
+    dilation: _Pair
+    groups: int
+
+
+def _mix_chunks(batch: int, kernel_numel: int) -> List[slice]:
+    """Sample ranges whose mixed kernels (at most :data:`MIX_CHUNK_NUMEL` elements) are built at once, so
+    big kernels x big batches stay in cache instead of filling a fresh batch-sized buffer."""
+    chunk = max(1, MIX_CHUNK_NUMEL // kernel_numel)
+    return [slice(start, start + chunk) for start in range(0, batch, chunk)]
+
+
+def _mixed_conv(x: torch.Tensor, routing_weights: torch.Tensor, experts: torch.Tensor,
+                geometry: _ConvGeometry) -> torch.Tensor:
+    """Mix each sample's kernel from the experts (Eq. 3) and convolve, a chunk of samples at a time."""
+    outs = []
+    for part in _mix_chunks(x.shape[0], experts.shape[1]):
+        weight = torch.matmul(routing_weights[part], experts).reshape(-1, *geometry.weight_shape)
+        outs.append(per_sample_conv2d(x[part], weight, None, *geometry[1:]))
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+
+def _per_sample_conv2d_backward(
+        grad_out: torch.Tensor,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        geometry: _ConvGeometry,
+        need_grad_x: bool = True,
+) -> Tuple[Optional[torch.Tensor], torch.Tensor]:
+    """Gradients of :func:`per_sample_conv2d` (no bias) w.r.t. ``x`` (None unless ``need_grad_x``) and the
+    per-sample ``weight``, with the forward's kernel choice (batched matmul for unstrided 1x1, else the
+    convolution's own backward with the batch folded into the groups)."""
+    batch, in_chs, height, width = x.shape
+    out_chs, groups = weight.shape[1], geometry.groups
+    pointwise = weight.shape[-2:] == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0)
+    if pointwise and batch > 1:
+        cols = x.reshape(batch, groups, in_chs // groups, height * width)
+        kernels = weight.reshape(batch, groups, out_chs // groups, in_chs // groups)
+        grad = grad_out.reshape(batch, groups, out_chs // groups, height * width)
+        grad_x = torch.matmul(kernels.transpose(-1, -2), grad).reshape(x.shape) if need_grad_x else None
+        grad_weight = torch.matmul(grad, cols.transpose(-1, -2)).reshape(weight.shape)
+        return grad_x, grad_weight
+    folded_x = x.reshape(1, batch * in_chs, height, width)
+    folded_w = weight.reshape(batch * out_chs, *weight.shape[2:])
+    folded_grad = grad_out.reshape(1, batch * out_chs, *grad_out.shape[-2:])
+    grad_x, grad_weight, _ = torch.ops.aten.convolution_backward(
+        folded_grad, folded_x, folded_w, None, geometry.stride, geometry.padding, geometry.dilation, False,
+        (0, 0), groups * batch, (need_grad_x, True, False))
+    return grad_x.reshape(x.shape) if need_grad_x else None, grad_weight.reshape(weight.shape)
+
+
+class _MixedConvRecomputed(torch.autograd.Function):
+    """:func:`_mixed_conv` for training: the mixed per-sample kernels (batch x kernel size, most of a
+    dynamic conv's training memory) are not kept for backward but mixed again there, which costs one
+    more read of the experts (the mixing is ``E`` MACs per kernel element, no convolution is recomputed)."""
+
+    @staticmethod
+    def forward(ctx, x, routing_weights, experts, geometry):
+        ctx.geometry = geometry
+        ctx.save_for_backward(x, routing_weights, experts)
+        return _mixed_conv(x, routing_weights, experts, geometry)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        x, routing_weights, experts = ctx.saved_tensors
+        need_grad_x = ctx.needs_input_grad[0]
+        # in the forward's compute dtype (that of the output: lower than the inputs' under autocast)
+        dtype = grad_out.dtype
+        grad_out, x_c, routing_c, experts_c = (
+            t.to(dtype) for t in (grad_out.contiguous(), x, routing_weights, experts))
+        grad_x, grad_routing, grad_experts = [], [], torch.zeros_like(experts_c)
+        for part in _mix_chunks(x.shape[0], experts.shape[1]):
+            weight = torch.matmul(routing_c[part], experts_c)
+            gx, gw = _per_sample_conv2d_backward(
+                grad_out[part], x_c[part], weight.reshape(-1, *ctx.geometry.weight_shape), ctx.geometry, need_grad_x)
+            gw = gw.reshape(weight.shape)
+            grad_x.append(gx)
+            grad_routing.append(torch.matmul(gw, experts_c.t()))
+            grad_experts.addmm_(routing_c[part].t(), gw)
+        return (torch.cat(grad_x).to(x.dtype) if need_grad_x else None,
+                torch.cat(grad_routing).to(routing_weights.dtype), grad_experts.to(experts.dtype), None)
+
+
 class DynamicConv2d(CondConv2d):
     """Convolution whose kernel is a per-sample mixture of ``num_experts`` expert kernels.
 
@@ -160,20 +250,19 @@ class DynamicConv2d(CondConv2d):
             routing_weights = self.routing_weights(x)
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        batch = x.shape[0]
-        chunk = batch if _is_exporting() else max(1, MIX_CHUNK_NUMEL // self.weight.shape[1])
-        if chunk < batch:
-            # big kernels x big batches: mix and apply a chunk of kernels at a time, so they stay in cache
-            return torch.cat([
-                self._mixed_conv(x_chunk, r_chunk)
-                for x_chunk, r_chunk in zip(x.split(chunk), routing_weights.split(chunk))])
-        return self._mixed_conv(x, routing_weights)
-
-    def _mixed_conv(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
-        weight = torch.matmul(routing_weights, self.weight).reshape(x.shape[0], *self.weight_shape)
-        bias = None if self.bias is None else torch.matmul(routing_weights, self.bias)
-        padding = (0, 0) if self.dynamic_padding else self.padding
-        return per_sample_conv2d(x, weight, bias, self.stride, padding, self.dilation, self.groups)
+        geometry = _ConvGeometry(
+            self.weight_shape, self.stride, (0, 0) if self.dynamic_padding else self.padding, self.dilation,
+            self.groups)
+        if _is_exporting():
+            weight = torch.matmul(routing_weights, self.weight).reshape(x.shape[0], *self.weight_shape)
+            out = per_sample_conv2d(x, weight, None, *geometry[1:])
+        elif torch.is_grad_enabled() and any(t.requires_grad for t in (x, routing_weights, self.weight)):
+            out = _MixedConvRecomputed.apply(x, routing_weights, self.weight, geometry)
+        else:
+            out = _mixed_conv(x, routing_weights, self.weight, geometry)
+        if self.bias is not None:
+            out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
+        return out
 
     @torch.no_grad()
     def upcycled_state(

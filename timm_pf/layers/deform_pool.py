@@ -33,6 +33,7 @@ per output element (``uint8``); the mean is one gather of all taps. Backward
 tap's corners. Under tracing, ``torch.compile`` and ONNX export, and for other dtypes, the same math runs
 as a dense gather of all samples with standard ops (``Gather``, ``Mul``, ``ReduceSum``, ``ReduceMax``).
 """
+import functools
 from typing import NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -80,73 +81,132 @@ def _padded_features(input: torch.Tensor, groups: int) -> torch.Tensor:
     return padded.reshape(-1, channels // groups)
 
 
-def _tap_positions(offset: torch.Tensor, geometry: _Geometry) -> torch.Tensor:
-    """Sampling positions ``(y, x)`` of every kernel tap in padded pixel coordinates (image pixel + 1),
-    ``(K, B, Ho, Wo, G, 2)``, tap-major so that the rows of one tap are contiguous."""
-    batch = offset.shape[0]
-    (out_height, out_width), (kh, kw) = geometry.out_size, geometry.kernel_size
-    opts = dict(device=offset.device, dtype=offset.dtype)
+class _Constants(NamedTuple):
+    """Index and position tensors of one call that depend only on its sizes (see :func:`_constants`)."""
+    grid: torch.Tensor  # (2, K, 1, Ho, Wo, 1) regular sampling positions (y; x) in padded coordinates
+    lower: torch.Tensor  # (2, 1, 1, 1, 1, 1) 0: the padded image's first row / column
+    upper: torch.Tensor  # (2, 1, 1, 1, 1, 1) H + 1 / W + 1: the last positions whose corners are in the matrix
+    lower_rows: torch.Tensor  # lower and upper in the row index dtype
+    upper_rows: torch.Tensor
+    first_row: torch.Tensor  # (1, B, 1, 1, G): row of padded pixel (0, 0) of every image and group
+    corner_steps: torch.Tensor  # (4,) row steps from the above-left corner to the 4 corners
+    row_stride: int  # rows per padded image row (the column stride is G)
+    bag_starts: torch.Tensor  # (L,) 0, 4, 8, ...: the first entry of every bag of 4 corners
+
+
+def _constants(
+        geometry: _Geometry,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        index_dtype: torch.dtype,
+) -> _Constants:
+    (height, width), (out_height, out_width), (kh, kw) = geometry.in_size, geometry.out_size, geometry.kernel_size
+    groups, row_stride = geometry.groups, (geometry.in_size[1] + 3) * geometry.groups
+    opts, index_opts = dict(device=device, dtype=dtype), dict(device=device, dtype=index_dtype)
     tap_y = torch.arange(kh, **opts).repeat_interleave(kw) * geometry.dilation[0]
     tap_x = torch.arange(kw, **opts).repeat(kh) * geometry.dilation[1]
     out_y = torch.arange(out_height, **opts) * geometry.stride[0] + (1 - geometry.padding[0])
     out_x = torch.arange(out_width, **opts) * geometry.stride[1] + (1 - geometry.padding[1])
     grid = torch.stack(torch.broadcast_tensors(
-        (tap_y[:, None] + out_y)[:, :, None], (tap_x[:, None] + out_x)[:, None, :]), dim=-1)
-    offset = offset.reshape(batch, geometry.groups, -1, 2, out_height, out_width).permute(2, 0, 4, 5, 1, 3)
-    return (offset + grid[:, None, :, :, None]).contiguous()
+        (tap_y[:, None] + out_y)[:, :, None], (tap_x[:, None] + out_x)[:, None, :]))
+    upper = torch.tensor([height + 1, width + 1], **opts).view(2, 1, 1, 1, 1, 1)
+    first_row = (torch.arange(batch, **index_opts) * ((height + 3) * row_stride)).view(1, -1, 1, 1, 1) + torch.arange(
+        groups, **index_opts)
+    num_locations = batch * out_height * out_width * groups
+    return _Constants(
+        grid=grid[:, :, None, :, :, None], lower=torch.zeros_like(upper), upper=upper,
+        lower_rows=torch.zeros_like(upper, dtype=index_dtype), upper_rows=upper.to(index_dtype), first_row=first_row,
+        corner_steps=torch.tensor([0, groups, row_stride, row_stride + groups], **index_opts), row_stride=row_stride,
+        bag_starts=torch.arange(0, 4 * num_locations, 4, **index_opts))
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_constants(*args) -> _Constants:
+    """:func:`_constants` kept between eager calls (plain tensors, also usable under ``inference_mode``)."""
+    with torch.inference_mode(False), torch.no_grad():
+        return _constants(*args)
+
+
+def _tap_positions(offset: torch.Tensor, constants: _Constants, groups: int, eager: bool) -> torch.Tensor:
+    """Sampling positions of every kernel tap in padded pixel coordinates (image pixel + 1) as a plane of
+    ``y`` and one of ``x``: ``(2, K, B, Ho, Wo, G)``, contiguous in the tap loop (``eager``)."""
+    batch, _, out_height, out_width = offset.shape
+    offset = offset.reshape(batch, groups, -1, 2, out_height, out_width).permute(3, 2, 0, 4, 5, 1)
+    if eager:
+        return torch.add(offset, constants.grid, out=offset.new_empty(offset.shape))
+    return offset + constants.grid
 
 
 def _tap_corners(
         positions: torch.Tensor,
         mask: Optional[torch.Tensor],
-        geometry: _Geometry,
+        constants: _Constants,
         scale: float,
-        compact_rows: bool,
+        eager: bool,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The 4 bilinear corners of every tap: rows of :func:`_padded_features` ``(K, L, 4)`` and weights
     ``(K, L, 4)`` (mask and ``scale`` folded in), with ``L = B * Ho * Wo * G`` in that order and corners
-    (above-left, above-right, below-left, below-right); also the unmodulated per-axis weights
-    ``(K, L, 2, 2)`` (axis y/x, corner low/high) used by the backward pass.
+    (above-left, above-right, below-left, below-right); also the fractional positions ``(2, K, L)`` from
+    which the backward pass takes the per-axis weights.
 
-    Rows are int32 if ``compact_rows`` and they fit (the tap loop's gathers take them), else int64 (ONNX's
-    ``GatherND`` takes only those). Positions are clamped to the padded image (``[0, H + 1]``): beyond it all corners are zeros in both the
-    clamped and the exact formulation, so values are unchanged, and so are gradients (the clamp's).
+    Positions are clamped to the padded image (``[0, H + 1] x [0, W + 1]``): beyond it all corners are zeros
+    in both the clamped and the exact formulation, so values are unchanged, and so are gradients (the clamp's).
+    Per-axis planes keep every elementwise op on long contiguous rows; the tap loop (``eager``) writes the
+    interleaved weights in place, the differentiable path stacks them.
     """
-    num_points, batch, out_height, out_width, groups = positions.shape[:5]
-    height, width = geometry.in_size
-    padded_width = width + 3
-    upper = positions.new_tensor([height + 1, width + 1])
-    positions = positions.clamp(min=torch.zeros_like(upper), max=upper)
-    low = positions.floor()
+    _, num_points, batch, out_height, out_width, groups = positions.shape
+    positions = positions.clamp(min=constants.lower, max=constants.upper)
+    low = positions.to(constants.lower_rows.dtype)  # truncation = floor on non-negative positions
     frac = positions - low
-    num_rows = batch * (height + 3) * padded_width * groups
-    index_dtype = torch.int32 if compact_rows and num_rows < 2 ** 31 else torch.int64
-    # NaN positions (from NaN offsets) give NaN weights; the clamp keeps their rows inside the matrix.
-    low = low.to(index_dtype).clamp_(min=torch.zeros_like(upper, dtype=index_dtype), max=upper.to(index_dtype))
-    first = low[..., 0] * (padded_width * groups) + low[..., 1] * groups
-    first += (torch.arange(batch, device=low.device, dtype=index_dtype) * ((height + 3) * padded_width * groups)).view(
-        1, -1, 1, 1, 1) + torch.arange(groups, device=low.device, dtype=index_dtype)
-    steps = torch.tensor([0, groups, padded_width * groups, (padded_width + 1) * groups], device=low.device,
-                         dtype=index_dtype)
-    rows = (first.unsqueeze(-1) + steps).view(num_points, -1, 4)
-    axis_weights = torch.stack((1 - frac, frac), dim=-1)  # (..., axis, corner)
-    weight_y, weight_x = axis_weights.unbind(-2)
+    # NaN positions (from NaN offsets) give NaN weights; this clamp keeps their rows inside the matrix.
+    low.clamp_(min=constants.lower_rows, max=constants.upper_rows)
+    first = torch.add(constants.first_row, low[0], alpha=constants.row_stride).add_(low[1], alpha=groups)
+    rows = (first.unsqueeze(-1) + constants.corner_steps).reshape(num_points, -1, 4)
+    frac_y, frac_x = frac
     if mask is not None:
         mask = mask.reshape(batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1)
-        weight_y = weight_y * (mask.unsqueeze(-1) * scale)
-    elif scale != 1:
-        weight_y = weight_y * scale
-    weights = (weight_y.unsqueeze(-1) * weight_x.unsqueeze(-2)).view(num_points, -1, 4)
-    return rows, weights, axis_weights.view(num_points, -1, 2, 2)
+        mask = mask if scale == 1 else mask * scale
+        below = frac_y * mask
+        above = mask - below
+    else:
+        below = frac_y if scale == 1 else frac_y * scale
+        above = scale - below
+    left, right = 1 - frac_x, frac_x
+    pairs = ((above, left), (above, right), (below, left), (below, right))
+    if eager:
+        weights = frac.new_empty(rows.shape)
+        for corner, (weight_y, weight_x) in enumerate(pairs):
+            torch.mul(weight_y.reshape(num_points, -1), weight_x.reshape(num_points, -1), out=weights[..., corner])
+    else:
+        weights = torch.stack([weight_y * weight_x for weight_y, weight_x in pairs], dim=-1).reshape(rows.shape)
+    return rows, weights, frac.reshape(2, num_points, -1)
 
 
-def _weighted_bags(features: torch.Tensor, rows: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """``out[r] = sum_j weights[r, j] * features[rows[r, j]]`` for ``(R, n)`` rows and weights, with one
-    fused gather (``embedding_bag``)."""
-    bag_size = rows.shape[1]
-    rows = rows.reshape(-1)
-    starts = torch.arange(0, rows.numel(), bag_size, device=rows.device, dtype=rows.dtype)
-    return torch.embedding_bag(features, rows, starts, False, 0, False, weights.reshape(-1), False)[0]
+def _weighted_bags(
+        features: torch.Tensor,
+        rows: torch.Tensor,
+        weights: torch.Tensor,
+        bag_starts: torch.Tensor,
+) -> torch.Tensor:
+    """``out[r] = sum_j weights[r, j] * features[rows[r, j]]`` for ``(R, n)`` rows and weights (bags of ``n``
+    starting at ``bag_starts``), with one fused gather (``embedding_bag``)."""
+    return torch.embedding_bag(features, rows.reshape(-1), bag_starts, False, 0, False, weights.reshape(-1), False)[0]
+
+
+def _eager_corners(
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        geometry: _Geometry,
+        scale: float,
+) -> Tuple[torch.Tensor, _Constants, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Padded features, constants, positions and :func:`_tap_corners` of the tap loop (int32 rows if they fit)."""
+    features = _padded_features(input, geometry.groups)
+    index_dtype = torch.int32 if features.shape[0] < 2 ** 31 else torch.int64
+    constants = _cached_constants(geometry, input.shape[0], input.device, input.dtype, index_dtype)
+    positions = _tap_positions(offset, constants, geometry.groups, eager=True)
+    return (features, constants, positions) + _tap_corners(positions, mask, constants, scale, eager=True)
 
 
 def _pool_taps(
@@ -160,17 +220,17 @@ def _pool_taps(
     """Eager forward ``(L, C / G)``: one weighted gather per tap into a running maximum (and, if asked,
     the first winning tap of every output element as ``uint8``), or one gather of all taps for the mean."""
     num_points = geometry.num_points
-    features = _padded_features(input, geometry.groups)
     scale = 1 / num_points if reduction == 'avg' else 1.0
-    rows, weights, _ = _tap_corners(_tap_positions(offset, geometry), mask, geometry, scale, compact_rows=True)
+    features, constants, _, rows, weights, _ = _eager_corners(input, offset, mask, geometry, scale)
     if reduction == 'avg':
-        return _weighted_bags(features, rows.transpose(0, 1).flatten(1), weights.transpose(0, 1).flatten(1)), None
-    out = _weighted_bags(features, rows[0], weights[0])
+        bag_starts = constants.bag_starts * num_points
+        return _weighted_bags(features, rows.transpose(0, 1), weights.transpose(0, 1), bag_starts), None
+    out = _weighted_bags(features, rows[0], weights[0], constants.bag_starts)
     winner = None
     if record_winner:
         winner = torch.zeros_like(out, dtype=torch.uint8 if num_points <= 256 else torch.int32)
     for tap in range(1, num_points):
-        sample = _weighted_bags(features, rows[tap], weights[tap])
+        sample = _weighted_bags(features, rows[tap], weights[tap], constants.bag_starts)
         if winner is not None:
             winner.masked_fill_(sample > out, tap)
         torch.maximum(out, sample, out=out)
@@ -200,9 +260,7 @@ class _DeformPoolFunction(torch.autograd.Function):
         num_points, groups = geometry.num_points, geometry.groups
         batch, channels, height, width = input.shape
         (out_height, out_width), scale = geometry.out_size, (1 / num_points if reduction == 'avg' else 1.0)
-        features = _padded_features(input, groups)
-        positions = _tap_positions(offset, geometry)
-        rows, weights, axis_weights = _tap_corners(positions, mask, geometry, scale, compact_rows=True)
+        features, constants, positions, rows, weights, frac = _eager_corners(input, offset, mask, geometry, scale)
         grad_out = grad_out.contiguous()
         grad_features = torch.zeros_like(features) if needs_input else None
         # Gradient of each corner weight: the dot product of its feature row with the output gradient.
@@ -220,28 +278,28 @@ class _DeformPoolFunction(torch.autograd.Function):
             grad_input = grad_input.permute(0, 3, 1, 2)
         if corner_grads is None:
             return grad_input, grad_offset, grad_mask, None, None
-        corner_grads = corner_grads.view(num_points, -1, 2, 2)  # (tap, location, corner y, corner x)
-        weight_y, weight_x = axis_weights.unbind(-2)
-        grad_y = (corner_grads * weight_x.unsqueeze(-2)).sum(-1)  # per y corner, summed over x corners
-        modulation = scale if mask is None else mask.reshape(
-            batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1).reshape(num_points, -1) * scale
+        # Chain rule through weight = (y weight) * (x weight) * mask * scale, per-axis weights (1 - frac, frac).
+        above_left, above_right, below_left, below_right = corner_grads.squeeze(-1).unbind(-1)
+        frac_y, frac_x = frac
+        grad_above = above_left + frac_x * (above_right - above_left)  # summed over the x corners
+        grad_below = below_left + frac_x * (below_right - below_left)
         shape = (num_points, batch, out_height, out_width, groups)
+        modulation = scale
+        if mask is not None:
+            modulation = mask.reshape(batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1) * scale
         if needs_offset:
-            grad_x = (corner_grads * weight_y.unsqueeze(-1)).sum(-2)
-            grad_positions = torch.stack((grad_y[..., 1] - grad_y[..., 0], grad_x[..., 1] - grad_x[..., 0]), dim=-1)
-            upper = positions.new_tensor([height + 1, width + 1])
-            inside = (positions >= 0) & (positions <= upper)  # the clamp of _tap_corners passes gradients here
-            grad_positions = grad_positions.view(shape + (2,)) * inside
-            if mask is not None:
-                grad_positions *= modulation.view(shape + (1,))
-            elif scale != 1:
-                grad_positions *= scale
+            grad_left = above_left + frac_y * (below_left - above_left)  # summed over the y corners
+            grad_right = above_right + frac_y * (below_right - above_right)
+            grad_positions = torch.stack((grad_below - grad_above, grad_right - grad_left)).view((2,) + shape)
+            # the clamp of _tap_corners passes gradients inside the padded image
+            grad_positions *= (positions >= constants.lower) & (positions <= constants.upper)
+            grad_positions *= modulation
             grad_offset = torch.empty_like(offset)
-            grad_offset.unflatten(1, (groups, num_points, 2)).copy_(grad_positions.permute(1, 4, 0, 5, 2, 3))
+            grad_offset.unflatten(1, (groups, num_points, 2)).copy_(grad_positions.permute(2, 5, 1, 0, 3, 4))
         if needs_mask:
-            grad_modulation = (grad_y * weight_y).sum(-1) * scale
+            grad_modulation = (grad_above + frac_y * (grad_below - grad_above)).view(shape) * scale
             grad_mask = torch.empty_like(mask)
-            grad_mask.unflatten(1, (groups, num_points)).copy_(grad_modulation.view(shape).permute(1, 4, 0, 2, 3))
+            grad_mask.unflatten(1, (groups, num_points)).copy_(grad_modulation.permute(1, 4, 0, 2, 3))
         return grad_input, grad_offset, grad_mask, None, None
 
 
@@ -262,10 +320,13 @@ def _dense_pool(
         geometry: _Geometry,
         reduction: str,
 ) -> torch.Tensor:
-    """The same pooling with standard differentiable ops: all ``K`` samples ``(K, L, C / G)`` at once."""
+    """The same pooling with standard differentiable ops: all ``K`` samples ``(K, L, C / G)`` at once
+    (int64 rows: ONNX's ``GatherND`` takes only those)."""
     scale = 1 / geometry.num_points if reduction == 'avg' else 1.0
     features = _padded_features(input, geometry.groups)
-    rows, weights, _ = _tap_corners(_tap_positions(offset, geometry), mask, geometry, scale, compact_rows=False)
+    constants = _constants(geometry, input.shape[0], input.device, input.dtype, torch.int64)
+    positions = _tap_positions(offset, constants, geometry.groups, eager=False)
+    rows, weights, _ = _tap_corners(positions, mask, constants, scale, eager=False)
     samples = (features[rows] * weights.unsqueeze(-1)).sum(dim=2)
     # max(dim) sends the gradient to the first maximal tap, as the tap loop does
     return samples.max(dim=0).values if reduction == 'max' else samples.sum(dim=0)

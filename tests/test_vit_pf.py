@@ -39,16 +39,20 @@ def _tiny_vit(**kwargs) -> nn.Module:
 # --- token mixers ------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize('inplace', [False, True], ids=['copy', 'inplace'])
 @pytest.mark.parametrize('kernel_size', [3, 5])
 @pytest.mark.parametrize('shape', [(2, 7, 5, 6), (1, 1, 3, 4), (3, 4, 4, 2)])
-def test_max_pool_nhwc_matches_nn_maxpool2d(kernel_size, shape):
+def test_max_pool_nhwc_matches_nn_maxpool2d(kernel_size, shape, inplace):
     """Both paths (index-free without autograd, pooling kernel with it) equal nn.MaxPool2d on NCHW, grads too."""
     x = torch.randn(shape, dtype=torch.float64)
     reference = nn.MaxPool2d(kernel_size, stride=1, padding=kernel_size // 2)
-    pool = MaxPool2dNhwc(kernel_size)
+    pool = MaxPool2dNhwc(kernel_size, inplace=inplace)
 
     with torch.no_grad():
-        fast = pool(x)
+        x_in = x.clone()
+        fast = pool(x_in)
+        assert (fast.data_ptr() == x_in.data_ptr()) == inplace
+        assert inplace or torch.equal(x_in, x)
     x_ref = x.clone().requires_grad_()
     expected = reference(x_ref.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
     torch.testing.assert_close(fast, expected, rtol=0, atol=1e-5)
@@ -77,6 +81,20 @@ def test_efficient_token_mixer_matches_plain_nchw_reference():
     h = F.gelu(nn.MaxPool2d(3, 1, 1)(h)).permute(0, 2, 3, 1)
     with torch.no_grad():
         torch.testing.assert_close(mixer(x), mixer.proj(h), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize('act_layer', ['gelu', 'relu'])
+@pytest.mark.parametrize('spatial', ['max', 'dwconv'])
+def test_efficient_token_mixer_inference_path_equals_autograd_path(spatial, act_layer):
+    """Without autograd the mixer activates and pools in place on its own buffers: same output, input untouched."""
+    mixer = EfficientTokenMixer(8, spatial=spatial, act_layer=act_layer)
+    x = torch.randn(2, 5, 4, 8)
+    x_before = x.clone()
+    with torch.no_grad():
+        fast = mixer(x)
+    assert torch.equal(x, x_before)
+    x_grad = x.clone().requires_grad_()
+    torch.testing.assert_close(fast, mixer(x_grad), rtol=0, atol=1e-6)
 
 
 def test_efficient_token_mixer_options():

@@ -13,46 +13,66 @@ from typing import Optional, Type, Union
 import torch
 from torch import nn
 
-from timm.layers import Attention, get_act_layer, is_exporting
+from timm.layers import GELU, Attention, get_act_layer, is_exporting
 
 __all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS']
 
 
-def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3) -> torch.Tensor:
+def _running_max(src: torch.Tensor, dim: int, radius: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[i] = max(src[i - radius : i + radius + 1])`` along ``dim``, the window clipped at the ends."""
+    length = src.shape[dim]
+    if length == 1 or radius == 0:
+        return out.copy_(src)
+    # the first shift writes every element of out: no copy of src to start from
+    torch.maximum(src.narrow(dim, 1, length - 1), src.narrow(dim, 0, length - 1), out=out.narrow(dim, 1, length - 1))
+    out.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
+    for shift in range(1, min(radius, length - 1) + 1):
+        if shift > 1:
+            tail = out.narrow(dim, shift, length - shift)
+            torch.maximum(tail, src.narrow(dim, 0, length - shift), out=tail)
+        head = out.narrow(dim, 0, length - shift)
+        torch.maximum(head, src.narrow(dim, shift, length - shift), out=head)
+    return out
+
+
+def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False) -> torch.Tensor:
     """Stride-1, size-preserving k x k max-pool of a ``(B, H, W, C)`` grid, as running maxima of shifted views.
 
     Separable (rows, then columns) and index-free: the same values as ``F.max_pool2d`` with -inf padding,
     without the argmax indices the CPU pooling kernel always writes (3x its output in memory traffic).
+    With ``inplace`` the result is written into ``x``'s memory, so only one buffer is allocated.
     """
     radius = kernel_size // 2
-    for dim in (2, 1):
-        src, x = x, x.clone()
-        length = src.shape[dim]
-        for shift in range(1, min(radius, length - 1) + 1):
-            head, tail = x.narrow(dim, 0, length - shift), x.narrow(dim, shift, length - shift)
-            torch.maximum(tail, src.narrow(dim, 0, length - shift), out=tail)
-            torch.maximum(head, src.narrow(dim, shift, length - shift), out=head)
-    return x
+    rows = _running_max(x, 2, radius, torch.empty_like(x))
+    return _running_max(rows, 1, radius, x if inplace else torch.empty_like(x))
+
+
+def _needs_autograd_or_graph(x: torch.Tensor) -> bool:
+    """True when gradients flow through ``x`` or a graph is being traced / scripted / exported: the cases in
+    which the modules here run plain, out-of-place PyTorch ops."""
+    return (torch.jit.is_scripting() or torch.jit.is_tracing() or is_exporting()
+            or (torch.is_grad_enabled() and x.requires_grad))
 
 
 class MaxPool2dNhwc(nn.MaxPool2d):
     """Stride-1, size-preserving max-pool of a ``(B, H, W, C)`` grid (padding acts as -inf).
 
-    Without autograd it runs :func:`max_filter_nhwc`; when gradients are needed (and when tracing or
-    exporting, for a single pooling op in the graph) it runs PyTorch's pooling kernel on the
-    channels_last view, whose backward routes each gradient to one argmax as ``nn.MaxPool2d`` does.
+    Without autograd it runs :func:`max_filter_nhwc` (overwriting its input when ``inplace``); when
+    gradients are needed (and when tracing or exporting, for a single pooling op in the graph) it runs
+    PyTorch's pooling kernel on the channels_last view, whose backward routes each gradient to one argmax
+    as ``nn.MaxPool2d`` does.
     """
 
-    def __init__(self, kernel_size: int = 3) -> None:
+    def __init__(self, kernel_size: int = 3, inplace: bool = False) -> None:
         if kernel_size % 2 != 1:
             raise ValueError(f'max-pool kernel_size must be odd to keep the grid size, got {kernel_size}')
         super().__init__(kernel_size, stride=1, padding=kernel_size // 2)
+        self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting() or torch.jit.is_tracing() or is_exporting() or (
-                torch.is_grad_enabled() and x.requires_grad):
+        if _needs_autograd_or_graph(x):
             return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
-        return max_filter_nhwc(x, self.kernel_size)
+        return max_filter_nhwc(x, self.kernel_size, self.inplace)
 
 
 class Conv2dNhwc(nn.Conv2d):
@@ -77,7 +97,7 @@ class GridAttention(Attention):
 
 
 def _max_pool(channels: int, kernel_size: int, **dd) -> MaxPool2dNhwc:
-    return MaxPool2dNhwc(kernel_size)
+    return MaxPool2dNhwc(kernel_size, inplace=True)  # its input is the mixer's own activation
 
 
 def _depthwise_conv(channels: int, kernel_size: int, **dd) -> Conv2dNhwc:
@@ -85,6 +105,9 @@ def _depthwise_conv(channels: int, kernel_size: int, **dd) -> Conv2dNhwc:
         raise ValueError(f'depthwise conv kernel_size must be odd to keep the grid size, got {kernel_size}')
     return Conv2dNhwc(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, **dd)
 
+
+# activations of the mixer that have an in-place kernel (timm's GELU is exact GELU, like nn.GELU())
+_INPLACE_ACTS = {GELU: torch.ops.aten.gelu_, nn.ReLU: torch.relu_}
 
 # spatial operation name -> (builder(channels, kernel_size, device=, dtype=), default kernel size, Appendix A)
 SPATIAL_OPS = {
@@ -144,6 +167,14 @@ class EfficientTokenMixer(nn.Module):
                              'are not supported')
         if x.ndim != 4:
             raise ValueError(f'the efficient token mixer expects a (B, H, W, C) token grid, got shape {tuple(x.shape)}')
-        x = self.act(self.expand(x))
-        x = self.act(self.spatial(x))
+        x = self._activate(self.expand(x))
+        x = self._activate(self.spatial(x))
         return self.proj_drop(self.proj(x))
+
+    def _activate(self, x: torch.Tensor) -> torch.Tensor:
+        """``self.act(x)``, in place on the mixer's own intermediate where autograd does not need it: in
+        inference the block then allocates one hidden-width buffer besides the expansion's output."""
+        inplace_op = _INPLACE_ACTS.get(type(self.act))
+        if inplace_op is None or _needs_autograd_or_graph(x):
+            return self.act(x)
+        return inplace_op(x)

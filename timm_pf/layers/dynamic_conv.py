@@ -125,11 +125,11 @@ def _mix_chunks(batch: int, kernel_numel: int) -> List[slice]:
 def _mixed_conv(x: torch.Tensor, routing_weights: torch.Tensor, experts: torch.Tensor,
                 geometry: _ConvGeometry) -> torch.Tensor:
     """Mix each sample's kernel from the experts (Eq. 3) and convolve, a chunk of samples at a time."""
-    outs = []
-    for part in _mix_chunks(x.shape[0], experts.shape[1]):
-        weight = torch.matmul(routing_weights[part], experts).reshape(-1, *geometry.weight_shape)
-        outs.append(per_sample_conv2d(x[part], weight, None, *geometry[1:]))
-    return outs[0] if len(outs) == 1 else torch.cat(outs)
+    chunks = _mix_chunks(x.shape[0], experts.shape[1])
+    if len(chunks) == 1:
+        weight = torch.matmul(routing_weights, experts).reshape(-1, *geometry.weight_shape)
+        return per_sample_conv2d(x, weight, None, *geometry[1:])
+    return torch.cat([_mixed_conv(x[part], routing_weights[part], experts, geometry) for part in chunks])
 
 
 def _per_sample_conv2d_backward(
@@ -236,11 +236,13 @@ class DynamicConv2d(CondConv2d):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
-        pooled = x.mean((2, 3))
         if self.routing_type == 'sigmoid':
-            # F.linear rather than the module call: this runs once per conv, its overhead counts at batch 1
-            return F.linear(pooled, self.routing.weight, self.routing.bias).sigmoid()
-        return self.routing(pooled).softmax(dim=-1)
+            # one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its scale: this runs once
+            # per conv, so its op count matters at batch 1
+            logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
+                                 alpha=1.0 / (x.shape[2] * x.shape[3]))
+            return logits.sigmoid_()
+        return self.routing(x.mean((2, 3))).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:

@@ -100,21 +100,95 @@ def test_max_equals_per_point_bilinear_samples():
     torch.testing.assert_close(deform_pool2d(x, offset, mask, 3, 1, 1), ref, rtol=0, atol=1e-12)
 
 
+def _dense_path(monkeypatch):
+    """Run deform_pool2d on its exportable dense-gather path (used when tracing, compiling or exporting)."""
+    monkeypatch.setattr(deform_pool_module, '_use_tap_loop', lambda *tensors: False)
+
+
+def _pool_and_grads(x, offset, mask, *args):
+    leaves = [t.detach().clone().requires_grad_() for t in (x, offset, mask) if t is not None]
+    x, offset, mask = leaves if mask is not None else leaves + [None]
+    out = deform_pool2d(x, offset, mask, *args)
+    out.backward(torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out))
+    return [out.detach()] + [t.grad for t in leaves]
+
+
 @pytest.mark.parametrize('reduction', ['max', 'avg'])
-def test_dense_gather_path_matches_sparse_path(reduction, monkeypatch):
+@pytest.mark.parametrize('with_mask', [True, False])
+def test_tap_loop_matches_dense_path_forward_and_backward(reduction, with_mask, monkeypatch):
     torch.manual_seed(2)
     x = torch.randn(2, 6, 8, 9, dtype=torch.float64)
-    offset = torch.randn(2, 2 * 2 * 9, 4, 5, dtype=torch.float64) * 2
-    mask = torch.rand(2, 2 * 9, 4, 5, dtype=torch.float64)
-    sparse = deform_pool2d(x, offset, mask, 3, 2, 1, 1, reduction)
-    monkeypatch.setattr(deform_pool_module, '_use_tap_loop', lambda *tensors: False)
-    dense = deform_pool2d(x, offset, mask, 3, 2, 1, 1, reduction)
-    torch.testing.assert_close(sparse, dense, rtol=0, atol=1e-12)
+    offset = torch.randn(2, 2 * 2 * 9, 4, 5, dtype=torch.float64) * 2  # some samples leave the image
+    mask = torch.rand(2, 2 * 9, 4, 5, dtype=torch.float64) if with_mask else None
+    args = (3, 2, 1, 1, reduction)
+    tap_loop = _pool_and_grads(x, offset, mask, *args)
+    _dense_path(monkeypatch)
+    dense = _pool_and_grads(x, offset, mask, *args)
+    for a, b in zip(tap_loop, dense):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
+
+
+def test_max_ties_send_the_gradient_to_the_first_tap_on_both_paths(monkeypatch):
+    # Post-ReLU features have exact zeros: ties among taps. Both paths route each output's gradient to the
+    # first maximal tap in row-major order, as max_pool2d does on the zero-padded input.
+    torch.manual_seed(5)
+    x = torch.randn(1, 4, 6, 7, dtype=torch.float64).relu()
+    offset = _zero_offsets(x, 3, 1, 1, 1)
+    padded = F.pad(x, (1, 1, 1, 1)).requires_grad_()
+    expected = F.max_pool2d(padded, 3, 1, 0)
+    expected.backward(torch.linspace(-1, 1, expected.numel(), dtype=x.dtype).view_as(expected))
+    tap_loop = _pool_and_grads(x, offset, None, 3, 1, 1)
+    _dense_path(monkeypatch)
+    dense = _pool_and_grads(x, offset, None, 3, 1, 1)
+    for out, grad_x in (tap_loop[:2], dense[:2]):
+        torch.testing.assert_close(out, expected.detach(), rtol=0, atol=0)
+        torch.testing.assert_close(grad_x, padded.grad[..., 1:-1, 1:-1], rtol=0, atol=1e-12)
+
+
+def test_backward_keeps_no_per_sample_tensor():
+    # Autograd keeps the input, offsets, masks and one uint8 winning tap per output element, nothing with
+    # one entry per (tap, corner) sample.
+    x = torch.rand(2, 8, 12, 12, requires_grad=True)
+    offset = torch.randn(2, 18, 12, 12, requires_grad=True)
+    mask = torch.rand(2, 9, 12, 12, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = deform_pool2d(x, offset, mask, 3, 1, 1)
+    known = {t.untyped_storage().data_ptr() for t in (x, offset, mask)}
+    extra = sum(t.untyped_storage().nbytes() for t in saved if t.untyped_storage().data_ptr() not in known)
+    assert extra <= out.numel()  # the uint8 winners
+
+
+@pytest.mark.parametrize('dense', [False, True])
+def test_nan_offsets_give_nan_outputs(dense, monkeypatch):
+    if dense:
+        _dense_path(monkeypatch)
+    x = torch.rand(1, 3, 6, 6)
+    offset = torch.zeros(1, 18, 6, 6)
+    offset[0, 4, 2, 3] = float('nan')
+    out = deform_pool2d(x, offset, None, 3, 1, 1)
+    assert out[0, :, 2, 3].isnan().all() and out.isnan().sum() == 3
+
+
+def test_inference_mode_then_training():
+    # Size-dependent constants are cached between calls; a first call under inference_mode must not leave
+    # inference tensors behind for a later training call.
+    x = torch.rand(1, 4, 6, 6)
+    offset = torch.randn(1, 18, 6, 6)
+    with torch.inference_mode():
+        expected = deform_pool2d(x, offset, None, 3, 1, 1)
+    offset.requires_grad_()
+    out = deform_pool2d(x, offset, None, 3, 1, 1)
+    out.sum().backward()
+    torch.testing.assert_close(out.detach(), expected)
+    assert offset.grad is not None
 
 
 @pytest.mark.parametrize('reduction', ['max', 'avg'])
-@pytest.mark.parametrize('stride,groups', [(1, 1), (2, 2)])
-def test_gradcheck_input_offsets_masks(reduction, stride, groups):
+@pytest.mark.parametrize('stride,groups,dense', [(1, 1, False), (2, 2, False), (2, 2, True)])
+def test_gradcheck_input_offsets_masks(reduction, stride, groups, dense, monkeypatch):
+    if dense:
+        _dense_path(monkeypatch)
     torch.manual_seed(3)
     x = torch.randn(1, 2 * groups, 4, 5, dtype=torch.float64, requires_grad=True)
     ho, wo = _out_size(4, 3, stride, 1, 1), _out_size(5, 3, stride, 1, 1)

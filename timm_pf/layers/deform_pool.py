@@ -266,12 +266,13 @@ class _DeformPoolFunction(torch.autograd.Function):
         # Gradient of each corner weight: the dot product of its feature row with the output gradient.
         corner_grads = features.new_empty(rows.shape + (1,)) if needs_offset or needs_mask else None
         for tap in range(num_points):
-            grad_tap = grad_out if winner is None else grad_out.masked_fill(winner != tap, 0)
+            tap_rows = rows[tap].reshape(-1)
+            grad_tap = grad_out if winner is None else grad_out * (winner == tap)
             if grad_features is not None:
-                grad_features.index_add_(
-                    0, rows[tap].reshape(-1), (weights[tap].unsqueeze(-1) * grad_tap.unsqueeze(1)).flatten(0, 1))
+                grad_features.index_add_(0, tap_rows, (weights[tap].unsqueeze(-1) * grad_tap.unsqueeze(1)).flatten(0, 1))
             if corner_grads is not None:
-                torch.bmm(features[rows[tap]], grad_tap.unsqueeze(-1), out=corner_grads[tap])
+                corners = features.index_select(0, tap_rows).view(rows.shape[1], 4, -1)
+                torch.bmm(corners, grad_tap.unsqueeze(-1), out=corner_grads[tap])
         grad_input = grad_offset = grad_mask = None
         if grad_features is not None:
             grad_input = grad_features.view(batch, height + 3, width + 3, channels)[:, 1:height + 1, 1:width + 1]

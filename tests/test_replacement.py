@@ -15,6 +15,7 @@ import timm
 import torch
 import torch.nn.functional as F
 from safetensors.torch import save_file
+from timm.models import save_for_hf
 from timm.models.resnet import BasicBlock, ResNet
 from timm.optim import create_optimizer_v2
 from timm.scheduler import CosineLRScheduler
@@ -366,6 +367,18 @@ def test_every_variant_finalizes_to_its_plain_model():
         shapes = [{k: v.shape for k, v in m.state_dict().items()} for m in (model, plain)]
         assert shapes[0] == shapes[1]
         assert count_params(model) == count_params(plain)
+
+
+def test_finalized_variant_saves_a_config_that_builds_the_plain_model(tmp_path):
+    """save_for_hf's config.json of a finalised variant (created with an explicit interval) rebuilds it."""
+    torch.manual_seed(0)
+    model = finalize(timm.create_model('vit_ti_replace', replace_interval=3, **TINY_VIT)).eval()
+    save_for_hf(model, tmp_path)
+    loaded = timm.create_model(f'local-dir:{tmp_path}', pretrained=True).eval()
+    assert type(loaded) is type(model)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 
 def test_finalized_ema_copy_is_plain():

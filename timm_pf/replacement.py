@@ -274,4 +274,6 @@ def finalize(model: nn.Module) -> nn.Module:
         owner.register_parameter(attr, nn.Parameter(value))
     for _, layer in replaced:
         delattr(layer, MIX_NAME)
+    # timm's record of the create_model kwargs (config.json of save_for_hf): the plain model takes no interval
+    getattr(model, '_model_args', {}).pop('replace_interval', None)
     return model

@@ -35,7 +35,7 @@ PLAIN_REPO = 'maintainer/tiny-vit-replace'
 
 def _client_outputs(name: str, x: torch.Tensor):
     """Logits of ``create_model(name, pretrained=True)`` and the class of each block, in the client process."""
-    import timm_pf.rba  # noqa: F401  registers the 'rba' architecture
+    import timm_pf  # noqa: F401  registers the 'rba' architecture
     model = timm.create_model(name, pretrained=True).eval()
     with torch.no_grad():
         return model(x), [type(b).__name__ for b in model.blocks]
@@ -124,7 +124,7 @@ def test_card_on_the_hub_has_the_measured_numbers(hub, base_vit, rba_model, push
     assert measured.params < base.params and cells["Image size"] == "32 x 32"
     for fact in ('blocks after `blocks.1` up to `blocks.3` replaced by a 32x32 linear map',
                  f"timm.create_model('hf-hub:{RBA_REPO}', pretrained=True)", 'timm_pf.rba.approximate',
-                 f'--repo-id {RBA_REPO}', 'import timm_pf.rba'):
+                 f'--repo-id {RBA_REPO}', 'import timm_pf  '):
         assert fact in text, fact
     assert '## Citation' not in text  # no card data for timm's own ViT: no paper sections
 

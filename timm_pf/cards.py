@@ -48,7 +48,6 @@ _FAMILY_KEYS = ('title', 'paper', 'license', 'datasets', 'tags', 'architecture',
                 'citation', 'variants')
 _PART_OF = 'Part of [timm-pf](https://huggingface.co/timm-pf)'
 _MADE_WITH = 'Made with [timm-pf](https://huggingface.co/timm-pf)'
-_IMPORT_MODELS = 'import timm_pf  # noqa: F401  registers the models'
 
 
 class CardError(ValueError):
@@ -263,7 +262,6 @@ class CardSpec:
     notes: Sequence[str] = ()
     hub_link: str = _PART_OF
     extra_tags: Sequence[str] = ()
-    import_line: str = _IMPORT_MODELS  # the usage snippets' import that registers the architecture
 
 
 def _tag_spec(name_tag: str, stats_cells: Dict[str, str], cards_dir: Union[str, Path]) -> CardSpec:
@@ -300,10 +298,10 @@ def _variant_spec(variant: str, stats_cells: Dict[str, str], cards_dir: Union[st
         hub_repo=repo_id,
         model_architecture=f'`{plain}` (trained as `{variant}`{", " + kwargs if kwargs else ""})',
         summary=_variant_summary(family, variant, cards_dir),
-        provenance=(f"started from the pretrained weights of `{plain}` (its default tag `{plain}.{plain_cfg.tag}`, "
-                    f"Hub `{plain_cfg.hf_hub_id}`), trained in replacement-learning form by timm's "
-                    f"`train.py --pretrained --config {recipe}`, baked back into a plain `{plain}` by "
-                    f"`timm_pf.replacement.finalize` and published with `timm-pf push <folder> --repo-id {repo_id}`."),
+        provenance=(f"trained from scratch in replacement-learning form, as the paper trains (supplement A.1), by "
+                    f"timm's `train.py --config {recipe}`, baked back into a plain `{plain}` by "
+                    f"`timm_pf.replacement.finalize` and published with `timm-pf push <folder> --repo-id {repo_id}`. "
+                    f"Preprocessing is that of `{plain}.{plain_cfg.tag}`."),
         data_cfg=plain_cfg.to_dict(),
         stats_cells=stats_cells,
         family=family,
@@ -343,7 +341,6 @@ def render(spec: CardSpec, cards_dir: Union[str, Path] = CARDS_DIR) -> str:
         name=spec.name,
         model_ref=spec.model_ref,
         hub_repo=spec.hub_repo,
-        import_line=spec.import_line,
         model_architecture=spec.model_architecture,
         summary=spec.summary,
         provenance=spec.provenance,
@@ -443,7 +440,6 @@ def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: st
             notes=[_span_note(s) for s in spans],
             family=_family_if_any(base_name, cards_dir),
             extra_tags=('rba',),
-            import_line="import timm_pf.rba  # noqa: F401  registers the models and the 'rba' architecture",
         )
     else:
         spec = dict(

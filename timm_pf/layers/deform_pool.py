@@ -24,14 +24,15 @@ predictor does. The paper builds it on DCNv2 and released no code; this is our i
   masks 0.5, a uniform scale that the following conv + BN absorbs).
 
 Sampling is vectorised: the bilinear corners and weights of all points are computed at once (the mask
-folded into the weights), on the input zero-padded by one pixel so that every corner is a row of the
-channels-last feature matrix and outside corners read zeros. In eager mode (float32/float64) the only loop
+folded into the weights) on the zero-padded input, where every corner is a row of the channels-last
+feature matrix and corners outside the image read zeros. In eager mode (float32/float64) the only loop
 is over the ``kh * kw`` kernel taps, none over positions or channels: each tap is one fused weighted
 gather of channel vectors (``embedding_bag``) into a running maximum that also records the winning tap
 per output element (``uint8``); the mean is one gather of all taps. Backward
-(:class:`_DeformPoolFunction`) keeps only the input, offsets, masks and winning taps, and recomputes each
-tap's corners. Under tracing, ``torch.compile`` and ONNX export, and for other dtypes, the same math runs
-as a dense gather of all samples with standard ops (``Gather``, ``Mul``, ``ReduceSum``, ``ReduceMax``).
+(:class:`_DeformPoolFunction`) keeps only the input, offsets, masks and winning taps, recomputes each
+tap's corners and sends every output's gradient to its first maximal tap (as ``max_pool2d`` does).
+Under tracing, ``torch.compile`` and ONNX export, and for other dtypes, the same math runs as a dense
+gather of all samples with standard ops (``Gather``, ``Mul``, ``ReduceSum``, ``ReduceMax``).
 """
 import functools
 from typing import NamedTuple, Optional, Tuple, Union
@@ -76,7 +77,7 @@ def _padded_features(input: torch.Tensor, groups: int) -> torch.Tensor:
     With this border every bilinear corner of a position clamped to ``[-1, H] x [-1, W]`` is a row of the
     matrix, and the corners outside the image read zeros: no per-corner validity masks are needed.
     """
-    batch, channels = input.shape[:2]
+    channels = input.shape[1]
     padded = F.pad(input.permute(0, 2, 3, 1), (0, 0, 1, 2, 1, 2))
     return padded.reshape(-1, channels // groups)
 
@@ -101,6 +102,7 @@ def _constants(
         dtype: torch.dtype,
         index_dtype: torch.dtype,
 ) -> _Constants:
+    """The size-dependent tensors of a call: ``int32`` or ``int64`` rows (``index_dtype``), ``dtype`` positions."""
     (height, width), (out_height, out_width), (kh, kw) = geometry.in_size, geometry.out_size, geometry.kernel_size
     groups, row_stride = geometry.groups, (geometry.in_size[1] + 3) * geometry.groups
     opts, index_opts = dict(device=device, dtype=dtype), dict(device=device, dtype=index_dtype)
@@ -121,7 +123,7 @@ def _constants(
         bag_starts=torch.arange(0, 4 * num_locations, 4, **index_opts))
 
 
-@functools.lru_cache(maxsize=64)
+@functools.lru_cache(maxsize=16)
 def _cached_constants(*args) -> _Constants:
     """:func:`_constants` kept between eager calls (plain tensors, also usable under ``inference_mode``)."""
     with torch.inference_mode(False), torch.no_grad():

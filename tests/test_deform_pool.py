@@ -115,7 +115,10 @@ def _pool_and_grads(x, offset, mask, *args):
 
 @pytest.mark.parametrize('reduction', ['max', 'avg'])
 @pytest.mark.parametrize('with_mask', [True, False])
-def test_tap_loop_matches_dense_path_forward_and_backward(reduction, with_mask, monkeypatch):
+@pytest.mark.parametrize('taps_per_gather', [9, 4, 1])
+def test_tap_loop_matches_dense_path_forward_and_backward(reduction, with_mask, taps_per_gather, monkeypatch):
+    # 2 x 4 x 5 locations x 2 groups, 3 channels per group: blocks of 9, 4 + 4 + 1 or single taps
+    monkeypatch.setattr(deform_pool_module, '_GATHER_BUDGET', 2 * 4 * 5 * 2 * 3 * taps_per_gather)
     torch.manual_seed(2)
     x = torch.randn(2, 6, 8, 9, dtype=torch.float64)
     offset = torch.randn(2, 2 * 2 * 9, 4, 5, dtype=torch.float64) * 2  # some samples leave the image
@@ -128,9 +131,11 @@ def test_tap_loop_matches_dense_path_forward_and_backward(reduction, with_mask, 
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
-def test_max_ties_send_the_gradient_to_the_first_tap_on_both_paths(monkeypatch):
+@pytest.mark.parametrize('taps_per_gather', [9, 2])
+def test_max_ties_send_the_gradient_to_the_first_tap_on_both_paths(taps_per_gather, monkeypatch):
     # Post-ReLU features have exact zeros: ties among taps. Both paths route each output's gradient to the
     # first maximal tap in row-major order, as max_pool2d does on the zero-padded input.
+    monkeypatch.setattr(deform_pool_module, '_GATHER_BUDGET', 4 * 6 * 7 * taps_per_gather)
     torch.manual_seed(5)
     x = torch.randn(1, 4, 6, 7, dtype=torch.float64).relu()
     offset = _zero_offsets(x, 3, 1, 1, 1)

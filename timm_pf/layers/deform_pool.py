@@ -46,6 +46,7 @@ __all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d'
 
 _IntOrPair = Union[int, Tuple[int, int]]
 _REDUCTIONS = ('max', 'avg')
+_GATHER_BUDGET = 2 ** 20  # values gathered at once by the max tap loop (4 MiB in float32)
 
 
 def _pair(value: _IntOrPair, name: str) -> Tuple[int, int]:
@@ -92,7 +93,7 @@ class _Constants(NamedTuple):
     first_row: torch.Tensor  # (1, B, 1, 1, G): row of padded pixel (0, 0) of every image and group
     corner_steps: torch.Tensor  # (4,) row steps from the above-left corner to the 4 corners
     row_stride: int  # rows per padded image row (the column stride is G)
-    bag_starts: torch.Tensor  # (L,) 0, 4, 8, ...: the first entry of every bag of 4 corners
+    bag_starts: torch.Tensor  # (K * L,) 0, 4, 8, ...: the first entry of every bag of 4 corners
 
 
 def _constants(
@@ -115,12 +116,12 @@ def _constants(
     upper = torch.tensor([height + 1, width + 1], **opts).view(2, 1, 1, 1, 1, 1)
     first_row = (torch.arange(batch, **index_opts) * ((height + 3) * row_stride)).view(1, -1, 1, 1, 1) + torch.arange(
         groups, **index_opts)
-    num_locations = batch * out_height * out_width * groups
+    num_samples = geometry.num_points * batch * out_height * out_width * groups
     return _Constants(
         grid=grid[:, :, None, :, :, None], lower=torch.zeros_like(upper), upper=upper,
         lower_rows=torch.zeros_like(upper, dtype=index_dtype), upper_rows=upper.to(index_dtype), first_row=first_row,
         corner_steps=torch.tensor([0, groups, row_stride, row_stride + groups], **index_opts), row_stride=row_stride,
-        bag_starts=torch.arange(0, 4 * num_locations, 4, **index_opts))
+        bag_starts=torch.arange(0, 4 * num_samples, 4, **index_opts))
 
 
 @functools.lru_cache(maxsize=16)
@@ -177,12 +178,12 @@ def _tap_corners(
     left, right = 1 - frac_x, frac_x
     pairs = ((above, left), (above, right), (below, left), (below, right))
     if eager:
-        weights = frac.new_empty(rows.shape)
+        weights = frac.new_empty(first.shape + (4,))
         for corner, (weight_y, weight_x) in enumerate(pairs):
-            torch.mul(weight_y.reshape(num_points, -1), weight_x.reshape(num_points, -1), out=weights[..., corner])
+            torch.mul(weight_y, weight_x, out=weights[..., corner])
     else:
-        weights = torch.stack([weight_y * weight_x for weight_y, weight_x in pairs], dim=-1).reshape(rows.shape)
-    return rows, weights, frac.reshape(2, num_points, -1)
+        weights = torch.stack([weight_y * weight_x for weight_y, weight_x in pairs], dim=-1)
+    return rows, weights.reshape(rows.shape), frac.reshape(2, num_points, -1)
 
 
 def _weighted_bags(
@@ -225,17 +226,38 @@ def _pool_taps(
     scale = 1 / num_points if reduction == 'avg' else 1.0
     features, constants, _, rows, weights, _ = _eager_corners(input, offset, mask, geometry, scale)
     if reduction == 'avg':
-        bag_starts = constants.bag_starts * num_points
+        bag_starts = constants.bag_starts[:rows.shape[1]] * num_points
         return _weighted_bags(features, rows.transpose(0, 1), weights.transpose(0, 1), bag_starts), None
-    out = _weighted_bags(features, rows[0], weights[0], constants.bag_starts)
-    winner = None
-    if record_winner:
-        winner = torch.zeros_like(out, dtype=torch.uint8 if num_points <= 256 else torch.int32)
-    for tap in range(1, num_points):
-        sample = _weighted_bags(features, rows[tap], weights[tap], constants.bag_starts)
-        if winner is not None:
-            winner.masked_fill_(sample > out, tap)
-        torch.maximum(out, sample, out=out)
+    # A few taps per gather (all of them on small maps, one on large ones): fewer calls where their
+    # overhead dominates, a scratch of at most _GATHER_BUDGET values where memory traffic does.
+    locations, channels = rows.shape[1], features.shape[1]
+    block = max(1, min(num_points, _GATHER_BUDGET // (locations * channels)))
+    winner_dtype = torch.uint8 if num_points <= 256 else torch.int32
+    out = winner = None
+    for start in range(0, num_points, block):
+        taps = slice(start, start + block)
+        samples = _weighted_bags(features, rows[taps], weights[taps], constants.bag_starts[:rows[taps].numel() // 4])
+        samples = samples.view(-1, locations, channels)
+        best_tap = None
+        if samples.shape[0] == 1:
+            best = samples[0]
+        elif record_winner:
+            best, best_tap = samples.max(dim=0)  # the first maximal tap of the block
+            best_tap = best_tap.to(winner_dtype).add_(start)
+        else:
+            best = samples.amax(dim=0)
+        if out is None:
+            out = best
+            if record_winner:
+                winner = torch.zeros_like(out, dtype=winner_dtype) if best_tap is None else best_tap
+            continue
+        if record_winner:
+            better = best > out
+            if best_tap is None:
+                winner.masked_fill_(better, start)
+            else:
+                winner = torch.where(better, best_tap, winner)
+        torch.maximum(out, best, out=out)
     return out, winner
 
 

@@ -220,8 +220,9 @@ def _pool_taps(
         reduction: str,
         record_winner: bool,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Eager forward ``(L, C / G)``: one weighted gather per tap into a running maximum (and, if asked,
-    the first winning tap of every output element as ``uint8``), or one gather of all taps for the mean."""
+    """Eager forward ``(L, C / G)``: weighted gathers of the taps, a block of taps at a time, into a running
+    maximum (and, if asked, the first winning tap of every output element as ``uint8``), or one gather of
+    all taps for the mean."""
     num_points = geometry.num_points
     scale = 1 / num_points if reduction == 'avg' else 1.0
     features, constants, _, rows, weights, _ = _eager_corners(input, offset, mask, geometry, scale)

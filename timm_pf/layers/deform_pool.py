@@ -293,8 +293,10 @@ class _DeformPoolFunction(torch.autograd.Function):
         for tap in range(num_points):
             tap_rows = rows[tap].reshape(-1)
             grad_tap = grad_out if winner is None else grad_out * (winner == tap)
-            if grad_features is not None:
-                grad_features.index_add_(0, tap_rows, (weights[tap].unsqueeze(-1) * grad_tap.unsqueeze(1)).flatten(0, 1))
+            if grad_features is not None:  # scatter_add_ runs in parallel on CPU, index_add_ does not
+                grad_features.scatter_add_(
+                    0, tap_rows.long().unsqueeze(1).expand(-1, grad_features.shape[1]),
+                    (weights[tap].unsqueeze(-1) * grad_tap.unsqueeze(1)).flatten(0, 1))
             if corner_grads is not None:
                 corners = features.index_select(0, tap_rows).view(rows.shape[1], 4, -1)
                 torch.bmm(corners, grad_tap.unsqueeze(-1), out=corner_grads[tap])

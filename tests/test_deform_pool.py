@@ -272,3 +272,21 @@ def test_low_precision_matches_float32(dtype):
     out = deform_pool2d(x.to(dtype), offset.to(dtype), mask.to(dtype), 3, 1, 1)
     assert out.dtype == dtype
     torch.testing.assert_close(out.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_fake_tensor_mode_shares_no_constants_with_real_calls():
+    # Shape inference with FakeTensorMode runs the eager path too; size-dependent constants cached by real
+    # calls must not leak into it, nor its fake ones into later real calls.
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    x = torch.rand(1, 4, 6, 5)
+    offset = torch.randn(1, 18, 6, 5)
+    expected = deform_pool2d(x, offset, None, 3, 1, 1)
+    with FakeTensorMode() as mode:
+        fake = deform_pool2d(mode.from_tensor(x), mode.from_tensor(offset), None, 3, 1, 1)
+    assert isinstance(fake, FakeTensor) and fake.shape == (1, 4, 6, 5)
+    deform_pool_module._cached_constants.cache_clear()
+    with FakeTensorMode() as mode:
+        deform_pool2d(mode.from_tensor(x), mode.from_tensor(offset), None, 3, 1, 1)
+    out = deform_pool2d(x, offset, None, 3, 1, 1)
+    assert not isinstance(out, FakeTensor)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)

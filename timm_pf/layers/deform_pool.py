@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
 
@@ -207,7 +208,9 @@ def _eager_corners(
     """Padded features, constants, positions and :func:`_tap_corners` of the tap loop (int32 rows if they fit)."""
     features = _padded_features(input, geometry.groups)
     index_dtype = torch.int32 if features.shape[0] < 2 ** 31 else torch.int64
-    constants = _cached_constants(geometry, input.shape[0], input.device, input.dtype, index_dtype)
+    sizes = (geometry, input.shape[0], input.device, input.dtype, index_dtype)
+    # under a dispatch mode (e.g. FakeTensorMode) tensors are the mode's: nothing is shared with the cache
+    constants = _cached_constants(*sizes) if _get_current_dispatch_mode() is None else _constants(*sizes)
     positions = _tap_positions(offset, constants, geometry.groups, eager=True)
     return (features, constants, positions) + _tap_corners(positions, mask, constants, scale, eager=True)
 

@@ -47,7 +47,7 @@ __all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d'
 
 _IntOrPair = Union[int, Tuple[int, int]]
 _REDUCTIONS = ('max', 'avg')
-_GATHER_BUDGET = 2 ** 20  # values gathered at once by the max tap loop (4 MiB in float32)
+_GATHER_BUDGET = 2 ** 19  # values gathered at once by the max tap loop (2 MiB in float32)
 
 
 def _pair(value: _IntOrPair, name: str) -> Tuple[int, int]:

@@ -256,11 +256,11 @@ def _pool_taps(
                 winner = torch.zeros_like(out, dtype=winner_dtype) if best_tap is None else best_tap
             continue
         if record_winner:
-            better = best > out
-            if best_tap is None:
-                winner.masked_fill_(better, start)
-            else:
-                winner = torch.where(better, best_tap, winner)
+            # later taps have larger indices: the winner becomes max(winner, tap where strictly better, else 0)
+            # (elementwise integer ops; masked_fill_ / where with a bool mask are ~10x slower on CPU)
+            better = (best > out).to(winner_dtype)
+            better = better.mul_(start) if best_tap is None else best_tap.mul_(better)
+            torch.maximum(winner, better, out=winner)
         torch.maximum(out, best, out=out)
     return out, winner
 

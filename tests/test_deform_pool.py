@@ -204,6 +204,17 @@ def test_gradcheck_input_offsets_masks(reduction, stride, groups, dense, monkeyp
         lambda a, b, c: deform_pool2d(a, b, c, 3, stride, 1, 1, reduction), (x, offset, mask))
 
 
+@pytest.mark.parametrize('reduction', ['max', 'avg'])
+def test_gradgradcheck_input_offsets_masks(reduction):
+    # Second-order gradients (e.g. gradient penalties) through the eager path.
+    torch.manual_seed(6)
+    x = torch.randn(1, 2, 4, 4, dtype=torch.float64, requires_grad=True)
+    offset = (torch.rand(1, 18, 4, 4, dtype=torch.float64) * 3 - 1.5 + 0.25).requires_grad_()
+    mask = torch.rand(1, 9, 4, 4, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(
+        lambda a, b, c: deform_pool2d(a, b, c, 3, 1, 1, 1, reduction), (x, offset, mask))
+
+
 def test_learned_pool_starts_as_half_scaled_pool():
     # Zero-initialised predictor (as DCNv2): regular grid, sigmoid(0) = 0.5 masks.
     x = torch.rand(2, 8, 10, 10)

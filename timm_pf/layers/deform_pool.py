@@ -40,7 +40,6 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 __all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
@@ -270,6 +269,8 @@ class _DeformPoolFunction(torch.autograd.Function):
 
     Saved: the input, offsets, masks and (max) the winning tap per output element; backward recomputes
     the corners per tap and sends the gradient of each output element to the sample of its winning tap.
+    With ``create_graph=True`` (gradient penalties, higher-order gradients) it differentiates
+    :func:`_dense_pool` instead, whose gradients are differentiable again.
     """
 
     @staticmethod
@@ -280,11 +281,15 @@ class _DeformPoolFunction(torch.autograd.Function):
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
         input, offset, mask, winner = ctx.saved_tensors
         geometry, reduction = ctx.geometry, ctx.reduction
         needs_input, needs_offset, needs_mask = ctx.needs_input_grad[:3]
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the dense formulation, twice differentiable
+            wrt = [t for t, needs in zip((input, offset, mask), ctx.needs_input_grad[:3]) if needs]
+            out = _dense_pool(input, offset, mask, geometry, reduction)
+            grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
+            return tuple(next(grads) if needs else None for needs in ctx.needs_input_grad[:3]) + (None, None)
         num_points, groups = geometry.num_points, geometry.groups
         batch, channels, height, width = input.shape
         (out_height, out_width), scale = geometry.out_size, (1 / num_points if reduction == 'avg' else 1.0)

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from _model_checks import assert_grad_checkpointing_keeps_gradients
+from _model_checks import (
+    assert_fine_tunes_at, assert_grad_checkpointing_keeps_gradients, assert_reset_classifier_works)
 from _official import load_official_fixture, unfused_attention
 from timm_pf.layers.token_mixers import EfficientTokenMixer, GridAttention
 from timm_pf.models.pit_pf import checkpoint_filter_fn
@@ -154,20 +155,11 @@ def test_pretrained_loading_adapts_classes(official_pit, tmp_path):
 
 def test_finetune_at_384_resamples_the_position_embedding(official_pit, pit_s_official):
     state_dict, x, _, _ = official_pit
-    model = timm.create_model('pit_s_maxpool', img_size=384)
-    converted = checkpoint_filter_fn(state_dict, model)
+    converted = checkpoint_filter_fn(state_dict, timm.create_model('pit_s_maxpool', img_size=384, device='meta'))
     # the authors' forward resamples the same way when the grid differs (bicubic, no antialiasing)
     expected = F.interpolate(state_dict['pos_embed'], size=(47, 47), mode='bicubic', align_corners=False)
     torch.testing.assert_close(converted['pos_embed'], expected)
-    model.load_state_dict(converted)
-    unfused_attention(model.eval())
-    x384 = F.interpolate(x[:1], size=(384, 384), mode='bilinear', align_corners=False)
-    with torch.no_grad():
-        out = model(x384)
-        dynamic = unfused_attention(timm.create_model('pit_s_maxpool', dynamic_img_size=True).eval())
-        dynamic.load_state_dict(pit_s_official.state_dict())
-        torch.testing.assert_close(dynamic(x384), out, rtol=1e-4, atol=1e-4)
-    assert out.shape == (1, 1000)
+    assert_fine_tunes_at('pit_s_maxpool', converted, pit_s_official, x, 384)
 
 
 def test_dynamic_img_size_on_non_square_inputs():
@@ -215,12 +207,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 def test_reset_classifier():
     model = _tiny_pit(img_size=64).eval()
-    model.reset_classifier(7)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert model(x).shape == (2, 7)
-        model.reset_classifier(0, global_pool='max')
-        torch.testing.assert_close(model(x), model.forward_features(x).amax(1))
+    assert_reset_classifier_works(model, torch.randn(2, 3, 64, 64))
     with pytest.raises(ValueError, match='global_pool'):
         model.reset_classifier(0, global_pool='token')
 

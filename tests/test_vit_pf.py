@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from timm.layers import Attention, resample_abs_pos_embed
 from torch import nn
 
-from _model_checks import assert_grad_checkpointing_keeps_gradients
+from _model_checks import (
+    assert_fine_tunes_at, assert_grad_checkpointing_keeps_gradients, assert_reset_classifier_works)
 from _official import load_official_fixture, unfused_attention
 from safetensors.torch import save_file
 from timm_pf.layers.token_mixers import Conv2dNhwc, EfficientTokenMixer, GridAttention, MaxPool2dNhwc
@@ -244,20 +245,10 @@ def test_pretrained_loading_adapts_classes_and_channels(official_vit, tmp_path):
 
 def test_finetune_at_384_resamples_the_position_embedding(official_vit, vit_s_official):
     state_dict, x, _, _ = official_vit
-    model = timm.create_model('vit_s_maxpool', img_size=384)
-    converted = checkpoint_filter_fn(state_dict, model)
+    converted = checkpoint_filter_fn(state_dict, timm.create_model('vit_s_maxpool', img_size=384, device='meta'))
     expected = resample_abs_pos_embed(state_dict['pos_embed'], new_size=(24, 24), num_prefix_tokens=0)
     torch.testing.assert_close(converted['pos_embed'], expected)
-    model.load_state_dict(converted)
-    unfused_attention(model.eval())
-    x384 = F.interpolate(x[:1], size=(384, 384), mode='bilinear', align_corners=False)
-    with torch.no_grad():
-        out = model(x384)
-        # the same weights, resampling on the fly
-        dynamic = unfused_attention(timm.create_model('vit_s_maxpool', dynamic_img_size=True).eval())
-        dynamic.load_state_dict(vit_s_official.state_dict())
-        torch.testing.assert_close(dynamic(x384), out, rtol=1e-4, atol=1e-4)
-    assert out.shape == (1, 1000)
+    assert_fine_tunes_at('vit_s_maxpool', converted, vit_s_official, x, 384)
 
 
 def test_dynamic_img_size_on_non_square_inputs():
@@ -315,13 +306,7 @@ def test_grad_checkpointing_gives_the_same_gradients():
 
 
 def test_reset_classifier():
-    model = _tiny_vit(img_size=64).eval()
-    model.reset_classifier(7)
-    x = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        assert model(x).shape == (2, 7)
-        model.reset_classifier(0, global_pool='max')
-        torch.testing.assert_close(model(x), model.forward_features(x).amax(1))
+    assert_reset_classifier_works(_tiny_vit(img_size=64).eval(), torch.randn(2, 3, 64, 64))
 
 
 def test_pretrained_cfgs():

@@ -117,7 +117,10 @@ class _ConvGeometry(NamedTuple):
 
 def _mix_chunks(batch: int, kernel_numel: int) -> List[slice]:
     """Sample ranges whose mixed kernels (at most :data:`MIX_CHUNK_NUMEL` elements) are built at once, so
-    big kernels x big batches stay in cache instead of filling a fresh batch-sized buffer."""
+    big kernels x big batches stay in cache instead of filling a fresh batch-sized buffer. One range when
+    exporting: the graph keeps a batch-independent shape."""
+    if _is_exporting():
+        return [slice(0, batch)]
     chunk = max(1, MIX_CHUNK_NUMEL // kernel_numel)
     return [slice(start, start + chunk) for start in range(0, batch, chunk)]
 
@@ -255,10 +258,8 @@ class DynamicConv2d(CondConv2d):
         geometry = _ConvGeometry(
             self.weight_shape, self.stride, (0, 0) if self.dynamic_padding else self.padding, self.dilation,
             self.groups)
-        if _is_exporting():
-            weight = torch.matmul(routing_weights, self.weight).reshape(x.shape[0], *self.weight_shape)
-            out = per_sample_conv2d(x, weight, None, *geometry[1:])
-        elif torch.is_grad_enabled() and any(t.requires_grad for t in (x, routing_weights, self.weight)):
+        if (torch.is_grad_enabled() and not _is_exporting()
+                and any(t.requires_grad for t in (x, routing_weights, self.weight))):
             out = _MixedConvRecomputed.apply(x, routing_weights, self.weight, geometry)
         else:
             out = _mixed_conv(x, routing_weights, self.weight, geometry)

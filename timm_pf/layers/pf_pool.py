@@ -23,17 +23,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ['pf_max_pool2d', 'PfMaxPool2d']
+__all__ = ['pf_max_pool2d', 'PfMaxPool2d', 'running_max']
 
 
-def _max3(src: torch.Tensor, dim: int) -> torch.Tensor:
-    """Max over the 3-wide window centred on each position along ``dim`` (edges see 2 elements)."""
-    out = src.clone()
-    n = src.shape[dim]
-    if n > 1:
-        head, tail = out.narrow(dim, 0, n - 1), out.narrow(dim, 1, n - 1)
-        torch.maximum(tail, src.narrow(dim, 0, n - 1), out=tail)  # left/upper neighbour
-        torch.maximum(head, src.narrow(dim, 1, n - 1), out=head)  # right/lower neighbour
+def running_max(src: torch.Tensor, dim: int, radius: int, out: torch.Tensor) -> torch.Tensor:
+    """``out[i] = max(src[i - radius : i + radius + 1])`` along ``dim``, the window clipped at the ends
+    (edges see fewer elements, like -inf padding). ``out`` has ``src``'s shape and must not overlap it."""
+    length = src.shape[dim]
+    if length == 1 or radius == 0:
+        return out.copy_(src)
+    # the first shift writes every element of out: no copy of src to start from
+    torch.maximum(src.narrow(dim, 1, length - 1), src.narrow(dim, 0, length - 1), out=out.narrow(dim, 1, length - 1))
+    out.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
+    for shift in range(1, min(radius, length - 1) + 1):
+        if shift > 1:
+            tail = out.narrow(dim, shift, length - shift)
+            torch.maximum(tail, src.narrow(dim, 0, length - shift), out=tail)
+        head = out.narrow(dim, 0, length - shift)
+        torch.maximum(head, src.narrow(dim, shift, length - shift), out=head)
     return out
 
 
@@ -43,7 +50,8 @@ class _SeparableMaxPool3x3(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(x)
-        return _max3(_max3(x, 3), 2)  # max over each row window, then over the column window
+        rows = running_max(x, 3, 1, torch.empty_like(x))  # max over each row window,
+        return running_max(rows, 2, 1, torch.empty_like(x))  # then over the column window
 
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor) -> Tuple[torch.Tensor]:

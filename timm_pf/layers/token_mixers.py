@@ -15,24 +15,9 @@ from torch import nn
 
 from timm.layers import GELU, Attention, get_act_layer, is_exporting
 
+from .pf_pool import running_max
+
 __all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS']
-
-
-def _running_max(src: torch.Tensor, dim: int, radius: int, out: torch.Tensor) -> torch.Tensor:
-    """``out[i] = max(src[i - radius : i + radius + 1])`` along ``dim``, the window clipped at the ends."""
-    length = src.shape[dim]
-    if length == 1 or radius == 0:
-        return out.copy_(src)
-    # the first shift writes every element of out: no copy of src to start from
-    torch.maximum(src.narrow(dim, 1, length - 1), src.narrow(dim, 0, length - 1), out=out.narrow(dim, 1, length - 1))
-    out.narrow(dim, 0, 1).copy_(src.narrow(dim, 0, 1))
-    for shift in range(1, min(radius, length - 1) + 1):
-        if shift > 1:
-            tail = out.narrow(dim, shift, length - shift)
-            torch.maximum(tail, src.narrow(dim, 0, length - shift), out=tail)
-        head = out.narrow(dim, 0, length - shift)
-        torch.maximum(head, src.narrow(dim, shift, length - shift), out=head)
-    return out
 
 
 def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False) -> torch.Tensor:
@@ -43,8 +28,8 @@ def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False
     With ``inplace`` the result is written into ``x``'s memory, so only one buffer is allocated.
     """
     radius = kernel_size // 2
-    rows = _running_max(x, 2, radius, torch.empty_like(x))
-    return _running_max(rows, 1, radius, x if inplace else torch.empty_like(x))
+    rows = running_max(x, 2, radius, torch.empty_like(x))
+    return running_max(rows, 1, radius, x if inplace else torch.empty_like(x))
 
 
 def _needs_autograd_or_graph(x: torch.Tensor) -> bool:

@@ -46,6 +46,7 @@ from timm.models._helpers import clean_state_dict
 from timm.models._hub import HF_WEIGHTS_NAME, hf_split, load_model_config_from_path
 
 from .models._cfg import HF_HUB_ORG, hub_repo_id
+from .models._checkpoint import CheckpointMismatch
 from .stats import count_params
 from .version import __version__
 
@@ -264,11 +265,10 @@ def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
     """Load every tensor into ``model`` (``target`` names it in errors) and fail with the differing keys/shapes
     otherwise."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state_dict))
-    unexpected = sorted(set(state_dict) - set(own))
-    shapes = [f'{k}: checkpoint {tuple(state_dict[k].shape)} vs model {tuple(own[k].shape)}'
-              for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if missing or unexpected or shapes:
+    mismatch = CheckpointMismatch.between(state_dict, own)
+    missing, unexpected = sorted(mismatch.missing), sorted(mismatch.unexpected)
+    shapes = [f'{k}: checkpoint {shape} vs model {want}' for k, shape, want in mismatch.mis_shaped]
+    if mismatch:
         lines = []
         for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
             if items:

@@ -44,6 +44,21 @@ class CheckpointMismatch:
         self.unexpected = unexpected
         self.mis_shaped = mis_shaped
 
+    @classmethod
+    def between(
+            cls,
+            state_dict: Mapping[str, torch.Tensor],
+            expected: Mapping[str, torch.Tensor],
+            ignored: Callable[[str], bool] = lambda key: False,
+    ) -> 'CheckpointMismatch':
+        """How ``state_dict`` differs from the ``expected`` one (a model's), leaving out ``ignored`` keys."""
+        return cls(
+            missing=[k for k in expected if k not in state_dict and not ignored(k)],
+            unexpected=[k for k in state_dict if k not in expected and not ignored(k)],
+            mis_shaped=[(k, tuple(v.shape), tuple(expected[k].shape)) for k, v in state_dict.items()
+                        if k in expected and v.shape != expected[k].shape and not ignored(k)],
+        )
+
     def __bool__(self) -> bool:
         return bool(self.missing or self.unexpected or self.mis_shaped)
 
@@ -71,19 +86,10 @@ def check_matches_model(
     loader drops or adapts them after the filter (``num_classes`` / ``in_chans`` other than the
     checkpoint's). ``hints`` adds family-specific explanations (e.g. the checkpoint's block layout).
     """
-    expected = model.state_dict()
-    adaptable = lambda k: k.startswith(f'{classifier}.')
-    mismatch = CheckpointMismatch(
-        missing=[k for k in expected if k not in state_dict and not adaptable(k)],
-        unexpected=[k for k in state_dict if k not in expected and not adaptable(k)],
-        mis_shaped=[],
-    )
-    for k, v in state_dict.items():
-        if k in expected and v.shape != expected[k].shape and not adaptable(k):
-            shape, want = tuple(v.shape), tuple(expected[k].shape)
-            if k == f'{first_conv}.weight' and shape[:1] + shape[2:] == want[:1] + want[2:]:
-                continue
-            mismatch.mis_shaped.append((k, shape, want))
+    mismatch = CheckpointMismatch.between(state_dict, model.state_dict(), lambda k: k.startswith(f'{classifier}.'))
+    mismatch.mis_shaped = [  # the first conv may differ in its input channels only
+        (k, shape, want) for k, shape, want in mismatch.mis_shaped
+        if not (k == f'{first_conv}.weight' and shape[:1] + shape[2:] == want[:1] + want[2:])]
     if mismatch:
         name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
         problems = [*hints(mismatch), *mismatch.describe()]

@@ -87,6 +87,24 @@ def test_dynamic_conv_is_a_routed_mixture_of_experts(case, routing):
     torch.testing.assert_close(conv(x), _reference(x, weight, bias, s, p, g), atol=1e-5, rtol=1e-5)
 
 
+# kernel sizes (in x out of a 1x1 conv) whose element counts share 64, 8 and 1 with 64: every block count
+@pytest.mark.parametrize('cin,cout', [(16, 8), (6, 12), (9, 5)])
+def test_batch_one_blocked_mixing_matches_reference(cin, cout, monkeypatch):
+    """At batch 1 big kernels are mixed as a batched matmul over column blocks of the experts (a strided
+    view): forced on for small kernels here, the output must equal the plainly mixed convolution."""
+    monkeypatch.setattr(dynamic_conv, 'BLOCKED_MIX_NUMEL', 1)
+    conv = DynamicConv2d(cin, cout, 1, num_experts=4).eval()
+    nn.init.normal_(conv.routing.weight)
+    x = torch.randn(1, cin, 5, 4)
+    with torch.inference_mode():
+        coeffs = conv.routing_weights(x)
+        weight = (coeffs @ conv.weight).view(1, cout, cin, 1, 1)
+        torch.testing.assert_close(conv(x), _reference(x, weight, None, 1, 0, 1), atol=1e-6, rtol=1e-5)
+        # non-contiguous experts fall back to the one-row matmul
+        experts_t = conv.weight.t().contiguous().t()
+        torch.testing.assert_close(dynamic_conv._mix_one_sample(coeffs, experts_t), coeffs @ conv.weight)
+
+
 def _training_grads(conv, x):
     out = conv(x)
     return out, torch.autograd.grad(out.square().sum(), [x] + list(conv.parameters()))

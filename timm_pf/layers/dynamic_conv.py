@@ -13,6 +13,7 @@ axis; in eager mode it picks the fastest exact kernel for the layer's shape. In 
 per-sample kernels are not kept for backward but mixed again there (a read of the experts instead of
 batch x kernel-size floats per layer), which keeps ParameterNet's training memory near the plain GhostNet's.
 """
+import math
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
@@ -30,10 +31,14 @@ _Pair = Tuple[int, int]
 
 # Mixed kernels of at most this many elements are materialised at once in eager mode.
 MIX_CHUNK_NUMEL = 1 << 20
+# At batch 1, experts of at least this many elements each are mixed as a batch of column blocks.
+BLOCKED_MIX_NUMEL = 1 << 15
 
 
 def _is_exporting() -> bool:
-    return torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting() or torch.jit.is_tracing()
+    """Tracing or exporting (``torch.onnx.export`` runs under one of the two), when only batch-independent
+    shapes may be used."""
+    return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
 def _conv_as_matmul(
@@ -115,24 +120,41 @@ class _ConvGeometry(NamedTuple):
     groups: int
 
 
-def _mix_chunks(batch: int, kernel_numel: int) -> List[slice]:
+def _mix_chunks(batch: int, kernel_numel: int, exporting: bool) -> List[slice]:
     """Sample ranges whose mixed kernels (at most :data:`MIX_CHUNK_NUMEL` elements) are built at once, so
     big kernels x big batches stay in cache instead of filling a fresh batch-sized buffer. One range when
     exporting: the graph keeps a batch-independent shape."""
-    if _is_exporting():
+    if exporting:
         return [slice(0, batch)]
     chunk = max(1, MIX_CHUNK_NUMEL // kernel_numel)
     return [slice(start, start + chunk) for start in range(0, batch, chunk)]
 
 
+def _mix_one_sample(routing_weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """``routing_weights (1, E) @ experts (E, K)``. A one-row matmul runs on a single thread; for big
+    kernels the same sums are computed as one batched matmul over up to 64 column blocks of the experts
+    (a strided view, no copy), which runs on every thread and returns the (1, K) row in place."""
+    num_experts, numel = experts.shape
+    blocks = math.gcd(numel, 64) if numel >= BLOCKED_MIX_NUMEL and experts.is_contiguous() else 1
+    if blocks == 1:
+        return torch.mm(routing_weights, experts)
+    cols = numel // blocks
+    experts_by_block = experts.as_strided((blocks, num_experts, cols), (cols, numel, 1))
+    return torch.bmm(routing_weights.expand(blocks, 1, num_experts), experts_by_block).view(1, numel)
+
+
 def _mixed_conv(x: torch.Tensor, routing_weights: torch.Tensor, experts: torch.Tensor,
-                geometry: _ConvGeometry) -> torch.Tensor:
+                geometry: _ConvGeometry, exporting: bool) -> torch.Tensor:
     """Mix each sample's kernel from the experts (Eq. 3) and convolve, a chunk of samples at a time."""
-    chunks = _mix_chunks(x.shape[0], experts.shape[1])
+    if x.shape[0] == 1 and not exporting:
+        # one sample: an ordinary convolution with its kernel (this path's op count sets batch-1 latency)
+        return F.conv2d(x, _mix_one_sample(routing_weights, experts).view(geometry.weight_shape), None, *geometry[1:])
+    chunks = _mix_chunks(x.shape[0], experts.shape[1], exporting)
     if len(chunks) == 1:
         weight = torch.matmul(routing_weights, experts).reshape(-1, *geometry.weight_shape)
         return per_sample_conv2d(x, weight, None, *geometry[1:])
-    return torch.cat([_mixed_conv(x[part], routing_weights[part], experts, geometry) for part in chunks])
+    return torch.cat([
+        _mixed_conv(x[part], routing_weights[part], experts, geometry, exporting) for part in chunks])
 
 
 def _per_sample_conv2d_backward(
@@ -173,7 +195,7 @@ class _MixedConvRecomputed(torch.autograd.Function):
     def forward(ctx, x, routing_weights, experts, geometry):
         ctx.geometry = geometry
         ctx.save_for_backward(x, routing_weights, experts)
-        return _mixed_conv(x, routing_weights, experts, geometry)
+        return _mixed_conv(x, routing_weights, experts, geometry, False)
 
     @staticmethod
     @once_differentiable
@@ -185,7 +207,7 @@ class _MixedConvRecomputed(torch.autograd.Function):
         grad_out, x_c, routing_c, experts_c = (
             t.to(dtype) for t in (grad_out.contiguous(), x, routing_weights, experts))
         grad_x, grad_routing, grad_experts = [], [], torch.zeros_like(experts_c)
-        for part in _mix_chunks(x.shape[0], experts.shape[1]):
+        for part in _mix_chunks(x.shape[0], experts.shape[1], False):
             weight = torch.matmul(routing_c[part], experts_c)
             gx, gw = _per_sample_conv2d_backward(
                 grad_out[part], x_c[part], weight.reshape(-1, *ctx.geometry.weight_shape), ctx.geometry, need_grad_x)
@@ -230,6 +252,9 @@ class DynamicConv2d(CondConv2d):
             raise ValueError(f'unknown routing {routing!r}, expected one of {ROUTING_TYPES}')
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts, **dd)
+        self.geometry = _ConvGeometry(
+            self.weight_shape, self.stride, (0, 0) if self.dynamic_padding else self.padding, self.dilation,
+            self.groups)
         self.routing_type = routing
         if routing == 'sigmoid':
             self.routing = nn.Linear(in_channels, num_experts, **dd)
@@ -255,14 +280,13 @@ class DynamicConv2d(CondConv2d):
             routing_weights = self.routing_weights(x)
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        geometry = _ConvGeometry(
-            self.weight_shape, self.stride, (0, 0) if self.dynamic_padding else self.padding, self.dilation,
-            self.groups)
-        if (torch.is_grad_enabled() and not _is_exporting()
-                and any(t.requires_grad for t in (x, routing_weights, self.weight))):
-            out = _MixedConvRecomputed.apply(x, routing_weights, self.weight, geometry)
+        experts = self.weight
+        exporting = _is_exporting()
+        if (not exporting and torch.is_grad_enabled()
+                and (x.requires_grad or routing_weights.requires_grad or experts.requires_grad)):
+            out = _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)
         else:
-            out = _mixed_conv(x, routing_weights, self.weight, geometry)
+            out = _mixed_conv(x, routing_weights, experts, self.geometry, exporting)
         if self.bias is not None:
             out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
         return out

@@ -2,6 +2,7 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from timm.layers import pad_same
 from torch import nn
 
 from timm_pf.layers import DynamicConv2d, per_sample_conv2d
@@ -103,6 +104,19 @@ def test_batch_one_blocked_mixing_matches_reference(cin, cout, monkeypatch):
         # non-contiguous experts fall back to the one-row matmul
         experts_t = conv.weight.t().contiguous().t()
         torch.testing.assert_close(dynamic_conv._mix_one_sample(coeffs, experts_t), coeffs @ conv.weight)
+
+
+@pytest.mark.parametrize('batch', [1, 3])
+def test_dynamic_same_padding_matches_reference(batch):
+    """padding='same' with stride 2 pads at run time (TF 'same'); the routing pools the unpadded input."""
+    conv = DynamicConv2d(4, 6, 3, stride=2, padding='same', num_experts=3).eval()
+    assert conv.dynamic_padding
+    x = torch.randn(batch, 4, 9, 8)
+    with torch.no_grad():
+        coeffs = torch.sigmoid(conv.routing(x.mean((2, 3))))
+        weight = (coeffs @ conv.weight).view(batch, 6, 4, 3, 3)
+        ref = _reference(pad_same(x, (3, 3), (2, 2)), weight, None, 2, 0, 1)
+        torch.testing.assert_close(conv(x), ref, atol=1e-5, rtol=1e-5)
 
 
 def _training_grads(conv, x):

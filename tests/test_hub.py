@@ -25,7 +25,7 @@ import timm_pf  # noqa: F401
 from timm_pf.cards import CardError, count_params_fast, weights_provenance
 from timm_pf.cli import main as cli_main
 from timm.models import save_for_hf
-from timm_pf.hub import WEIGHTS_NAME, pf_pretrained_tags
+from timm_pf.hub import WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, verify_folder
 
 ORGS = {'timm-pf': {'maintainer'}}
 
@@ -338,6 +338,19 @@ def test_convert_rejects_bad_checkpoints(weights, tmp_path, capsys):
     assert cli_main(['convert', str(no_ema), '--model', f'{name_tag.split(".")[0]}.no_such_tag',
                      '-o', str(tmp_path / 'out')]) == 2
     assert 'no pretrained tag' in capsys.readouterr().err
+
+
+def test_folders_with_non_finite_weights_are_refused(weights, tmp_path):
+    """A converted folder whose weights were corrupted afterwards fails when read, for tag and folder pushes."""
+    folder = tmp_path / 'poisoned'
+    shutil.copytree(weights['folders']['plain'], folder)
+    state_dict = safetensors.torch.load_file(str(folder / WEIGHTS_NAME))
+    poisoned = next(k for k, v in state_dict.items() if v.is_floating_point())
+    state_dict[poisoned] = torch.full_like(state_dict[poisoned], float('inf'))
+    safetensors.torch.save_file(state_dict, str(folder / WEIGHTS_NAME))
+    for check in (lambda: verify_folder(folder, weights['name_tag']), lambda: load_folder_model(folder)):
+        with pytest.raises(CheckpointError, match=f'non-finite values .* in {poisoned}'):
+            check()
 
 
 HELP_OPTIONS = {

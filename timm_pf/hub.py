@@ -281,11 +281,11 @@ def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: 
             if n_ckpt != n_model:
                 hint = f'\nThe checkpoint has {n_ckpt} classes and the model {n_model}: pass --num-classes {n_ckpt}.'
         raise CheckpointError(f'{source} does not fit {target or _model_label(model)}:\n' + '\n'.join(lines) + hint)
-    _check_finite(state_dict, source)
     model.load_state_dict(state_dict, strict=True)
 
 
 def _check_finite(state_dict: Dict[str, torch.Tensor], source: str) -> None:
+    """Refuse weights with NaN or inf values; run once, where a checkpoint or folder is read."""
     bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
     if bad:
         raise CheckpointError(f'{source} holds non-finite values (NaN/inf) in {", ".join(bad[:8])}')
@@ -323,7 +323,7 @@ def convert_checkpoint(
     state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
     _check_finite(state_dict, str(checkpoint))
     model_kwargs = dict(model_kwargs or {})
-    kwargs = dict(model_kwargs) if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
+    kwargs = model_kwargs if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
     model = timm.create_model(name_tag, pretrained=False, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)
     if filter_fn is not None:
@@ -364,6 +364,7 @@ def _read_folder(folder: Path, make_it: str) -> Tuple[str, Dict[str, Any], Dict[
         state_dict = safetensors.torch.load_file(str(folder / WEIGHTS_NAME), device='cpu')
     except Exception as e:
         raise CheckpointError(f'cannot read {folder / WEIGHTS_NAME}: {type(e).__name__}: {e}') from e
+    _check_finite(state_dict, str(folder / WEIGHTS_NAME))
     return arch, {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}, state_dict
 
 

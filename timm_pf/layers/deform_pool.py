@@ -141,6 +141,12 @@ def _tap_positions(offset: torch.Tensor, constants: _Constants, groups: int, eag
     return offset + constants.grid
 
 
+def _masks_by_tap(mask: torch.Tensor, shape: Tuple[int, ...]) -> torch.Tensor:
+    """Modulation masks ``(B, G * K, Ho, Wo)`` in the layout of the tap positions, ``shape = (K, B, Ho, Wo, G)``."""
+    num_points, batch, out_height, out_width, groups = shape
+    return mask.reshape(batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1)
+
+
 def _tap_corners(
         positions: torch.Tensor,
         mask: Optional[torch.Tensor],
@@ -158,7 +164,7 @@ def _tap_corners(
     Per-axis planes keep every elementwise op on long contiguous rows; the tap loop (``eager``) writes the
     interleaved weights in place, the differentiable path stacks them.
     """
-    _, num_points, batch, out_height, out_width, groups = positions.shape
+    num_points, groups = positions.shape[1], positions.shape[-1]
     positions = positions.clamp(min=constants.lower, max=constants.upper)
     low = positions.to(constants.lower_rows.dtype)  # truncation = floor on non-negative positions
     frac = positions - low
@@ -168,7 +174,7 @@ def _tap_corners(
     rows = (first.unsqueeze(-1) + constants.corner_steps).reshape(num_points, -1, 4)
     frac_y, frac_x = frac
     if mask is not None:
-        mask = mask.reshape(batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1)
+        mask = _masks_by_tap(mask, positions.shape[1:])
         mask = mask if scale == 1 else mask * scale
         below = frac_y * mask
         above = mask - below
@@ -322,7 +328,7 @@ class _DeformPoolFunction(torch.autograd.Function):
         shape = (num_points, batch, out_height, out_width, groups)
         modulation = scale
         if mask is not None:
-            modulation = mask.reshape(batch, groups, num_points, out_height, out_width).permute(2, 0, 3, 4, 1) * scale
+            modulation = _masks_by_tap(mask, shape) * scale
         if needs_offset:
             grad_left = above_left + frac_y * (below_left - above_left)  # summed over the y corners
             grad_right = above_right + frac_y * (below_right - above_right)

@@ -35,8 +35,8 @@ from .replacement import finalize
 from .stats import ModelStats, count_params, model_stats
 
 __all__ = [
-    'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'weights_provenance', 'measure_stats',
-    'measure_cells', 'count_params_fast', 'format_stats', 'stats_table', 'parse_stats', 'card_names',
+    'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'weights_provenance', 'measure_cells',
+    'count_params_fast', 'format_stats', 'stats_table', 'parse_stats', 'card_names',
     'resolve_card_name', 'render', 'render_card', 'render_folder_card', 'card_path', 'card_problems',
     'write_cards', 'orphan_cards',
 ]
@@ -88,14 +88,13 @@ def _create(name: str, meta: bool = False, **kwargs) -> nn.Module:
     return timm.create_model(name, pretrained=False, **kwargs)
 
 
-def measure_stats(name_tag: str) -> ModelStats:
-    """Params, MACs and activations of ``name_tag`` at its pretrained cfg's input size (CPU, float32)."""
-    return model_stats(_create(name_tag).eval())
-
-
 def count_params_fast(name_tag: str) -> int:
     """Parameter count of ``name_tag``, built on the meta device (no memory, no init) when the model allows."""
     return count_params(_create(name_tag, meta=True))
+
+
+def _size(input_size: Sequence[int]) -> str:
+    return f'{input_size[-2]} x {input_size[-1]}'
 
 
 def _params_cell(params: int) -> str:
@@ -106,7 +105,7 @@ _STATS_ROWS = (
     ('Parameters', lambda s: _params_cell(s.params)),
     ('MACs', lambda s: f'{s.macs / 1e9:.3f} G'),
     ('Activations', lambda s: f'{s.activations / 1e6:.2f} M'),
-    ('Image size', lambda s: f'{s.input_size[-2]} x {s.input_size[-1]}'),
+    ('Image size', lambda s: _size(s.input_size)),
 )
 _FAST_ROWS = ('Parameters', 'Image size')  # known without a forward pass
 
@@ -323,10 +322,6 @@ def _front_matter(spec: CardSpec) -> str:
 
 def _join(values) -> str:
     return ', '.join(f'{v:g}' if isinstance(v, float) else str(v) for v in values)
-
-
-def _size(input_size: Sequence[int]) -> str:
-    return f'{input_size[-2]} x {input_size[-1]}'
 
 
 # ``<!-- if NAME -->`` ... ``<!-- end NAME -->`` lines of the template: kept when the card has NAME

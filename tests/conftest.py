@@ -13,3 +13,12 @@ from _official import fixtures_dir  # noqa: E402
 @pytest.fixture(scope='session')
 def official_fixtures_dir():
     return fixtures_dir()
+
+
+@pytest.fixture(autouse=True, scope='session')
+def _eager_dynamic_convs(tmp_path_factory):
+    """The suite checks the eager paths; tests of the compiled batch-1 kernel switch it on themselves (built
+    once per session into a temporary folder)."""
+    os.environ['TIMM_PF_CPU_KERNELS'] = 'off'
+    os.environ['TIMM_PF_KERNEL_DIR'] = str(tmp_path_factory.mktemp('kernels'))
+    yield

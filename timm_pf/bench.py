@@ -44,6 +44,9 @@ from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from timm_pf.layers.cpu_kernels import CPU_KERNEL_POLICIES, cpu_kernel_policy, kernel_status
+from timm_pf.layers.dynamic_conv import DynamicConv2d
+
 __all__ = [
     'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'DEFAULT_BATCH_SIZES',
     'BenchInputError', 'ReportedSpeed', 'PaperReport', 'Setting', 'SpeedTarget', 'BenchOptions',
@@ -313,8 +316,12 @@ class BenchOptions:
     time_budget: float = 50.0  # seconds of timed rounds in all, shared equally by the settings
     memory: str = 'tensors'  # 'tensors', 'rss' (CPU, fresh process per model and setting) or 'off'
     statistic: str = 'median'  # latency the ratios use; 'min' resists interference on a busy machine
+    cpu_kernels: str = 'auto'  # batch-1 dynamic conv kernel policy (timm_pf.layers.cpu_kernels)
 
     def validate(self) -> None:
+        if self.cpu_kernels not in CPU_KERNEL_POLICIES:
+            raise BenchInputError(
+                f'unknown CPU kernel policy {self.cpu_kernels!r}; choose one of {", ".join(CPU_KERNEL_POLICIES)}')
         if self.statistic not in _STATISTICS:
             raise BenchInputError(f'unknown statistic {self.statistic!r}; choose one of {", ".join(_STATISTICS)}')
         if self.memory not in _MEMORY_METHODS:
@@ -433,7 +440,7 @@ def paper_latency_ratio(model: str, baseline: str, batch_size: int) -> Tuple[Opt
     return ratio, basis
 
 
-def _environment(options: BenchOptions) -> Dict[str, object]:
+def _environment(options: BenchOptions, models: Iterable[nn.Module] = ()) -> Dict[str, object]:
     import timm
     from timm_pf import __version__
     env: Dict[str, object] = {
@@ -443,6 +450,8 @@ def _environment(options: BenchOptions) -> Dict[str, object]:
     }
     if torch.device(options.device).type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(torch.device(options.device))
+    elif any(isinstance(m, DynamicConv2d) for model in models for m in model.modules()):
+        env['dynamic_conv_batch1'] = kernel_status()
     return env
 
 
@@ -657,8 +666,19 @@ def run_benchmark(
     options.validate()
     if options.threads is not None and torch.device(options.device).type == 'cpu':
         torch.set_num_threads(options.threads)
-    if torch.device(options.device).type == 'cpu':
-        torch.set_flush_denormal(True)
+    if torch.device(options.device).type != 'cpu':
+        return _run_benchmark(jobs, pairs, options, progress)
+    torch.set_flush_denormal(True)
+    with cpu_kernel_policy(options.cpu_kernels):  # a build (~30 s, once per machine) is the first call's
+        return _run_benchmark(jobs, pairs, options, progress)
+
+
+def _run_benchmark(
+        jobs: Sequence[Tuple[Setting, Sequence[str]]],
+        pairs: Sequence[Tuple[str, Optional[str]]],
+        options: BenchOptions,
+        progress: bool,
+) -> BenchResult:
     baselines = dict(pairs)
     bar = _Progress(progress)
     try:
@@ -703,7 +723,7 @@ def run_benchmark(
             if baseline not in names:
                 baseline = None
             rows.append(_make_row(name, baseline, setting, subjects, measured, options))
-    result = BenchResult(rows, options, _environment(options))
+    result = BenchResult(rows, options, _environment(options, (s.eager for s in subjects.values())))
     result.targets = check_targets(result)
     return result
 
@@ -880,6 +900,8 @@ def format_report(result: BenchResult, markdown: bool = False) -> str:
     device = env.get('gpu') or f'{env["cpu"]}, {env["threads"]} threads'
     header = (f'timm-pf bench on {device} (torch {env["torch"]}, timm {env["timm"]}). Ratios are ours / '
               f'baseline measured in this run; below 1 is better.')
+    if 'dynamic_conv_batch1' in env:
+        header += f'\nDynamic convs at batch 1: {env["dynamic_conv_batch1"]}.'
     parts = [header, ''] + _summary_table(result, markdown) + _cost_table(result, markdown)
     parts += _speed_tables(result, markdown)
     parts += _target_table(result, markdown)

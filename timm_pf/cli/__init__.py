@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order ``timm-pf --help`` lists them.
-_COMMAND_MODULES = ('bench', 'digits', 'run', 'hub', 'rba', 'deform_points')
+_COMMAND_MODULES = ('bench', 'build-kernels', 'digits', 'run', 'hub', 'rba', 'deform_points')
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument('--version', action='version', version=f'timm-pf {__version__}')
     subparsers = parser.add_subparsers(dest='command', metavar='COMMAND')
     for name in _COMMAND_MODULES:
-        importlib.import_module(f'{__name__}.{name}').register(subparsers)
+        importlib.import_module(f'{__name__}.{name.replace("-", "_")}').register(subparsers)
     return parser
 
 

@@ -86,7 +86,7 @@ def _run(args: argparse.Namespace) -> int:
             device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
             compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
-            memory=args.memory, statistic=args.statistic)
+            memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels)
         options.validate()
         if args.plot:
             import importlib.util
@@ -158,6 +158,10 @@ def register(subparsers) -> None:
     p.add_argument('--statistic', choices=('median', 'min'), default='median',
                    help='latency statistic of the ratios and targets (default: median; min resists '
                         'interference from other processes on a busy machine)')
+    p.add_argument('--cpu-kernels', choices=('build', 'auto', 'off'), default='build',
+                   help='compiled batch-1 CPU kernel of the dynamic convs: build = compile it if needed (once, '
+                        '~30 s, needs a C++ compiler and ninja; eager when it cannot), auto = use it if built, '
+                        'off = eager PyTorch (default: build)')
     p.add_argument('--csv', metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
     p.add_argument('--json', metavar='PATH', help="write everything as JSON ('-': stdout)")
     p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")

@@ -23,6 +23,8 @@ from torch.autograd.function import once_differentiable
 
 from timm.layers import CondConv2d, Mlp, pad_same
 
+from .cpu_kernels import cpu_kernels
+
 __all__ = ['DynamicConv2d', 'per_sample_conv2d', 'ROUTING_TYPES']
 
 ROUTING_TYPES = ('sigmoid', 'softmax')
@@ -256,6 +258,8 @@ class DynamicConv2d(CondConv2d):
             self.weight_shape, self.stride, (0, 0) if self.dynamic_padding else self.padding, self.dilation,
             self.groups)
         self.routing_type = routing
+        # the layouts the compiled batch-1 CPU kernel computes (see ``cpu_kernels``)
+        self._kernel_layout = routing == 'sigmoid' and not bias and not self.dynamic_padding
         if routing == 'sigmoid':
             self.routing = nn.Linear(in_channels, num_experts, **dd)
         else:
@@ -273,15 +277,23 @@ class DynamicConv2d(CondConv2d):
         return self.routing(x.mean((2, 3))).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if self._kernel_layout and routing_weights is None and not torch.compiler.is_compiling():
+            kernel = cpu_kernels()
+            if kernel is not None:
+                # batch-1 float32 CPU inference in one call (None for any other input: eager path below)
+                out = kernel.sigmoid_routed_conv2d(
+                    x, self.routing.weight, self.routing.bias, self.weight, *self.geometry)
+                if out is not None:
+                    return out
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
+        experts = self.weight
+        exporting = _is_exporting()
         if routing_weights is None:
             routing_weights = self.routing_weights(x)
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
-        experts = self.weight
-        exporting = _is_exporting()
         if (not exporting and torch.is_grad_enabled()
                 and (x.requires_grad or routing_weights.requires_grad or experts.requires_grad)):
             out = _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)

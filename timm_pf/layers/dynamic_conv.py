@@ -12,6 +12,8 @@ depends on the batch size when the model is exported, so ONNX / TensorRT graphs 
 axis; in eager mode it picks the fastest exact kernel for the layer's shape. In training, the mixed
 per-sample kernels are not kept for backward but mixed again there (a read of the experts instead of
 batch x kernel-size floats per layer), which keeps ParameterNet's training memory near the plain GhostNet's.
+Batch-1 float32 CPU inference with sigmoid routing goes through the compiled kernel of ``cpu_kernels`` when it
+is built (pool, routing and mixing in one call).
 """
 import math
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union

@@ -116,6 +116,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def register(subparsers) -> None:
+    from timm_pf.layers.cpu_kernels import CPU_KERNEL_POLICIES
     p = subparsers.add_parser(
         'bench', help='params, MACs, latency and memory of each model next to its baseline',
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -158,7 +159,7 @@ def register(subparsers) -> None:
     p.add_argument('--statistic', choices=('median', 'min'), default='median',
                    help='latency statistic of the ratios and targets (default: median; min resists '
                         'interference from other processes on a busy machine)')
-    p.add_argument('--cpu-kernels', choices=('build', 'auto', 'off'), default='build',
+    p.add_argument('--cpu-kernels', choices=CPU_KERNEL_POLICIES, default='build',
                    help='compiled batch-1 CPU kernel of the dynamic convs: build = compile it if needed (once, '
                         '~30 s, needs a C++ compiler and ninja; eager when it cannot), auto = use it if built, '
                         'off = eager PyTorch (default: build)')

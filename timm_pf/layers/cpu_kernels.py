@@ -15,6 +15,7 @@ When it is used is set by ``TIMM_PF_CPU_KERNELS`` (read at first use):
 Results equal the eager path up to float rounding; training, export, ``torch.compile``, autocast, other
 dtypes or devices and batches > 1 always take the eager path.
 """
+import functools
 import hashlib
 import importlib.util
 import logging
@@ -49,11 +50,14 @@ _resolved = False
 _unavailable_reason = ''
 
 
-def _policy() -> str:
-    policy = os.environ.get(_POLICY_ENV, 'auto').strip().lower() or 'auto'
+def _checked_policy(policy: str, source: str) -> str:
     if policy not in CPU_KERNEL_POLICIES:
-        raise ValueError(f'{_POLICY_ENV}={policy!r}: expected one of {", ".join(CPU_KERNEL_POLICIES)}')
+        raise ValueError(f'{source}{policy!r}: expected one of {", ".join(CPU_KERNEL_POLICIES)}')
     return policy
+
+
+def _policy() -> str:
+    return _checked_policy(os.environ.get(_POLICY_ENV, 'auto').strip().lower() or 'auto', f'{_POLICY_ENV}=')
 
 
 def _kernel_dir() -> Path:
@@ -63,6 +67,7 @@ def _kernel_dir() -> Path:
     return cache / 'timm_pf' / 'kernels'
 
 
+@functools.lru_cache(maxsize=None)
 def _module_name() -> str:
     """Unique per source, flags, torch and Python build, so a stale binary is never imported."""
     digest = hashlib.sha256(_SOURCE.read_bytes())
@@ -150,8 +155,7 @@ def cpu_kernel_policy(policy: str) -> Iterator[None]:
     """Run a block under ``policy`` (also set for the processes it starts): the first batch-1 dynamic conv
     call in it resolves the kernel (``build`` compiles it then if needed). The previous policy is restored."""
     global _loaded, _resolved, _unavailable_reason
-    if policy not in CPU_KERNEL_POLICIES:
-        raise ValueError(f'unknown CPU kernel policy {policy!r}: expected one of {", ".join(CPU_KERNEL_POLICIES)}')
+    _checked_policy(policy, 'unknown CPU kernel policy ')
     saved_env, saved_state = os.environ.get(_POLICY_ENV), (_loaded, _resolved, _unavailable_reason)
     os.environ[_POLICY_ENV] = policy
     _loaded, _resolved, _unavailable_reason = None, False, ''

@@ -290,12 +290,12 @@ class DynamicConv2d(CondConv2d):
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
-        experts = self.weight
-        exporting = _is_exporting()
         if routing_weights is None:
             routing_weights = self.routing_weights(x)
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        experts = self.weight
+        exporting = _is_exporting()
         if (not exporting and torch.is_grad_enabled()
                 and (x.requires_grad or routing_weights.requires_grad or experts.requires_grad)):
             out = _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)

@@ -1,7 +1,10 @@
 """The compiled batch-1 CPU kernel of DynamicConv2d: equal to the eager path, used only where it applies,
 resolved by the TIMM_PF_CPU_KERNELS policy with clear reasons when it cannot be."""
+import hashlib
 import os
+import re
 import shutil
+import stat
 import subprocess
 import sys
 from contextlib import contextmanager
@@ -37,11 +40,16 @@ class CountingKernel:
 
 @pytest.fixture(scope='module')
 def built():
-    """Build the kernel once (into the session's kernel folder); fails, not skips, if a toolchain is here."""
+    """Build the kernel once (into the session's kernel folder, under umask 000 so that the cache's own
+    protections are what keeps it private); fails, not skips, if a toolchain is here."""
     if not TOOLCHAIN:
         pytest.skip('no C++ compiler or ninja: the kernel cannot be built here')
-    with ck.cpu_kernel_policy('build'):
-        assert ck.cpu_kernels() is not None, ck.kernel_status()
+    old_umask = os.umask(0)
+    try:
+        with ck.cpu_kernel_policy('build'):
+            assert ck.cpu_kernels() is not None, ck.kernel_status()
+    finally:
+        os.umask(old_umask)
 
 
 @contextmanager
@@ -191,11 +199,130 @@ def test_bad_policy_and_missing_compiler_are_named(monkeypatch, tmp_path):
         torch.testing.assert_close(_layer()(x), _eager(_layer(), x))
 
 
+def _planted_build(root, content=b'not a shared library'):
+    """A cache entry as a build leaves it (private folder, library, its sha256), with ``content`` as library."""
+    library = root / ck._module_name() / f'{ck._module_name()}.so'
+    library.parent.mkdir(mode=0o700, parents=True)
+    library.write_bytes(content)
+    ck._checksum_path(library).write_text(hashlib.sha256(content).hexdigest() + '\n')
+    for path, mode in ((library, 0o700), (ck._checksum_path(library), 0o600)):
+        path.chmod(mode)
+    return library
+
+
+def _assert_refused(match):
+    with pytest.raises(ck.KernelBuildError, match=match):
+        ck.build_cpu_kernels()
+    with ck.cpu_kernel_policy('auto'):  # the default policy falls back to the eager path, saying why
+        assert ck.cpu_kernels() is None
+        assert re.search(match, ck.kernel_status()), ck.kernel_status()
+
+
+def _other_uid():
+    return next(uid for uid in range(12345, 12400) if uid != os.geteuid())
+
+
+def _library_owned_by_someone_else(library):
+    os.chown(library, _other_uid(), -1)
+
+
+def _checksum_owned_by_someone_else(library):
+    os.chown(ck._checksum_path(library), _other_uid(), -1)
+
+
+def _folder_owned_by_someone_else(library):
+    os.chown(library.parent, _other_uid(), -1)
+
+
+def _world_writable_folder(library):
+    library.parent.chmod(0o777)
+
+
+def _group_writable_library(library):
+    library.chmod(0o770)
+
+
+def _symlinked_library(library):
+    elsewhere = library.parent.parent / 'elsewhere.so'
+    library.rename(elsewhere)
+    library.symlink_to(elsewhere)
+
+
+def _symlinked_folder(library):
+    real = library.parent.parent / 'real-folder'
+    library.parent.rename(real)
+    library.parent.symlink_to(real)
+
+
+def _replaced_library(library):
+    library.write_bytes(b'another library')
+
+
+def _missing_checksum(library):
+    ck._checksum_path(library).unlink()
+
+
+@pytest.mark.parametrize('plant, match', [
+    (_library_owned_by_someone_else, r'\.so is owned by uid \d+, not by the current user'),
+    (_checksum_owned_by_someone_else, r'\.sha256 is owned by uid \d+'),
+    (_folder_owned_by_someone_else, r'refusing the kernel cache: .* is owned by uid \d+'),
+    (_world_writable_folder, r'refusing the kernel cache: .* writable by group or others \(mode 777\)'),
+    (_group_writable_library, r'\.so is writable by group or others \(mode 770\)'),
+    (_symlinked_library, r'\.so is a symlink'),
+    (_symlinked_folder, r'refusing the kernel cache: .* is a symlink'),
+    (_replaced_library, r'does not match its recorded sha256 .*timm-pf build-kernels'),
+    (_missing_checksum, r'\.sha256 cannot be opened'),
+], ids=lambda v: v.__name__.strip('_') if callable(v) else '')
+def test_a_cache_entry_that_is_not_the_users_own_build_is_never_loaded(monkeypatch, tmp_path, plant, match):
+    root = tmp_path / 'shared'
+    root.mkdir(mode=0o777)
+    root.chmod(0o1777)  # a shared folder such as /tmp: others may create entries in it
+    monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(root))
+    library = _planted_build(root)
+    monkeypatch.setattr(ck, '_import_library', lambda *a: pytest.fail('an unsafe library was loaded'))
+    plant(library)
+    _assert_refused(match)
+    monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
+    with ck.cpu_kernel_policy('build'):  # a present entry is never rebuilt over either
+        assert ck.cpu_kernels() is None
+        assert re.search(match, ck.kernel_status())
+
+
+def test_the_checksum_is_written_through_no_planted_symlink(tmp_path):
+    target = tmp_path / 'victim'
+    target.write_text('unchanged')
+    link = tmp_path / 'kernel.so.sha256'
+    link.symlink_to(target)
+    ck._write_private(link, b'abc\n')
+    assert target.read_text() == 'unchanged'
+    assert not link.is_symlink() and link.read_bytes() == b'abc\n'
+    assert stat.S_IMODE(link.stat().st_mode) == 0o600
+
+
+def test_cache_folders_are_private_whatever_the_umask(monkeypatch, tmp_path):
+    monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(tmp_path / 'a' / 'kernels'))
+    old_umask = os.umask(0)
+    try:
+        folder = ck._private_dir(ck._library_path('k').parent)
+    finally:
+        os.umask(old_umask)
+    for path in (folder, folder.parent, folder.parent.parent):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o700, path
+
+
+def test_the_umask_000_build_is_private(built):
+    library = ck._library_path(ck._module_name())
+    modes = {p.name: stat.S_IMODE(p.lstat().st_mode) for p in [library.parent, *library.parent.iterdir()]}
+    assert modes == {library.parent.name: 0o700, library.name: 0o700, library.name + '.sha256': 0o600}
+    assert (library.parent.parent.stat().st_mode & 0o077) == 0  # the cache root made by the build
+    assert ck._checksum_path(library).read_text().strip() == hashlib.sha256(library.read_bytes()).hexdigest()
+
+
 def test_a_corrupted_build_is_refused(monkeypatch, tmp_path):
     monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(tmp_path))
-    path = ck._library_path(ck._module_name())
-    path.parent.mkdir(parents=True)
-    path.write_bytes(b'not a shared library')
+    # a name no earlier test loaded: Python would hand back an extension module it already imported
+    monkeypatch.setattr(ck, '_module_name', lambda: 'timm_pf_corrupted_build')
+    _planted_build(tmp_path)
     with ck.cpu_kernel_policy('auto'):
         with pytest.raises(ck.KernelBuildError, match='does not load.*delete its folder'):
             ck.build_cpu_kernels()

@@ -14,15 +14,26 @@ When it is used is set by ``TIMM_PF_CPU_KERNELS`` (read at first use):
 
 Results equal the eager path up to float rounding; training, export, ``torch.compile``, autocast, other
 dtypes or devices and batches > 1 always take the eager path.
+
+The cache (``TIMM_PF_KERNEL_DIR``, default ``~/.cache/timm_pf/kernels``) only ever loads what this user built:
+folders are created 0700 and files 0600/0700 whatever the umask, the build runs in a fresh private folder and
+moves the library into place (a symlink planted at the target is replaced, never followed), and a sha256 of
+the library is written beside it. Before loading, the library, its checksum file and every folder between
+them and the cache root must be real (no symlink), owned by the current user and not group/world writable,
+and the library must match its checksum; the library is then loaded from the descriptor that was checked.
+Anything else is refused with a :class:`KernelBuildError` naming the reason (the eager path runs).
 """
 import functools
 import hashlib
+import importlib.machinery
 import importlib.util
 import logging
 import os
 import shutil
+import stat
 import sys
 import sysconfig
+import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
@@ -77,14 +88,151 @@ def _module_name() -> str:
 
 
 def _library_path(name: str) -> Path:
-    return _kernel_dir() / name / f'{name}.so'  # where torch's extension builder puts it
+    return _kernel_dir() / name / f'{name}.so'
 
 
-def _import_library(name: str, path: Path) -> ModuleType:
+def _checksum_path(library: Path) -> Path:
+    return library.with_name(library.name + '.sha256')
+
+
+def _unsafe_reason(st: os.stat_result, path: Path, kind: str) -> Optional[str]:
+    """Why ``path`` (an ``lstat``/``fstat`` result) must not be trusted, or None."""
+    if stat.S_ISLNK(st.st_mode):
+        return f'{path} is a symlink'
+    if kind == 'dir' and not stat.S_ISDIR(st.st_mode) or kind == 'file' and not stat.S_ISREG(st.st_mode):
+        return f'{path} is not a {"folder" if kind == "dir" else "regular file"}'
+    if st.st_uid != os.geteuid():
+        return f'{path} is owned by uid {st.st_uid}, not by the current user (uid {os.geteuid()})'
+    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f'{path} is writable by group or others (mode {stat.S_IMODE(st.st_mode):o})'
+    return None
+
+
+def _check_private_dir(path: Path) -> None:
+    reason = _unsafe_reason(os.lstat(path), path, 'dir')
+    if reason:
+        raise KernelBuildError(f'refusing the kernel cache: {reason}')
+
+
+def _private_dir(folder: Path) -> Path:
+    """Create ``folder`` and every missing folder above it with mode 0700 (mkdir's mode can only lose bits to
+    the umask); an existing ``folder`` must be safe (see :func:`_unsafe_reason`)."""
+    for missing in reversed([p for p in (folder, *folder.parents) if not os.path.lexists(p)]):
+        try:
+            os.mkdir(missing, 0o700)
+        except FileExistsError:  # made meanwhile: checked below if it is the folder itself
+            pass
+    _check_private_dir(folder)
+    return folder
+
+
+def _open_checked(path: Path) -> int:
+    """Open ``path`` read-only without following a symlink and check the descriptor's owner and mode."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        reason = f'{path} is a symlink' if os.path.islink(path) else f'{path} cannot be opened ({e.strerror})'
+        raise KernelBuildError(f'refusing the built kernel: {reason}') from e
+    st = os.fstat(fd)
+    reason = _unsafe_reason(st, path, 'file')
+    if reason:
+        os.close(fd)
+        raise KernelBuildError(f'refusing the built kernel: {reason}')
+    return fd
+
+
+def _fd_sha256(fd: int) -> str:
+    digest = hashlib.sha256()
+    os.lseek(fd, 0, os.SEEK_SET)
+    while chunk := os.read(fd, 1 << 20):
+        digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _import_library(name: str, origin: str) -> ModuleType:
     # torch must be imported first: the library links against libtorch
-    spec = importlib.util.spec_from_file_location(name, path)
+    loader = importlib.machinery.ExtensionFileLoader(name, origin)
+    spec = importlib.util.spec_from_file_location(name, origin, loader=loader)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def _load_verified(name: str, library: Path) -> ModuleType:
+    """Load ``library`` only if it, its checksum file and the folders below the cache root are this user's
+    and unmodified; the library is loaded from the checked descriptor, so it cannot be swapped in between."""
+    root, folder = _kernel_dir(), library.parent
+    for parent in (folder, *folder.parents):
+        if parent == root:
+            break
+        _check_private_dir(parent)
+    fd = _open_checked(_checksum_path(library))
+    try:
+        expected = os.read(fd, 256).decode('ascii', 'replace').strip()
+    finally:
+        os.close(fd)
+    fd = _open_checked(library)
+    try:
+        if _fd_sha256(fd) != expected:
+            raise KernelBuildError(
+                f'refusing the built kernel: {library} does not match its recorded sha256 (changed after the '
+                f'build); delete {folder} and run `timm-pf build-kernels`')
+        origin = f'/proc/self/fd/{fd}' if os.path.exists(f'/proc/self/fd/{fd}') else str(library)
+        try:
+            return _import_library(name, origin)
+        except ImportError as e:
+            raise KernelBuildError(f'the built kernel {library} does not load ({e}); delete its folder to rebuild') from e
+    finally:
+        os.close(fd)
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` (mode 0600) through a fresh file renamed into place: an existing entry,
+    symlink or not, is replaced, never written through."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix='.tmp-')
+    try:
+        os.write(fd, data)
+        os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+@contextmanager
+def _private_umask() -> Iterator[None]:
+    old = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _compile(name: str, library: Path, verbose: bool) -> ModuleType:
+    """Compile into a fresh private folder and import the result from there, then move the library and its
+    sha256 into ``library``'s folder."""
+    logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)  # no "CUDA runtime" notice
+    from torch.utils import cpp_extension
+    compiler = os.environ.get('CXX', 'c++')
+    if shutil.which(compiler) is None:
+        raise KernelBuildError(f'no C++ compiler ({compiler!r} not found; set CXX or install g++)')
+    if not cpp_extension.is_ninja_available():
+        raise KernelBuildError("ninja is not installed (pip install 'timm-pf[kernels]')")
+    folder = _private_dir(library.parent)
+    with _private_umask():
+        build_dir = Path(tempfile.mkdtemp(dir=folder, prefix='build-'))
+        try:
+            module = cpp_extension.load(
+                name, [str(_SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=['-fopenmp'],
+                build_directory=str(build_dir), verbose=verbose)
+            built = build_dir / library.name
+            os.chmod(built, 0o700)
+            with open(built, 'rb') as f:
+                _write_private(_checksum_path(library), hashlib.sha256(f.read()).hexdigest().encode() + b'\n')
+            os.replace(built, library)
+        except (RuntimeError, OSError, ImportError) as e:
+            raise KernelBuildError(f'compiling {_SOURCE.name} failed: {e}') from e
+        finally:
+            shutil.rmtree(build_dir, ignore_errors=True)
     return module
 
 
@@ -92,31 +240,16 @@ def build_cpu_kernels(verbose: bool = False) -> ModuleType:
     """Compile (or load the cached build of) the CPU kernel and make :class:`DynamicConv2d` use it.
 
     Raises:
-        KernelBuildError: no C++ compiler or ninja, or compilation failed.
+        KernelBuildError: no C++ compiler or ninja, the compiler failed, or the cached build is not safe to
+            load (see the module docstring).
     """
     global _loaded, _resolved, _unavailable_reason
     name = _module_name()
-    path = _library_path(name)
-    if path.exists():
-        try:
-            module = _import_library(name, path)
-        except ImportError as e:
-            raise KernelBuildError(f'the built kernel {path} does not load ({e}); delete its folder to rebuild') from e
+    library = _library_path(name)
+    if os.path.lexists(library):
+        module = _load_verified(name, library)
     else:
-        logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)  # no "CUDA runtime" notice
-        from torch.utils import cpp_extension
-        compiler = os.environ.get('CXX', 'c++')
-        if shutil.which(compiler) is None:
-            raise KernelBuildError(f'no C++ compiler ({compiler!r} not found; set CXX or install g++)')
-        if not cpp_extension.is_ninja_available():
-            raise KernelBuildError("ninja is not installed (pip install 'timm-pf[kernels]')")
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            module = cpp_extension.load(
-                name, [str(_SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=['-fopenmp'],
-                build_directory=str(path.parent), verbose=verbose)
-        except (RuntimeError, OSError, ImportError) as e:
-            raise KernelBuildError(f'compiling {_SOURCE.name} failed: {e}') from e
+        module = _compile(name, library, verbose)
     _loaded, _resolved, _unavailable_reason = module, True, ''
     return module
 
@@ -133,7 +266,7 @@ def cpu_kernels() -> Optional[ModuleType]:
         return None
     name = _module_name()
     path = _library_path(name)
-    if policy == 'auto' and not path.exists():
+    if policy == 'auto' and not os.path.lexists(path):
         _unavailable_reason = 'not built (run `timm-pf build-kernels`)'
         return None
     try:

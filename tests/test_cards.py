@@ -15,13 +15,13 @@ import pytest
 import yaml
 
 import timm
-from timm_pf.cards import (
+from timm_pf.tools.cards import (
     CARDS_DIR, CardError, card_names, card_path, card_problems, count_params_fast, family_of, format_stats,
     orphan_cards, parse_stats, render_card, stats_table,
 )
-from timm_pf.hub import pf_pretrained_tags
+from timm_pf.methods.stats import ModelStats, count_params
 from timm_pf.models.replace import PLAIN_MODELS
-from timm_pf.stats import ModelStats, count_params
+from timm_pf.tools.hub import pf_pretrained_tags
 
 TAGS = pf_pretrained_tags()
 CARDS = card_names()

@@ -11,8 +11,8 @@ card share that one render path and differ only in the values of a :class:`CardS
 * a model pushed from a folder in timm's ``save_for_hf`` layout to any repository (``timm-pf push FOLDER
   --repo-id ORG/NAME``), e.g. an RBA model; its card is rendered when it is pushed, not committed.
 
-The numbers in a card's "Model stats" table are measured by :mod:`timm_pf.stats` when the card is rendered;
-``timm-pf card --write`` writes the tag and variant cards to ``hub_cards/cards/`` and the tests check the
+The numbers in a card's "Model stats" table are measured by :mod:`timm_pf.methods.stats` when the card is
+rendered; ``timm-pf card --write`` writes the tag and variant cards to ``hub_cards/cards/`` and the tests check the
 committed cards against the registered models.
 """
 import re
@@ -29,10 +29,11 @@ from torch import nn
 import timm
 from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
 
-from .models._cfg import hub_repo_id
-from .models.replace import PLAIN_MODELS
-from .replacement import finalize
-from .stats import ModelStats, count_params, model_stats
+from ..methods.replacement import finalize
+from ..methods.stats import ModelStats, count_params, model_stats
+from ..models._cfg import hub_repo_id
+from ..models._registry import pf_pretrained_tags, resolve_name_tag
+from ..models.replace import PLAIN_MODELS
 
 __all__ = [
     'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'weights_provenance', 'measure_cells',
@@ -41,8 +42,8 @@ __all__ = [
     'write_cards', 'orphan_cards',
 ]
 
-CARDS_DIR = Path(__file__).resolve().parents[1] / 'hub_cards'
-TRAIN_CONFIGS_DIR = Path(__file__).resolve().parents[1] / 'train_configs'
+CARDS_DIR = Path(__file__).resolve().parents[2] / 'hub_cards'
+TRAIN_CONFIGS_DIR = Path(__file__).resolve().parents[2] / 'train_configs'
 
 _FAMILY_KEYS = ('title', 'paper', 'license', 'datasets', 'tags', 'architecture', 'differences', 'results',
                 'citation', 'variants')
@@ -204,13 +205,11 @@ def weights_provenance(name_tag: str, cards_dir: Union[str, Path] = CARDS_DIR) -
 
 def card_names() -> List[str]:
     """Every committed card: each pretrained tag of our models and each Replacement Learning variant."""
-    from .hub import pf_pretrained_tags
     return pf_pretrained_tags() + sorted(PLAIN_MODELS)
 
 
 def resolve_card_name(name: str) -> str:
     """``'model'`` / ``'model.tag'`` -> the card's name (the default tag if none given; a variant as is)."""
-    from .hub import resolve_name_tag
     arch, tag = split_model_name_tag(name)
     if arch in PLAIN_MODELS:
         if tag:
@@ -231,7 +230,7 @@ def _variant_summary(family: Dict, arch: str, cards_dir: Union[str, Path]) -> st
 def _recipe(variant: str) -> str:
     recipe = f'train_configs/{variant}.yaml'
     if not (TRAIN_CONFIGS_DIR.parent / recipe).is_file():
-        raise CardError(f'{variant}: its recipe {recipe} does not exist (`python -m timm_pf.recipes --write`)')
+        raise CardError(f'{variant}: its recipe {recipe} does not exist (`python -m timm_pf.tools.recipes --write`)')
     return recipe
 
 

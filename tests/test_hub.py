@@ -19,11 +19,12 @@ from _hub_client import (
     tensor_digests,
 )
 from _official import fixtures_dir, load_official_fixture
+from _model_checks import count_params_fast
 from hub_server import serve_hub
 
 import timm_pf  # noqa: F401
 from timm_pf.cli import main as cli_main
-from timm_pf.tools.cards import CardError, count_params_fast, weights_provenance
+from timm_pf.tools.cards import CardError, weights_provenance
 from timm.models import save_for_hf
 from timm_pf.tools.hub import WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, verify_folder
 

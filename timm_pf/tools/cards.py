@@ -37,9 +37,8 @@ from ..models.replace import PLAIN_MODELS
 
 __all__ = [
     'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'weights_provenance', 'measure_cells',
-    'count_params_fast', 'format_stats', 'stats_table', 'parse_stats', 'card_names',
-    'resolve_card_name', 'render', 'render_card', 'render_folder_card', 'card_path', 'card_problems',
-    'write_cards', 'orphan_cards',
+    'format_stats', 'stats_table', 'parse_stats', 'card_names', 'resolve_card_name', 'render', 'render_card',
+    'render_folder_card', 'card_path', 'write_cards', 'orphan_cards',
 ]
 
 CARDS_DIR = Path(__file__).resolve().parents[2] / 'hub_cards'
@@ -87,11 +86,6 @@ def _create(name: str, meta: bool = False, **kwargs) -> nn.Module:
         except Exception:  # model code that needs real tensors while building (e.g. data-dependent init)
             pass
     return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def count_params_fast(name_tag: str) -> int:
-    """Parameter count of ``name_tag``, built on the meta device (no memory, no init) when the model allows."""
-    return count_params(_create(name_tag, meta=True))
 
 
 def _size(input_size: Sequence[int]) -> str:
@@ -451,24 +445,6 @@ def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: st
 def card_path(name: str, cards_dir: Union[str, Path] = CARDS_DIR) -> Path:
     """Where the generated card of ``name`` (a tag or a variant) is committed."""
     return Path(cards_dir) / 'cards' / f'{name}.md'
-
-
-def card_problems(name: str, measure_macs: bool, cards_dir: Union[str, Path] = CARDS_DIR) -> List[str]:
-    """How the committed card of ``name`` disagrees with the registered model and ``hub_cards/`` data.
-
-    Always checks the parameter counts, the image size and every line outside the stats table; with
-    ``measure_macs`` also MACs and activations (a forward pass at the pretrained size).
-    """
-    path = card_path(name, cards_dir)
-    if not path.is_file():
-        return [f'{path} is missing: run `timm-pf card --write {name}`']
-    text = path.read_text(encoding='utf-8')
-    cells = parse_stats(text)
-    problems = [f'{name}: {row} is "{cells.get(row)}" in {path.name}, the model gives "{value}"'
-                for row, value in measure_cells(name, measure_macs).items() if cells.get(row) != value]
-    if text != render_card(name, stats_cells=cells, cards_dir=cards_dir):
-        problems.append(f'{name}: {path.name} differs from what hub_cards/ and the pretrained cfg render')
-    return problems
 
 
 @dataclass

@@ -7,6 +7,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from _official import unfused_attention
+from timm_pf.methods.stats import count_params
+from timm_pf.tools.cards import _create
+
+
+def count_params_fast(name_tag: str) -> int:
+    """Parameter count of ``name_tag``, built on the meta device (no memory, no init) when the model allows."""
+    return count_params(_create(name_tag, meta=True))
 
 
 def assert_grad_checkpointing_keeps_gradients(model: nn.Module, x: torch.Tensor) -> None:

@@ -10,9 +10,9 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from timm_pf import bench
-from timm_pf.bench import BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget
 from timm_pf.cli import main
+from timm_pf.tools import bench
+from timm_pf.tools.bench import BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget, measure, runner
 
 SMALL_PAIR = ('resnet18', 'resnet10t')
 SMALL_SETTINGS = (Setting('infer', 1, 64), Setting('infer', 2, 64), Setting('train', 2, 64))
@@ -70,7 +70,7 @@ def test_peak_memory_grows_with_batch_and_training(small_result):
 
 def test_rss_memory_in_a_fresh_process():
     setting, options = Setting('infer', 2, 64), BenchOptions(memory='rss', threads=1)
-    peak = bench._peak_rss_in_fresh_process('resnet10t', setting, options)
+    peak = measure._peak_rss_in_fresh_process('resnet10t', setting, options)
     weights = sum(p.numel() * 4 for p in timm.create_model('resnet10t').parameters())
     assert weights < peak < weights + 512 * 2 ** 20
 
@@ -218,14 +218,14 @@ def test_plot_result_names_the_extra_when_matplotlib_is_missing(small_result, mo
 
 
 def test_quantiles_of_one_run():
-    assert bench._quantiles([3.0]) == (3.0, 3.0, 3.0)
-    assert bench._quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
-    assert not math.isnan(bench._quantiles([1.0, 2.0])[1])
+    assert runner._quantiles([3.0]) == (3.0, 3.0, 3.0)
+    assert runner._quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert not math.isnan(runner._quantiles([1.0, 2.0])[1])
 
 
 def test_count_macs_of_a_model_passing_parameter_views_to_submodules():
     # PiT hands its expanded class token (a view of a parameter) to a submodule
-    from timm_pf.stats import _EXTRA_FLOP_FORMULAS, count_macs
+    from timm_pf.methods.stats import _EXTRA_FLOP_FORMULAS, count_macs
     model = timm.create_model('pit_s_224')
     macs = count_macs(model)
     assert all(p.requires_grad for p in model.parameters())

@@ -10,21 +10,42 @@ smallest model's numbers too.
 """
 import shutil
 from collections import defaultdict
+from pathlib import Path
+from typing import List, Union
 
 import pytest
 import yaml
 
 import timm
-from timm_pf.cards import (
-    CARDS_DIR, CardError, card_names, card_path, card_problems, count_params_fast, family_of, format_stats,
-    orphan_cards, parse_stats, render_card, stats_table,
+from _model_checks import count_params_fast
+from timm_pf.tools.cards import (
+    CARDS_DIR, CardError, card_names, card_path, family_of, format_stats, measure_cells, orphan_cards, parse_stats,
+    render_card, stats_table,
 )
-from timm_pf.hub import pf_pretrained_tags
+from timm_pf.methods.stats import ModelStats, count_params
 from timm_pf.models.replace import PLAIN_MODELS
-from timm_pf.stats import ModelStats, count_params
+from timm_pf.tools.hub import pf_pretrained_tags
 
 TAGS = pf_pretrained_tags()
 CARDS = card_names()
+
+
+def card_problems(name: str, measure_macs: bool, cards_dir: Union[str, Path] = CARDS_DIR) -> List[str]:
+    """How the committed card of ``name`` disagrees with the registered model and ``hub_cards/`` data.
+
+    Always checks the parameter counts, the image size and every line outside the stats table; with
+    ``measure_macs`` also MACs and activations (a forward pass at the pretrained size).
+    """
+    path = card_path(name, cards_dir)
+    if not path.is_file():
+        return [f'{path} is missing: run `timm-pf card --write {name}`']
+    text = path.read_text(encoding='utf-8')
+    cells = parse_stats(text)
+    problems = [f'{name}: {row} is "{cells.get(row)}" in {path.name}, the model gives "{value}"'
+                for row, value in measure_cells(name, measure_macs).items() if cells.get(row) != value]
+    if text != render_card(name, stats_cells=cells, cards_dir=cards_dir):
+        problems.append(f'{name}: {path.name} differs from what hub_cards/ and the pretrained cfg render')
+    return problems
 
 
 def _smallest_per_family():

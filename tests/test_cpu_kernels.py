@@ -15,7 +15,8 @@ import torch
 from torch.utils import cpp_extension
 from torch.utils.flop_counter import FlopCounterMode
 
-from timm_pf.bench import BenchOptions, _environment
+from timm_pf.tools.bench.measure import BenchOptions
+from timm_pf.tools.bench.runner import _environment
 from timm_pf.cli import main
 from timm_pf.layers import DynamicConv2d
 from timm_pf.layers import cpu_kernels as ck

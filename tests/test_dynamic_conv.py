@@ -7,7 +7,7 @@ from torch import nn
 
 from timm_pf.layers import DynamicConv2d, per_sample_conv2d
 from timm_pf.layers import dynamic_conv
-from timm_pf.stats import count_macs
+from timm_pf.methods.stats import count_macs
 
 # (in, out, kernel, stride, padding, groups): pointwise, depthwise s1/s2, dense stem-like, grouped, 5x5 dw
 CONV_CASES = [

@@ -19,13 +19,14 @@ from _hub_client import (
     tensor_digests,
 )
 from _official import fixtures_dir, load_official_fixture
+from _model_checks import count_params_fast
 from hub_server import serve_hub
 
 import timm_pf  # noqa: F401
-from timm_pf.cards import CardError, count_params_fast, weights_provenance
 from timm_pf.cli import main as cli_main
+from timm_pf.tools.cards import CardError, weights_provenance
 from timm.models import save_for_hf
-from timm_pf.hub import WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, verify_folder
+from timm_pf.tools.hub import WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, verify_folder
 
 ORGS = {'timm-pf': {'maintainer'}}
 
@@ -372,7 +373,7 @@ def test_each_command_has_help(command, capsys):
 
 def test_loader_hook_is_installed_for_our_repos_only():
     from timm.models import _builder
-    from timm_pf import hub
+    from timm_pf.tools import hub
     assert _builder.load_state_dict_from_hf is hub._load_state_dict_from_hf
     assert hub.is_pf_repo('timm-pf/ours_x.tag@abc') and not hub.is_pf_repo('timm/resnet50.a1_in1k')
     assert hub.is_pf_repo(timm.models.get_pretrained_cfg(pf_pretrained_tags()[0]).hf_hub_id)

@@ -20,12 +20,12 @@ from _hub_client import (
 from hub_server import serve_hub
 from timm.models import save_for_hf
 
-from timm_pf import rba
-from timm_pf.cards import card_path, format_stats, parse_stats
+from timm_pf import rba  # the import path the README shows
 from timm_pf.cli import main as cli_main
-from timm_pf.hub import WEIGHTS_NAME, pf_pretrained_tags, prepare_folder_push
-from timm_pf.replacement import finalize
-from timm_pf.stats import count_params, model_stats
+from timm_pf.methods.replacement import finalize
+from timm_pf.methods.stats import count_params, model_stats
+from timm_pf.tools.cards import card_path, format_stats, parse_stats
+from timm_pf.tools.hub import WEIGHTS_NAME, pf_pretrained_tags, prepare_folder_push
 
 TINY_VIT = dict(img_size=32, patch_size=8, depth=4, embed_dim=32, num_heads=2, num_classes=10)
 BASE = 'vit_tiny_patch16_224'

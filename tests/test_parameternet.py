@@ -7,7 +7,7 @@ from torch import nn
 from _official import load_official_fixture
 from timm_pf.layers import DynamicConv2d
 from timm_pf.models.parameternet import GHOSTNET_V1_CFGS, GhostNet, checkpoint_filter_fn, upcycle_state_dict
-from timm_pf.stats import count_macs, count_params
+from timm_pf.methods.stats import count_macs, count_params
 
 # name, kwargs, params, paper FLOPs in M (Table 2; Table 4 for 2 / 8 experts)
 PAPER_COUNTS = [

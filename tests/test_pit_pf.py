@@ -11,7 +11,7 @@ from _model_checks import (
 from _official import load_official_fixture, unfused_attention
 from timm_pf.layers.token_mixers import EfficientTokenMixer, GridAttention
 from timm_pf.models.pit_pf import checkpoint_filter_fn
-from timm_pf.stats import count_params
+from timm_pf.methods.stats import count_params
 
 # Parameter counts of the authors' pit_pf.py (pit_ti_max, pit_s_max, pit_b_max, naver-ai/PfLayer b4bb770).
 AUTHORS_PARAMS = {'pit_ti_maxpool': 5_174_504, 'pit_s_maxpool': 25_119_784, 'pit_b_maxpool': 79_005_928}

@@ -1,4 +1,4 @@
-"""Block Redundancy analysis and Redundant Blocks Approximation (timm_pf.rba, ``timm-pf rba``)."""
+"""Block Redundancy analysis and Redundant Blocks Approximation (timm_pf.methods.rba, ``timm-pf rba``)."""
 import json
 import math
 
@@ -10,10 +10,10 @@ from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
-from timm_pf import rba
 from timm_pf.cli import main as cli_main
-from timm_pf.data import digits_tensors, export_digits
-from timm_pf.stats import count_macs, count_params
+from timm_pf.methods import rba
+from timm_pf.methods.stats import count_macs, count_params
+from timm_pf.tools.data import digits_tensors, export_digits
 
 DIGITS_SIZE = 16
 TINY_VIT = dict(img_size=DIGITS_SIZE, patch_size=8, depth=6, embed_dim=64, num_heads=2, num_classes=10)

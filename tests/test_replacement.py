@@ -1,4 +1,4 @@
-"""Replacement Learning (timm_pf.replacement, timm_pf.models.replace).
+"""Replacement Learning (timm_pf.methods.replacement, timm_pf.models.replace).
 
 Parameter counts are predicted from the architectures' shapes, gradients are checked against finite
 differences, training on digits is compared with normal training, and finalized weights are loaded by
@@ -23,10 +23,10 @@ from timm.utils import ModelEmaV3
 from torch import nn
 
 import timm_pf  # noqa: F401  registers the *_replace variants
-from timm_pf.data import digits_tensors
+from timm_pf.methods.replacement import finalize, is_replaced, replace_layers, replacement_report
+from timm_pf.methods.stats import count_params
 from timm_pf.models.replace import PLAIN_MODELS
-from timm_pf.replacement import finalize, is_replaced, replace_layers, replacement_report
-from timm_pf.stats import count_params
+from timm_pf.tools.data import digits_tensors
 
 # A ViT small enough for CPU tests; 6 layers so that interval 2 replaces layers 2 and 4.
 TINY_VIT = dict(img_size=16, patch_size=4, embed_dim=32, depth=6, num_heads=2, num_classes=10)

@@ -5,7 +5,7 @@ import torch
 
 from timm_pf.layers import LearnedDeformPool2d
 from timm_pf.models.resnet_pf import SPATIAL_OPS
-from timm_pf.stats import count_macs, count_params
+from timm_pf.methods.stats import count_macs, count_params
 
 DEFORM_MODELS = ['ours_r50_deform_max', 'ours_r50_deform_avg']
 

@@ -8,7 +8,7 @@ from torch import nn
 from _official import load_official_fixture
 from timm_pf.layers import PfMaxPool2d
 from timm_pf.models.resnet_pf import SPATIAL_OPS, checkpoint_filter_fn, parse_block_pattern
-from timm_pf.stats import count_macs, count_params
+from timm_pf.methods.stats import count_macs, count_params
 
 
 def _meta(name: str, **kwargs):

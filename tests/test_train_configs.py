@@ -11,7 +11,7 @@ import timm
 import torch
 import yaml
 
-from timm_pf import recipes
+from timm_pf.tools import recipes
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'train_configs'
@@ -65,7 +65,7 @@ def test_config_is_valid_for_train_py(path):
 
 def test_every_variant_has_a_config():
     missing = [m for m in recipes.our_models() if not (CONFIG_DIR / f'{m}.yaml').is_file()]
-    assert not missing, f'no train config for {missing}; run python -m timm_pf.recipes --write'
+    assert not missing, f'no train config for {missing}; run python -m timm_pf.tools.recipes --write'
 
 
 def test_generated_configs_are_up_to_date():

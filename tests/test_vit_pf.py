@@ -14,7 +14,7 @@ from _official import load_official_fixture, unfused_attention
 from safetensors.torch import save_file
 from timm_pf.layers.token_mixers import Conv2dNhwc, EfficientTokenMixer, GridAttention, MaxPool2dNhwc
 from timm_pf.models.vit_pf import checkpoint_filter_fn
-from timm_pf.stats import count_macs, count_params
+from timm_pf.methods.stats import count_macs, count_params
 
 # Parameter counts of the authors' vit_pf.py (vit_ti_max, vit_s_max, vit_b_max, naver-ai/PfLayer b4bb770).
 AUTHORS_PARAMS = {'vit_ti_maxpool': 6_159_400, 'vit_s_maxpool': 23_819_368, 'vit_b_maxpool': 93_644_008}

@@ -4,9 +4,11 @@ Importing this package registers every model in timm's registry, so ``timm.creat
 ``timm.list_models('ours_*')`` and timm's scripts (``--device-modules timm_pf``) see them.
 """
 from .version import __version__
-from . import layers, models, rba  # rba registers the architecture of saved block approximations
-from .hub import install_pretrained_loader
+from . import _moved, layers, models
+from .tools.hub import install_pretrained_loader
 
 install_pretrained_loader()  # timm-pf Hub repos: safetensors only, clear errors when weights are missing
+_moved.install()  # the import paths from before the layout (timm_pf.rba, timm_pf.hub, ...)
+__getattr__ = _moved.package_getattr
 
 __all__ = ['__version__', 'layers', 'models']

@@ -22,7 +22,7 @@ def _write(text: str, path: str) -> None:
 def _plan(args: argparse.Namespace):
     """(jobs, pairs) for the request; raises BenchInputError for a bad one."""
     import timm
-    from timm_pf.bench import (
+    from timm_pf.tools.bench import (
         DEFAULT_BATCH_SIZES, HEADLINE_MODELS, SPEED_TARGETS, BenchInputError, Setting, resolve_models,
         target_settings)
     patterns = _split(args.models)
@@ -59,7 +59,7 @@ def _plan(args: argparse.Namespace):
 
 
 def _list() -> int:
-    from timm_pf.bench import BASELINE_RULES, HEADLINE_MODELS, PAPER_REPORTS, SPEED_TARGETS
+    from timm_pf.tools.bench import BASELINE_RULES, HEADLINE_MODELS, PAPER_REPORTS, SPEED_TARGETS
     print('default models: ' + ', '.join(HEADLINE_MODELS))
     print('\nbaselines (first matching pattern wins; MODEL:BASELINE on --models overrides):')
     for pattern, baseline in BASELINE_RULES:
@@ -77,7 +77,9 @@ def _list() -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from timm_pf.bench import BenchInputError, BenchOptions, format_report, plot_result, run_benchmark, to_csv, to_json
+    from timm_pf.tools.bench import (
+        BenchInputError, BenchOptions, format_report, plot_result, run_benchmark, to_csv, to_json,
+    )
     if args.list:
         return _list()
     try:

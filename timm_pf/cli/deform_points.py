@@ -84,7 +84,7 @@ def _load_image(path: Optional[str], size: int):
 
 
 def _load_weights(model: torch.nn.Module, path: str) -> None:
-    from timm_pf.hub import read_checkpoint
+    from timm_pf.tools.hub import read_checkpoint
     state_dict = read_checkpoint(path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:

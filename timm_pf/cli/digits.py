@@ -4,7 +4,7 @@ from pathlib import Path
 
 
 def _run(args: argparse.Namespace) -> int:
-    from timm_pf.data import export_digits
+    from timm_pf.tools.data import export_digits
     root = export_digits(args.out, img_size=args.img_size, val_fraction=args.val_fraction, seed=args.seed)
     counts = {split: sum(1 for _ in (root / split).rglob('*.png')) for split in ('train', 'validation')}
     print(f'wrote {counts["train"]} train and {counts["validation"]} validation images to {root}')

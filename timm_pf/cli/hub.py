@@ -80,13 +80,13 @@ def _fail(message: str, code: int) -> int:
 
 
 def run_convert(args) -> int:
-    from timm_pf.hub import CheckpointError, PushError, convert_checkpoint
+    from timm_pf.tools.hub import CheckpointError, PushError, UnknownTagError, convert_checkpoint
     if args.source.is_dir():
         return _fail(f'{args.source} is a folder; convert takes a checkpoint file', EXIT_BAD_INPUT)
     try:
         result = convert_checkpoint(args.model, args.source, args.output, use_ema=args.ema,
                                     num_classes=args.num_classes, model_kwargs=args.model_kwargs)
-    except (CheckpointError, PushError) as e:
+    except (CheckpointError, PushError, UnknownTagError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     how = "through the family's checkpoint filter" if result.filtered else 'as is'
     print(f'{args.source} -> {result.folder} ({result.name_tag}, {result.num_params:,d} parameters, '
@@ -96,9 +96,10 @@ def run_convert(args) -> int:
 
 def run_push(args) -> int:
     from huggingface_hub.errors import HfHubHTTPError
-    from timm_pf.cards import CardError
-    from timm_pf.hub import (
-        HF_HUB_ORG, CheckpointError, PushError, prepare_folder_push, prepare_push, push_to_hub, require_token,
+    from timm_pf.tools.cards import CardError
+    from timm_pf.tools.hub import (
+        HF_HUB_ORG, CheckpointError, PushError, UnknownTagError, prepare_folder_push, prepare_push, push_to_hub,
+        require_token,
     )
     if args.repo_id and (args.ema or args.num_classes is not None):
         return _fail('--ema and --num-classes convert a checkpoint for -m; --repo-id pushes a folder as it is',
@@ -117,7 +118,7 @@ def run_push(args) -> int:
             else:
                 plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
                                     use_ema=args.ema, num_classes=args.num_classes, card_text=card_text)
-        except (CheckpointError, PushError, CardError) as e:
+        except (CheckpointError, PushError, UnknownTagError, CardError) as e:
             return _fail(str(e), EXIT_BAD_INPUT)
         if args.dry_run:
             print(f'dry run: would upload {plan.label} to {plan.describe()}')
@@ -136,8 +137,8 @@ def run_push(args) -> int:
 
 
 def run_card(args) -> int:
-    from timm_pf.cards import CardError, card_names, orphan_cards, render_card, resolve_card_name, write_cards
-    from timm_pf.hub import PushError
+    from timm_pf.tools.cards import CardError, card_names, orphan_cards, render_card, resolve_card_name, write_cards
+    from timm_pf.tools.hub import PushError, UnknownTagError
     try:
         names = [resolve_card_name(m) for m in args.models]
         if not (args.write or args.check):
@@ -146,7 +147,7 @@ def run_card(args) -> int:
             print(render_card(names[0]), end='')
             return 0
         statuses = write_cards(names or card_names(), check_only=args.check)
-    except (CardError, PushError) as e:
+    except (CardError, PushError, UnknownTagError) as e:
         return _fail(str(e), EXIT_BAD_INPUT)
     orphans = [] if names else orphan_cards(card_names())
     for path in orphans:

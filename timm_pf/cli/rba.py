@@ -102,7 +102,6 @@ class _CliError(Exception):
 
 def _create_model(args) -> nn.Module:
     import timm
-    from timm_pf import rba  # noqa: F401  registers the 'rba' architecture
     # a local-dir:/hf-hub: source names saved weights: load them
     pretrained = args.pretrained or args.model.startswith(('local-dir:', 'hf-hub:'))
     try:
@@ -153,13 +152,13 @@ def _input_size(model: nn.Module, args) -> Tuple[int, ...]:
 
 
 def _fmt_stats_line(name: str, model: nn.Module, input_size) -> str:
-    from timm_pf.stats import count_macs, count_params
+    from timm_pf.methods.stats import count_macs, count_params
     return f'{name:>10}: {count_params(model) / 1e6:8.3f} M params  {count_macs(model, input_size) / 1e6:10.2f} M MACs'
 
 
 def _guard(func):
     def run(args) -> int:
-        from timm_pf.rba import RbaError
+        from timm_pf.methods.rba import RbaError
         try:
             return func(args)
         except (_CliError, RbaError, *_ERRORS) as e:
@@ -170,7 +169,7 @@ def _guard(func):
 
 @_guard
 def run_analyze(args) -> int:
-    from timm_pf.rba import analyze
+    from timm_pf.methods.rba import analyze
     metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
     if args.rank_by not in metrics:
         raise _CliError(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
@@ -196,7 +195,7 @@ def run_analyze(args) -> int:
 
 @_guard
 def run_apply(args) -> int:
-    from timm_pf.rba import approximate, save_rba
+    from timm_pf.methods.rba import approximate, save_rba
     spans = _parse_spans(args.span)
     model = _create_model(args)
     loader, _ = _loader(model, args, args.split, args.num_images)
@@ -216,7 +215,7 @@ def run_apply(args) -> int:
 
 @_guard
 def run_evaluate(args) -> int:
-    from timm_pf.rba import approximate, evaluate_models, load_rba, skip_spans
+    from timm_pf.methods.rba import approximate, evaluate_models, load_rba, skip_spans
     if bool(args.span) == bool(args.rba_model):
         raise _CliError('give either --span (fit the maps here) or --rba-model (a folder from "rba apply")')
     model = _create_model(args)

@@ -4,3 +4,4 @@ from . import vit_pf
 from . import pit_pf
 from . import parameternet
 from . import replace
+from . import rba

@@ -2,8 +2,8 @@
 
 "Replacement Learning: Training Vision Tasks with Fewer Learnable Parameters" (Zhang et al., 2024,
 arXiv:2410.01239): every ``replace_interval``-th layer (default 2) is trained as a learnable mix of its
-neighbours (see :mod:`timm_pf.replacement`). Each variant is the plain timm architecture in that training
-form; ``timm_pf.replacement.finalize`` turns a trained one back into the plain architecture, whose weights
+neighbours (see :mod:`timm_pf.methods.replacement`). Each variant is the plain timm architecture in that training
+form; ``timm_pf.methods.replacement.finalize`` turns a trained one back into the plain architecture, whose weights
 load into the timm model named in the docstring.
 
 The variants have no weights of their own: ``pretrained=True`` starts from the plain timm model's
@@ -15,8 +15,6 @@ import logging
 import timm
 from timm.models import register_model
 from torch import nn
-
-from ..replacement import replace_layers
 
 __all__ = ['PLAIN_MODELS']
 
@@ -37,6 +35,8 @@ PLAIN_MODELS = {
 
 def _create_replaced(variant: str, pretrained: bool = False, replace_interval: int = 2, **kwargs) -> nn.Module:
     """Build the variant's plain model with timm (``kwargs`` go to it unchanged), then replace every k-th layer."""
+    # the Replacement Learning tooling is imported when a model is built: ``import timm_pf`` registers models only
+    from ..methods.replacement import replace_layers
     model = timm.create_model(PLAIN_MODELS[variant], pretrained=pretrained, **kwargs)
     report = replace_layers(model, interval=replace_interval)
     _logger.info(str(report))

@@ -41,18 +41,19 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from timm.models import get_arch_pretrained_cfgs, model_entrypoint, save_for_hf, split_model_name_tag
+from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 from timm.models._helpers import clean_state_dict
 from timm.models._hub import HF_WEIGHTS_NAME, hf_split, load_model_config_from_path
 
-from .models._cfg import HF_HUB_ORG, hub_repo_id
-from .models._checkpoint import CheckpointMismatch
-from .stats import count_params
-from .version import __version__
+from ..methods.stats import count_params
+from ..models._cfg import HF_HUB_ORG, hub_repo_id
+from ..models._checkpoint import CheckpointMismatch
+from ..models._registry import UnknownTagError, is_pf_repo, pf_model_names, pf_pretrained_tags, resolve_name_tag
+from ..version import __version__
 
 __all__ = [
-    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'ConvertResult', 'PushPlan',
-    'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
+    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'UnknownTagError', 'ConvertResult',
+    'PushPlan', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
     'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
@@ -77,48 +78,7 @@ class PushError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Our models and tags
-
-def pf_model_names() -> List[str]:
-    """Every architecture registered by a ``timm_pf`` module, sorted."""
-    return sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('timm_pf.'))
-
-
-def pf_pretrained_tags(model_names: Optional[List[str]] = None) -> List[str]:
-    """``'model.tag'`` of every pretrained tag of our models whose weights live in :data:`HF_HUB_ORG`."""
-    tags = []
-    for arch in model_names if model_names is not None else pf_model_names():
-        for name_tag, cfg in get_arch_pretrained_cfgs(arch).items():
-            if cfg.hf_hub_id and is_pf_repo(cfg.hf_hub_id):
-                tags.append(name_tag)
-    return tags
-
-
-def resolve_name_tag(name: str) -> str:
-    """``'model'`` or ``'model.tag'`` of one of our models -> ``'model.tag'`` (the default tag if none given)."""
-    arch, tag = split_model_name_tag(name)
-    if not timm.is_model(arch) or not model_entrypoint(arch).__module__.startswith('timm_pf.'):
-        close = [n for n in pf_model_names() if n.split('_')[0] == arch.split('_')[0]]
-        hint = f' Similar: {", ".join(close)}.' if close else ' List them with `timm.list_models(module=...)`.'
-        raise PushError(f'{arch!r} is not a timm-pf model.{hint}')
-    tags = [split_model_name_tag(n)[1] for n in pf_pretrained_tags([arch])]
-    if not tags:
-        raise PushError(f'{arch} has no pretrained tag with a Hub repository: give it one in its default cfgs '
-                        f'(generate_pf_cfgs) first.')
-    if not tag:
-        tag = tags[0]
-    if tag not in tags:
-        raise PushError(f'{arch} has no pretrained tag {tag!r}; its tags are: {", ".join(tags)}.')
-    return f'{arch}.{tag}'
-
-
-# ---------------------------------------------------------------------------------------------------------------
 # Fetching
-
-def is_pf_repo(hub_id: str) -> bool:
-    """Whether a Hub id (``org/name[@revision]``) is a repository of :data:`HF_HUB_ORG`."""
-    return hf_split(hub_id)[0].startswith(f'{HF_HUB_ORG}/')
-
 
 def _sha256(path: Union[str, Path]) -> str:
     digest = hashlib.sha256()
@@ -387,7 +347,6 @@ def load_folder_model(folder: Union[str, Path]) -> Tuple[nn.Module, Dict[str, An
     ``timm.create_model('local-dir:<folder>')`` and ``'hf-hub:<repo>'`` will rebuild it; returns it with
     its model args. Weights that do not fit it raise :class:`CheckpointError` with the differing keys/shapes.
     """
-    from . import rba  # noqa: F401  registers the 'rba' architecture of RBA models
     folder = Path(folder)
     arch, model_args, state_dict = _read_folder(
         folder, "timm's `save_for_hf(model, folder, safe_serialization=True)` or `timm_pf.rba.save_rba`")
@@ -504,7 +463,7 @@ def prepare_folder_push(
     (:func:`timm_pf.cards.render_folder_card`).
     """
     from .cards import card_path, parse_stats, render_folder_card
-    from .models.replace import PLAIN_MODELS
+    from ..models.replace import PLAIN_MODELS
     _check_repo_id(repo_id)
     folder, staging_dir = Path(folder), Path(staging_dir)
     if folder.exists() and not folder.is_dir():

@@ -11,8 +11,8 @@ card share that one render path and differ only in the values of a :class:`CardS
 * a model pushed from a folder in timm's ``save_for_hf`` layout to any repository (``timm-pf push FOLDER
   --repo-id ORG/NAME``), e.g. an RBA model; its card is rendered when it is pushed, not committed.
 
-The numbers in a card's "Model stats" table are measured by :mod:`timm_pf.stats` when the card is rendered;
-``timm-pf card --write`` writes the tag and variant cards to ``hub_cards/cards/`` and the tests check the
+The numbers in a card's "Model stats" table are measured by :mod:`timm_pf.methods.stats` when the card is
+rendered; ``timm-pf card --write`` writes the tag and variant cards to ``hub_cards/cards/`` and the tests check the
 committed cards against the registered models.
 """
 import re
@@ -29,20 +29,20 @@ from torch import nn
 import timm
 from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
 
-from .models._cfg import hub_repo_id
-from .models.replace import PLAIN_MODELS
-from .replacement import finalize
-from .stats import ModelStats, count_params, model_stats
+from ..methods.replacement import finalize
+from ..methods.stats import ModelStats, count_params, model_stats
+from ..models._cfg import hub_repo_id
+from ..models._registry import pf_pretrained_tags, resolve_name_tag
+from ..models.replace import PLAIN_MODELS
 
 __all__ = [
     'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'weights_provenance', 'measure_cells',
-    'count_params_fast', 'format_stats', 'stats_table', 'parse_stats', 'card_names',
-    'resolve_card_name', 'render', 'render_card', 'render_folder_card', 'card_path', 'card_problems',
-    'write_cards', 'orphan_cards',
+    'format_stats', 'stats_table', 'parse_stats', 'card_names', 'resolve_card_name', 'render', 'render_card',
+    'render_folder_card', 'card_path', 'write_cards', 'orphan_cards',
 ]
 
-CARDS_DIR = Path(__file__).resolve().parents[1] / 'hub_cards'
-TRAIN_CONFIGS_DIR = Path(__file__).resolve().parents[1] / 'train_configs'
+CARDS_DIR = Path(__file__).resolve().parents[2] / 'hub_cards'
+TRAIN_CONFIGS_DIR = Path(__file__).resolve().parents[2] / 'train_configs'
 
 _FAMILY_KEYS = ('title', 'paper', 'license', 'datasets', 'tags', 'architecture', 'differences', 'results',
                 'citation', 'variants')
@@ -86,11 +86,6 @@ def _create(name: str, meta: bool = False, **kwargs) -> nn.Module:
         except Exception:  # model code that needs real tensors while building (e.g. data-dependent init)
             pass
     return timm.create_model(name, pretrained=False, **kwargs)
-
-
-def count_params_fast(name_tag: str) -> int:
-    """Parameter count of ``name_tag``, built on the meta device (no memory, no init) when the model allows."""
-    return count_params(_create(name_tag, meta=True))
 
 
 def _size(input_size: Sequence[int]) -> str:
@@ -204,13 +199,11 @@ def weights_provenance(name_tag: str, cards_dir: Union[str, Path] = CARDS_DIR) -
 
 def card_names() -> List[str]:
     """Every committed card: each pretrained tag of our models and each Replacement Learning variant."""
-    from .hub import pf_pretrained_tags
     return pf_pretrained_tags() + sorted(PLAIN_MODELS)
 
 
 def resolve_card_name(name: str) -> str:
     """``'model'`` / ``'model.tag'`` -> the card's name (the default tag if none given; a variant as is)."""
-    from .hub import resolve_name_tag
     arch, tag = split_model_name_tag(name)
     if arch in PLAIN_MODELS:
         if tag:
@@ -231,7 +224,7 @@ def _variant_summary(family: Dict, arch: str, cards_dir: Union[str, Path]) -> st
 def _recipe(variant: str) -> str:
     recipe = f'train_configs/{variant}.yaml'
     if not (TRAIN_CONFIGS_DIR.parent / recipe).is_file():
-        raise CardError(f'{variant}: its recipe {recipe} does not exist (`python -m timm_pf.recipes --write`)')
+        raise CardError(f'{variant}: its recipe {recipe} does not exist (`python -m timm_pf.tools.recipes --write`)')
     return recipe
 
 
@@ -452,24 +445,6 @@ def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: st
 def card_path(name: str, cards_dir: Union[str, Path] = CARDS_DIR) -> Path:
     """Where the generated card of ``name`` (a tag or a variant) is committed."""
     return Path(cards_dir) / 'cards' / f'{name}.md'
-
-
-def card_problems(name: str, measure_macs: bool, cards_dir: Union[str, Path] = CARDS_DIR) -> List[str]:
-    """How the committed card of ``name`` disagrees with the registered model and ``hub_cards/`` data.
-
-    Always checks the parameter counts, the image size and every line outside the stats table; with
-    ``measure_macs`` also MACs and activations (a forward pass at the pretrained size).
-    """
-    path = card_path(name, cards_dir)
-    if not path.is_file():
-        return [f'{path} is missing: run `timm-pf card --write {name}`']
-    text = path.read_text(encoding='utf-8')
-    cells = parse_stats(text)
-    problems = [f'{name}: {row} is "{cells.get(row)}" in {path.name}, the model gives "{value}"'
-                for row, value in measure_cells(name, measure_macs).items() if cells.get(row) != value]
-    if text != render_card(name, stats_cells=cells, cards_dir=cards_dir):
-        problems.append(f'{name}: {path.name} differs from what hub_cards/ and the pretrained cfg render')
-    return problems
 
 
 @dataclass

@@ -1,0 +1,53 @@
+"""Our models and their pretrained tags in timm's registry: which architectures are ours, which tags have a
+repository in :data:`~timm_pf.models._cfg.HF_HUB_ORG`, and ``'model'`` / ``'model.tag'`` -> ``'model.tag'``."""
+from typing import List, Optional
+
+import timm
+from timm.models import get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
+from timm.models._hub import hf_split
+
+from ._cfg import HF_HUB_ORG
+
+__all__ = ['UnknownTagError', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo']
+
+
+class UnknownTagError(ValueError):
+    """A name that is not one of our models, or a tag it does not have (the message lists what exists)."""
+
+
+def pf_model_names() -> List[str]:
+    """Every architecture registered by a ``timm_pf`` module, sorted."""
+    return sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('timm_pf.'))
+
+
+def pf_pretrained_tags(model_names: Optional[List[str]] = None) -> List[str]:
+    """``'model.tag'`` of every pretrained tag of our models whose weights live in :data:`HF_HUB_ORG`."""
+    tags = []
+    for arch in model_names if model_names is not None else pf_model_names():
+        for name_tag, cfg in get_arch_pretrained_cfgs(arch).items():
+            if cfg.hf_hub_id and is_pf_repo(cfg.hf_hub_id):
+                tags.append(name_tag)
+    return tags
+
+
+def resolve_name_tag(name: str) -> str:
+    """``'model'`` or ``'model.tag'`` of one of our models -> ``'model.tag'`` (the default tag if none given)."""
+    arch, tag = split_model_name_tag(name)
+    if not timm.is_model(arch) or not model_entrypoint(arch).__module__.startswith('timm_pf.'):
+        close = [n for n in pf_model_names() if n.split('_')[0] == arch.split('_')[0]]
+        hint = f' Similar: {", ".join(close)}.' if close else ' List them with `timm.list_models(module=...)`.'
+        raise UnknownTagError(f'{arch!r} is not a timm-pf model.{hint}')
+    tags = [split_model_name_tag(n)[1] for n in pf_pretrained_tags([arch])]
+    if not tags:
+        raise UnknownTagError(f'{arch} has no pretrained tag with a Hub repository: give it one in its default '
+                              f'cfgs (generate_pf_cfgs) first.')
+    if not tag:
+        tag = tags[0]
+    if tag not in tags:
+        raise UnknownTagError(f'{arch} has no pretrained tag {tag!r}; its tags are: {", ".join(tags)}.')
+    return f'{arch}.{tag}'
+
+
+def is_pf_repo(hub_id: str) -> bool:
+    """Whether a Hub id (``org/name[@revision]``) is a repository of :data:`HF_HUB_ORG`."""
+    return hf_split(hub_id)[0].startswith(f'{HF_HUB_ORG}/')

@@ -1,0 +1,152 @@
+"""Reports of a benchmark run: text or Markdown tables, CSV and JSON."""
+import csv
+import io
+import json
+import math
+from dataclasses import asdict
+from typing import List, Optional, Sequence
+
+from .runner import BenchResult, BenchRow
+
+__all__ = ['format_report', 'to_csv', 'to_json']
+
+def _fmt(value: Optional[float], spec: str = '.2f', suffix: str = '') -> str:
+    return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:{spec}}{suffix}'
+
+
+def _table(headers: Sequence[str], rows: Sequence[Sequence[str]], markdown: bool) -> str:
+    if markdown:
+        lines = ['| ' + ' | '.join(headers) + ' |', '|' + '|'.join('---' for _ in headers) + '|']
+        lines += ['| ' + ' | '.join(r) + ' |' for r in rows]
+        return '\n'.join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(headers)]
+    fmt = '  '.join(f'{{:<{w}}}' if i < 2 else f'{{:>{w}}}' for i, w in enumerate(widths))
+    lines = [fmt.format(*headers), fmt.format(*('-' * w for w in widths))]
+    lines += [fmt.format(*r) for r in rows]
+    return '\n'.join(lines)
+
+
+def _heading(text: str, markdown: bool) -> str:
+    return f'### {text}' if markdown else f'== {text} =='
+
+
+def _summary_table(result: BenchResult, markdown: bool) -> List[str]:
+    settings = list(dict.fromkeys(r.setting for r in result.rows))
+    rows = []
+    for model, baseline in dict.fromkeys((r.model, r.baseline) for r in result.rows if r.baseline):
+        cells = [model, baseline]
+        first = None
+        for setting in settings:
+            row = result.row(model, setting)
+            first = first or row
+            cells += [_fmt(row and row.latency_ratio, '.2f', 'x'), _fmt(row and row.memory_ratio, '.2f', 'x')]
+        rows.append(cells[:2] + [_fmt(first.params_ratio, '.2f', 'x'), _fmt(first.macs_ratio, '.2f', 'x')] + cells[2:])
+    if not rows:
+        return []
+    headers = ['model', 'baseline', 'params', 'MACs']
+    for setting in settings:
+        headers += [f'latency {setting}', f'memory {setting}']
+    return [_heading('Summary: ours / baseline', markdown), _table(headers, rows, markdown), '']
+
+
+def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
+    out = []
+    seen = set()
+    for img_size in dict.fromkeys(r.img_size for r in result.rows):
+        rows = []
+        for r in result.rows:
+            if r.img_size != img_size or r.model in seen:
+                continue
+            seen.add(r.model)
+            rows.append([
+                r.model, r.baseline or '',
+                _fmt(r.params / 1e6), _fmt(r.paper_params_m, 'g'), _fmt(r.params_ratio, '.2f', 'x'),
+                _fmt(r.macs / 1e9, '.3f'), _fmt(r.paper_gmacs, 'g'), _fmt(r.macs_ratio, '.2f', 'x'),
+                _fmt(r.activations / 1e6), r.paper_speeds or '-', r.paper_source or '-',
+            ])
+        if rows:
+            out += [_heading(f'Model cost per image at {img_size}px (paper values beside ours)', markdown),
+                    _table(['model', 'baseline', 'params (M)', 'paper', 'vs base', 'GMACs', 'paper', 'vs base',
+                            'acts (M)', 'paper speed', 'paper source'], rows, markdown), '']
+    return out
+
+
+def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
+    out = []
+    opts = result.options
+    numerics = opts.dtype + (' amp' if opts.amp else '') + (' channels_last' if opts.channels_last else '') \
+        + (' compiled' if opts.compile else '')
+    for setting in dict.fromkeys(r.setting for r in result.rows):
+        rows = []
+        for r in result.rows:
+            if r.setting != setting:
+                continue
+            ratio = _fmt(r.latency_ratio, '.2f', 'x')
+            if r.latency_ratio is not None:
+                ratio += f' [{r.latency_ratio_q1:.2f}-{r.latency_ratio_q3:.2f}]'
+            paper = '-'
+            if r.paper_latency_ratio is not None:
+                paper = f'{r.paper_latency_ratio:.2f}x ({r.paper_latency_ratio_basis})'
+            rows.append([
+                r.model, r.baseline or '',
+                _fmt(r.latency_ms, '.1f'), f'{r.latency_q1_ms:.1f}-{r.latency_q3_ms:.1f}',
+                f'{r.latency_min_ms:.1f}-{r.latency_max_ms:.1f}', _fmt(r.throughput, '.1f'),
+                _fmt(r.peak_memory_mb, '.0f'), ratio, _fmt(r.memory_ratio, '.2f', 'x'), paper,
+            ])
+        n = len(result.row(rows[0][0], setting).latencies_ms)
+        memory = 'peak MB' if opts.device.startswith('cuda') else f'peak MB ({opts.memory})'
+        out += [_heading(f'{setting.mode}, batch {setting.batch_size}, {setting.img_size}px, '
+                         f'{opts.device} {numerics}: {n} interleaved runs, ratios of the {opts.statistic}', markdown),
+                _table(['model', 'baseline', 'latency (ms)', 'IQR', 'min-max', 'img/s', memory,
+                        'latency vs base [IQR]', 'memory vs base', 'paper latency ratio'], rows, markdown), '']
+    return out
+
+
+def _target_table(result: BenchResult, markdown: bool) -> List[str]:
+    if not result.targets:
+        return []
+    rows = [[c.target.model, c.target.baseline, str(c.target.setting), c.target.metric,
+             f'<= {c.target.max_ratio:.2f}x', _fmt(c.measured, '.2f', 'x'), c.status] for c in result.targets]
+    method = 'CUDA allocator' if result.options.device.startswith('cuda') else result.options.memory
+    return [_heading(f'Targets (ratio to the baseline, measured side by side; memory: {method})', markdown),
+            _table(['model', 'baseline', 'setting', 'metric', 'target', 'measured', 'check'], rows, markdown), '']
+
+
+def format_report(result: BenchResult, markdown: bool = False) -> str:
+    """The human-readable report: cost table, one speed table per setting, target checks."""
+    env = result.environment
+    device = env.get('gpu') or f'{env["cpu"]}, {env["threads"]} threads'
+    header = (f'timm-pf bench on {device} (torch {env["torch"]}, timm {env["timm"]}). Ratios are ours / '
+              f'baseline measured in this run; below 1 is better.')
+    if 'dynamic_conv_batch1' in env:
+        header += f'\nDynamic convs at batch 1: {env["dynamic_conv_batch1"]}.'
+    parts = [header, ''] + _summary_table(result, markdown) + _cost_table(result, markdown)
+    parts += _speed_tables(result, markdown)
+    parts += _target_table(result, markdown)
+    return '\n'.join(parts).rstrip() + '\n'
+
+
+_CSV_EXCLUDE = ('latencies_ms',)
+
+
+def to_csv(result: BenchResult) -> str:
+    """One line per (model, setting) with every measured and reported field."""
+    names = [f for f in BenchRow.__dataclass_fields__ if f not in _CSV_EXCLUDE]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=names, lineterminator='\n')
+    writer.writeheader()
+    for row in result.rows:
+        values = asdict(row)
+        writer.writerow({k: '' if values[k] is None else values[k] for k in names})
+    return buf.getvalue()
+
+
+def to_json(result: BenchResult) -> str:
+    """Environment, options, rows (with every timed run) and target checks as JSON."""
+    data = {
+        'environment': result.environment,
+        'options': asdict(result.options),
+        'rows': [asdict(r) for r in result.rows],
+        'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status} for c in result.targets],
+    }
+    return json.dumps(data, indent=2)

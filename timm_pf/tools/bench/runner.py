@@ -1,0 +1,363 @@
+"""Side-by-side efficiency benchmark: every model next to its baseline, measured in one process.
+
+The papers promise fewer parameters and MACs *and* faster models in practice. This module measures
+all three on the machine at hand and prints the paper's reported values beside ours:
+
+* params, MACs and activations come from :mod:`timm_pf.methods.stats` (MACs = ``FlopCounterMode``
+  FLOPs / 2);
+* latency is the wall time of one step (a forward pass, or with ``mode='train'`` a forward pass, a
+  cross-entropy loss and a backward pass). The first ``warmup`` rounds are discarded; then every round
+  runs each model once, in alternating order (A B C, C B A, ...), so that drift of a shared or
+  throttling machine hits a model and its baseline alike. We report the median, the quartiles and the
+  extremes over rounds, and the ratio ``median latency / median latency of the baseline`` (or of the
+  minima, with ``statistic='min'``, for a busy machine), with the quartiles of the per-round (paired)
+  ratios as its spread;
+* peak memory of one step, weights and input included. On CUDA it is ``torch.cuda.max_memory_allocated``;
+  on CPU, by default (``memory='tensors'``), the peak of live tensor storage tracked at the operator level
+  (:class:`PeakTensorMemory`), the same quantity without the GPU allocator; with ``memory='rss'`` the
+  growth of the resident set (Linux ``VmHWM``) during two steps of each model in a fresh process, which
+  adds what kernels allocate internally and the allocator's overhead.
+
+The data that ties it to the papers lives in :mod:`timm_pf.tools.bench.paper`: :data:`BASELINE_RULES`
+(which baseline each variant is compared with), :data:`PAPER_REPORTS` (params, MACs and speeds the
+papers report, with the table they come from) and :data:`SPEED_TARGETS` (the ratios the package promises).
+"""
+import os
+import platform
+import statistics
+import sys
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+import torch
+from torch import nn
+
+from timm_pf.layers.cpu_kernels import cpu_kernel_policy, kernel_status
+from timm_pf.layers.dynamic_conv import DynamicConv2d
+from .measure import _STATISTICS, BenchInputError, BenchOptions, _Step, _Subject
+from .paper import PAPER_REPORTS, SPEED_TARGETS, Setting, SpeedTarget, baseline_for, paper_latency_ratio
+
+__all__ = [
+    'DEFAULT_BATCH_SIZES', 'BenchRow', 'TargetCheck', 'BenchResult', 'resolve_models', 'target_settings',
+    'run_benchmark', 'check_targets',
+]
+
+# Batch sizes of the default run: batch 1 and a batch large enough to use both cores of a laptop
+# while the whole run stays near two minutes on 2 CPU cores.
+DEFAULT_BATCH_SIZES = (1, 8)
+def _registered(name: str) -> bool:
+    import timm
+    return timm.is_model(name)
+
+
+def _unknown_model_message(name: str) -> str:
+    import difflib
+    import timm
+    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+    hint = f' (did you mean {", ".join(close)}?)' if close else ''
+    return f'unknown model {name!r}: not registered with timm{hint}'
+
+
+def resolve_models(patterns: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
+    """``(model, baseline)`` pairs for globs and names; ``'MODEL:BASELINE'`` pairs explicitly.
+
+    Raises :class:`BenchInputError` for a glob that matches no registered model or an unknown name.
+    """
+    import timm
+    pairs: List[Tuple[str, Optional[str]]] = []
+    for pattern in patterns:
+        pattern, _, explicit_baseline = pattern.partition(':')
+        if any(ch in pattern for ch in '*?['):
+            names = timm.list_models(pattern)
+            if not names:
+                raise BenchInputError(f'--models pattern {pattern!r} matches no registered model')
+        elif _registered(pattern):
+            names = [pattern]
+        else:
+            raise BenchInputError(_unknown_model_message(pattern))
+        if explicit_baseline and not _registered(explicit_baseline):
+            raise BenchInputError(_unknown_model_message(explicit_baseline))
+        for name in names:
+            pair = (name, explicit_baseline or baseline_for(name))
+            if pair not in pairs:
+                pairs.append(pair)
+    for model, baseline in pairs:
+        if baseline is not None and not _registered(baseline):
+            raise BenchInputError(f'baseline {baseline!r} of {model!r} is not registered with timm')
+    return pairs
+
+
+def target_settings(targets: Sequence[SpeedTarget]) -> List[Tuple[Setting, List[str]]]:
+    """The settings the targets need, each with the models to run in it (in first-use order)."""
+    jobs: Dict[Setting, List[str]] = {}
+    for target in targets:
+        models = jobs.setdefault(target.setting, [])
+        for name in (target.baseline, target.model):
+            if name not in models:
+                models.append(name)
+    return list(jobs.items())
+
+
+_MIN_AUTO_REPEATS, _MAX_AUTO_REPEATS = 3, 50
+
+
+@dataclass
+class BenchRow:
+    """One model in one setting, with its baseline's ratios and the paper's values."""
+    model: str
+    baseline: Optional[str]
+    mode: str
+    batch_size: int
+    img_size: int
+    params: int
+    macs: int  # per image
+    activations: int  # per image
+    latencies_ms: List[float]
+    latency_ms: float  # median
+    latency_q1_ms: float
+    latency_q3_ms: float
+    latency_min_ms: float
+    latency_max_ms: float
+    throughput: float  # images per second at the median latency
+    peak_memory_mb: Optional[float]
+    params_ratio: Optional[float] = None
+    macs_ratio: Optional[float] = None
+    latency_ratio: Optional[float] = None  # latency / baseline latency (median, or min with statistic='min')
+    latency_ratio_q1: Optional[float] = None  # quartiles of the per-round paired ratios
+    latency_ratio_q3: Optional[float] = None
+    memory_ratio: Optional[float] = None
+    paper_source: Optional[str] = None
+    paper_params_m: Optional[float] = None
+    paper_gmacs: Optional[float] = None
+    paper_speeds: str = ''
+    paper_latency_ratio: Optional[float] = None
+    paper_latency_ratio_basis: str = ''
+
+    @property
+    def setting(self) -> Setting:
+        return Setting(self.mode, self.batch_size, self.img_size)
+
+
+@dataclass
+class TargetCheck:
+    target: SpeedTarget
+    measured: Optional[float]  # None when the run did not measure it
+
+    @property
+    def status(self) -> str:
+        if self.measured is None:
+            return 'n/a'
+        return 'PASS' if self.measured <= self.target.max_ratio else 'FAIL'
+
+
+@dataclass
+class BenchResult:
+    rows: List[BenchRow]
+    options: BenchOptions
+    environment: Dict[str, object]
+    targets: List[TargetCheck] = field(default_factory=list)
+
+    def row(self, model: str, setting: Setting) -> Optional[BenchRow]:
+        return next((r for r in self.rows if r.model == model and r.setting == setting), None)
+
+
+def _quantiles(values: Sequence[float]) -> Tuple[float, float, float]:
+    if len(values) == 1:
+        return values[0], values[0], values[0]
+    q1, median, q3 = statistics.quantiles(values, n=4, method='inclusive')
+    return q1, median, q3
+
+
+def _environment(options: BenchOptions, models: Iterable[nn.Module] = ()) -> Dict[str, object]:
+    import timm
+    from timm_pf import __version__
+    env: Dict[str, object] = {
+        'timm_pf': __version__, 'torch': torch.__version__, 'timm': timm.__version__,
+        'python': platform.python_version(), 'platform': platform.platform(),
+        'cpu': _cpu_name(), 'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(),
+    }
+    if torch.device(options.device).type == 'cuda':
+        env['gpu'] = torch.cuda.get_device_name(torch.device(options.device))
+    elif any(isinstance(m, DynamicConv2d) for model in models for m in model.modules()):
+        env['dynamic_conv_batch1'] = kernel_status()
+    return env
+
+
+def _cpu_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class _Progress:
+    def __init__(self, enabled: bool):
+        self.bar = None
+        if enabled:
+            from tqdm import tqdm
+            self.bar = tqdm(total=0, unit='run', file=sys.stderr, dynamic_ncols=True, leave=False)
+
+    def add(self, n: int) -> None:
+        if self.bar is not None:
+            self.bar.total += n
+            self.bar.refresh()
+
+    def step(self, description: str) -> None:
+        if self.bar is not None:
+            self.bar.set_description(description, refresh=False)
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _interleaved(steps: Dict[str, _Step], rounds: int, progress: _Progress, label: str) -> Dict[str, List[float]]:
+    """``rounds`` rounds of every step; odd rounds run in reverse order."""
+    names = list(steps)
+    times: Dict[str, List[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            times[name].append(steps[name].time())
+            progress.step(f'{label} {name}')
+    return times
+
+
+def run_benchmark(
+        jobs: Sequence[Tuple[Setting, Sequence[str]]],
+        pairs: Sequence[Tuple[str, Optional[str]]],
+        options: BenchOptions,
+        progress: bool = True,
+) -> BenchResult:
+    """Measure every model of each job's setting, interleaved, and pair the rows with ``pairs``.
+
+    ``jobs`` lists (setting, models); ``pairs`` gives each model's baseline (models without one get
+    no ratios). Raises :class:`BenchInputError` for bad options, RuntimeError when a model fails.
+    """
+    options.validate()
+    if options.threads is not None and torch.device(options.device).type == 'cpu':
+        torch.set_num_threads(options.threads)
+    if torch.device(options.device).type != 'cpu':
+        return _run_benchmark(jobs, pairs, options, progress)
+    torch.set_flush_denormal(True)
+    with cpu_kernel_policy(options.cpu_kernels):  # a build (~30 s, once per machine) is the first call's
+        return _run_benchmark(jobs, pairs, options, progress)
+
+
+def _run_benchmark(
+        jobs: Sequence[Tuple[Setting, Sequence[str]]],
+        pairs: Sequence[Tuple[str, Optional[str]]],
+        options: BenchOptions,
+        progress: bool,
+) -> BenchResult:
+    baselines = dict(pairs)
+    bar = _Progress(progress)
+    try:
+        subjects: Dict[str, _Subject] = {}
+        for _, names in jobs:
+            for name in names:
+                if name not in subjects:
+                    bar.add(1)
+                    subjects[name] = _Subject(name, options)
+                    for setting, job_names in jobs:
+                        if name in job_names:
+                            subjects[name].stats(setting.img_size)
+                    subjects[name].prepare()
+                    bar.step(f'build {name}')
+        measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]] = {}
+        budget = options.time_budget / max(1, len(jobs))
+        for setting, names in jobs:
+            steps = {name: _Step(subjects[name], setting, options) for name in names}
+            bar.add(options.warmup * len(steps))
+            warm = _interleaved(steps, options.warmup, bar, f'{setting} warm-up')
+            repeats = options.repeats
+            if repeats is None:
+                round_time = sum(times[-1] for times in warm.values())
+                repeats = int(min(_MAX_AUTO_REPEATS, max(_MIN_AUTO_REPEATS, budget // max(round_time, 1e-6))))
+            measure_memory = options.memory != 'off'
+            bar.add(repeats * len(steps) + (len(steps) if measure_memory else 0))
+            times = _interleaved(steps, repeats, bar, str(setting))
+            for name, step in steps.items():
+                peak = None
+                if measure_memory:
+                    peak = step.peak_memory()
+                    bar.step(f'{setting} memory {name}')
+                measured[(name, setting)] = ([t * 1e3 for t in times[name]], peak)
+                step.subject.eager.zero_grad(set_to_none=True)  # free a training step's gradients
+    finally:
+        bar.close()
+
+    rows = []
+    for setting, names in jobs:
+        for name in _grouped(names, baselines):
+            baseline = baselines.get(name)
+            if baseline not in names:
+                baseline = None
+            rows.append(_make_row(name, baseline, setting, subjects, measured, options))
+    result = BenchResult(rows, options, _environment(options, (s.eager for s in subjects.values())))
+    result.targets = check_targets(result)
+    return result
+
+
+def _grouped(names: Sequence[str], baselines: Dict[str, Optional[str]]) -> List[str]:
+    """Models ordered so that each baseline comes first, followed by its variants."""
+    order: List[str] = []
+    for name in names:
+        base = baselines.get(name)
+        head = base if base in names else name
+        if head not in order:
+            order.append(head)
+            order.extend(n for n in names if baselines.get(n) == head and n != head)
+    order.extend(n for n in names if n not in order)
+    return order
+
+
+def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Dict[str, _Subject],
+              measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]],
+              options: BenchOptions) -> BenchRow:
+    subject = subjects[name]
+    latencies, peak = measured[(name, setting)]
+    macs, activations = subject.stats(setting.img_size)
+    q1, median, q3 = _quantiles(latencies)
+    report = PAPER_REPORTS.get(name)
+    row = BenchRow(
+        model=name, baseline=baseline, mode=setting.mode, batch_size=setting.batch_size,
+        img_size=setting.img_size, params=subject.params, macs=macs, activations=activations,
+        latencies_ms=latencies, latency_ms=median, latency_q1_ms=q1, latency_q3_ms=q3,
+        latency_min_ms=min(latencies), latency_max_ms=max(latencies),
+        throughput=setting.batch_size / (median / 1e3),
+        peak_memory_mb=None if peak is None else peak / 2 ** 20,
+    )
+    if report is not None:
+        row.paper_source, row.paper_params_m, row.paper_gmacs = report.source, report.params_m, report.gmacs
+        row.paper_speeds = '; '.join(str(s) for s in report.speeds)
+    if baseline is not None:
+        base_latencies, base_peak = measured[(baseline, setting)]
+        base_macs, _ = subjects[baseline].stats(setting.img_size)
+        row.params_ratio = subject.params / subjects[baseline].params
+        row.macs_ratio = macs / base_macs if base_macs else None
+        statistic = _STATISTICS[options.statistic]
+        row.latency_ratio = statistic(latencies) / statistic(base_latencies)
+        paired = [a / b for a, b in zip(latencies, base_latencies)]
+        row.latency_ratio_q1, _, row.latency_ratio_q3 = _quantiles(paired)
+        if peak is not None and base_peak:
+            row.memory_ratio = peak / base_peak
+        row.paper_latency_ratio, row.paper_latency_ratio_basis = paper_latency_ratio(
+            name, baseline, setting.batch_size)
+    return row
+
+
+def check_targets(result: BenchResult, targets: Sequence[SpeedTarget] = SPEED_TARGETS) -> List[TargetCheck]:
+    """The targets this run measured (model and baseline both run in the target's setting)."""
+    checks = []
+    for target in targets:
+        row = result.row(target.model, target.setting)
+        if row is None or row.baseline != target.baseline:
+            continue
+        value = row.latency_ratio if target.metric == 'latency' else row.memory_ratio
+        checks.append(TargetCheck(target, value))
+    return checks

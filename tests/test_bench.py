@@ -13,6 +13,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from timm_pf.cli import main
 from timm_pf.tools import bench
 from timm_pf.tools.bench import BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget, measure, runner
+from timm_pf.tools.bench.ratio import quantiles
 
 SMALL_PAIR = ('resnet18', 'resnet10t')
 SMALL_SETTINGS = (Setting('infer', 1, 64), Setting('infer', 2, 64), Setting('train', 2, 64))
@@ -50,7 +51,10 @@ def test_ratios_are_latency_over_baseline_latency(small_result):
         assert row.baseline == 'resnet10t' and base.baseline is None and base.latency_ratio is None
         assert len(row.latencies_ms) == len(base.latencies_ms) == 3
         assert row.latency_ms == pytest.approx(statistics.median(row.latencies_ms))
-        assert row.latency_ratio == pytest.approx(row.latency_ms / base.latency_ms)
+        paired = [a / b for a, b in zip(row.latencies_ms, base.latencies_ms)]
+        assert row.latency_ratio == pytest.approx(statistics.median(paired))
+        assert row.latency_ratio_q1 <= row.latency_ratio <= row.latency_ratio_q3
+        assert 'only 3 rounds' in row.latency_ratio_unstable  # fewer than 5 rounds are never quoted
         assert row.latency_min_ms <= row.latency_q1_ms <= row.latency_ms <= row.latency_q3_ms <= row.latency_max_ms
         assert row.throughput == pytest.approx(setting.batch_size / row.latency_ms * 1e3)
         assert row.params_ratio == pytest.approx(row.params / base.params)
@@ -90,7 +94,7 @@ def test_output_formats_parse(small_result):
     text = bench.format_report(small_result)
     markdown = bench.format_report(small_result, markdown=True)
     for out in (text, markdown):
-        assert 'resnet18' in out and f'{small_result.rows[1].latency_ratio:.2f}x' in out
+        assert 'resnet18' in out and f'{small_result.rows[1].latency_ratio:.2f}x (unstable)' in out
     tables = [block.splitlines() for block in markdown.split('\n\n') if block.count('\n|') >= 3]
     assert len(tables) == 2 + len(SMALL_SETTINGS)  # summary, cost, then one speed table per setting
     for table in tables:
@@ -98,15 +102,105 @@ def test_output_formats_parse(small_result):
         assert len({line.count('|') for line in rows}) == 1
 
 
-def test_target_checks_use_measured_ratio(small_result):
-    setting = SMALL_SETTINGS[0]
-    ratio = small_result.row('resnet18', setting).latency_ratio
+def test_target_checks_use_measured_ratio(monkeypatch):
+    result = _synthetic_run(monkeypatch, 'stable', repeats=9)
+    setting = SYNTHETIC_SETTING
+    ratio = result.row('resnet18', setting).latency_ratio
     targets = [SpeedTarget('resnet18', 'resnet10t', setting, 'latency', ratio * 1.01),
                SpeedTarget('resnet18', 'resnet10t', setting, 'latency', ratio * 0.99),
-               SpeedTarget('resnet18', 'resnet10t', Setting('infer', 7, 64), 'latency', 1.0)]
-    checks = bench.check_targets(small_result, targets)
+               SpeedTarget('resnet18', 'resnet10t', Setting('infer', 7, 32), 'latency', 1.0)]
+    checks = bench.check_targets(result, targets)
     assert [c.status for c in checks] == ['PASS', 'FAIL']
     assert checks[0].measured == ratio
+
+
+# Synthetic timings (seconds) of resnet18 (ours, 0.8x) and resnet10t (its baseline) per call: call 0 is
+# the warm-up round. The steps are timed through the real rounds, rows, reports and target checks.
+SYNTHETIC_SETTING = Setting('infer', 1, 32)
+_BASE = 0.010
+
+
+def _busy(i: int) -> float:
+    return 1.0 + 0.9 * ((i * 7) % 5 > 1)  # another process slows 3 of every 5 baseline runs by 90%
+
+
+SYNTHETIC_TIMINGS = {
+    'stable': lambda name, i: _BASE * (0.8 * (1 + 0.01 * (i % 3)) if name == 'resnet18' else 1 + 0.01 * (i % 2)),
+    'drifting': lambda name, i: _BASE * (1 + 0.2 * i) * (0.8 if name == 'resnet18' else 1.0),
+    'outlier': lambda name, i: _BASE * (0.8 * (10 if i == 3 else 1) if name == 'resnet18' else 1.0),
+    'busy_baseline': lambda name, i: _BASE * (0.8 if name == 'resnet18' else _busy(i)),
+}
+
+
+def _fake_timings(monkeypatch, case: str) -> None:
+    calls = {}
+
+    def fake_time(step):
+        name = step.subject.name
+        calls[name] = calls.get(name, -1) + 1
+        return SYNTHETIC_TIMINGS[case](name, calls[name])
+
+    monkeypatch.setattr(measure._Step, 'time', fake_time)
+
+
+def _synthetic_run(monkeypatch, case: str, **options) -> bench.BenchResult:
+    _fake_timings(monkeypatch, case)
+    options = BenchOptions(**{'memory': 'off', 'time_budget': 5 * 1.8 * _BASE, **options})
+    return bench.run_benchmark([(SYNTHETIC_SETTING, list(SMALL_PAIR))], [SMALL_PAIR], options, progress=False)
+
+
+@pytest.mark.parametrize('case, statistic, rounds, unstable', [
+    ('stable', 'median', 5, ''),
+    ('drifting', 'median', 5, ''),  # paired rounds cancel the drift
+    ('outlier', 'median', 5, ''),  # one slow round moves neither the median nor the quartiles
+    ('busy_baseline', 'median', 20, 'machine busy'),  # more rounds up to the cap, then flagged
+    ('busy_baseline', 'min', 5, ''),  # the fastest runs of both are undisturbed
+])
+def test_paired_ratio_and_stability_from_synthetic_timings(monkeypatch, tmp_path, case, statistic, rounds, unstable):
+    target = SpeedTarget('resnet18', 'resnet10t', SYNTHETIC_SETTING, 'latency', 1.5)
+    monkeypatch.setattr(runner, 'SPEED_TARGETS', (target,))
+    result = _synthetic_run(monkeypatch, case, statistic=statistic, max_repeats=20)
+    row = result.row('resnet18', SYNTHETIC_SETTING)
+    assert len(row.latencies_ms) == rounds
+    if unstable:
+        assert unstable in row.latency_ratio_unstable
+        assert row.latency_ratio_q3 - row.latency_ratio_q1 > 0.1 * row.latency_ratio
+    else:
+        assert row.latency_ratio == pytest.approx(0.8, rel=0.02) and row.latency_ratio_unstable == ''
+    [check] = result.targets
+    assert check.status == ('UNSTABLE' if unstable else 'PASS')
+
+    # every output carries the flag
+    text, markdown = bench.format_report(result), bench.format_report(result, markdown=True)
+    [line] = list(csv.DictReader(io.StringIO(bench.to_csv(result))))[1:]
+    data = json.loads(bench.to_json(result))
+    labels = []
+    from matplotlib.axes import Axes
+    annotate = Axes.annotate
+    monkeypatch.setattr(Axes, 'annotate', lambda ax, text, *a, **k: labels.append(text) or annotate(ax, text, *a, **k))
+    bench.plot_result(result, str(tmp_path / 'p.png'))
+    flags = ['(unstable)' in text, '(unstable)' in markdown, bool(line['latency_ratio_unstable']),
+             bool(data['rows'][1]['latency_ratio_unstable']), 'resnet18 (unstable ratio)' in labels]
+    assert flags == [bool(unstable)] * 5
+    if unstable:
+        assert row.latency_ratio_unstable in text and 'UNSTABLE' in text
+        assert data['targets'][0]['status'] == 'UNSTABLE'
+
+
+def test_fixed_repeats_are_not_extended_and_few_rounds_are_unstable(monkeypatch):
+    row = _synthetic_run(monkeypatch, 'busy_baseline', repeats=3).row('resnet18', SYNTHETIC_SETTING)
+    assert len(row.latencies_ms) == 3 and 'only 3 rounds' in row.latency_ratio_unstable
+
+
+def test_strict_fails_on_an_unstable_target(monkeypatch, capsys):
+    target = SpeedTarget('resnet18', 'resnet10t', SYNTHETIC_SETTING, 'latency', 1.5)
+    monkeypatch.setattr(runner, 'SPEED_TARGETS', (target,))
+    _fake_timings(monkeypatch, 'busy_baseline')
+    argv = ['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--batch-sizes', '1', '--repeats', '8',
+            '--memory', 'off', '--no-progress']
+    assert main(argv) == 0
+    assert 'UNSTABLE' in capsys.readouterr().out
+    assert main(argv + ['--strict']) == 1
 
 
 def test_peak_tensor_memory_follows_lifetimes():
@@ -218,9 +312,9 @@ def test_plot_result_names_the_extra_when_matplotlib_is_missing(small_result, mo
 
 
 def test_quantiles_of_one_run():
-    assert runner._quantiles([3.0]) == (3.0, 3.0, 3.0)
-    assert runner._quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
-    assert not math.isnan(runner._quantiles([1.0, 2.0])[1])
+    assert quantiles([3.0]) == (3.0, 3.0, 3.0)
+    assert quantiles([1.0, 2.0, 3.0, 4.0, 5.0]) == (2.0, 3.0, 4.0)
+    assert not math.isnan(quantiles([1.0, 2.0])[1])
 
 
 def test_count_macs_of_a_model_passing_parameter_views_to_submodules():
@@ -240,4 +334,5 @@ def test_statistic_min_ratio():
     result = bench.run_benchmark([(Setting('infer', 1, 32), list(SMALL_PAIR))], [SMALL_PAIR], options, progress=False)
     row, base = result.rows[1], result.rows[0]
     assert row.latency_ratio == pytest.approx(min(row.latencies_ms) / min(base.latencies_ms))
+    assert row.latency_ratio_q1 <= row.latency_ratio <= row.latency_ratio_q3
     assert row.peak_memory_mb is None and row.memory_ratio is None

@@ -87,6 +87,7 @@ def _run(args: argparse.Namespace) -> int:
         options = BenchOptions(
             device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
             compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+            max_repeats=args.max_repeats,
             time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
             memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels)
         options.validate()
@@ -113,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_result(result, args.plot)
         print(f'wrote {args.plot}', file=sys.stderr)
-    failed = [c for c in result.targets if c.status == 'FAIL']
+    failed = [c for c in result.targets if c.status in ('FAIL', 'UNSTABLE')]
     return 1 if args.strict and failed else 0
 
 
@@ -151,7 +152,10 @@ def register(subparsers) -> None:
     p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
     p.add_argument('--warmup', type=int, default=1, help='discarded rounds per setting (default: 1)')
     p.add_argument('--repeats', type=int,
-                   help='timed rounds per setting (default: fill --time-budget, between 3 and 50)')
+                   help='timed rounds per setting (default: fill --time-budget, at least 5, more while a '
+                        'ratio is unstable)')
+    p.add_argument('--max-repeats', type=int, default=50,
+                   help='cap on the timed rounds per setting without --repeats (default: 50)')
     p.add_argument('--time-budget', type=float, metavar='SECONDS',
                    help='seconds of timed rounds, shared by the settings (default: 50; targets: 240)')
     p.add_argument('--memory', choices=('tensors', 'rss', 'off'), default='tensors',
@@ -170,6 +174,6 @@ def register(subparsers) -> None:
     p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")
     p.add_argument('--plot', metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('--strict', action='store_true', help='exit 1 when a measured target fails')
+    p.add_argument('--strict', action='store_true', help='exit 1 when a measured target fails or is unstable')
     p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')
     p.set_defaults(func=_run)

@@ -4,7 +4,6 @@ process)."""
 import gc
 import json
 import os
-import statistics
 import subprocess
 import sys
 import time
@@ -70,7 +69,7 @@ class PeakTensorMemory(TorchDispatchMode):
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 _MEMORY_METHODS = ('tensors', 'rss', 'off')
-_STATISTICS = {'median': statistics.median, 'min': min}
+_STATISTICS = ('median', 'min')
 _PROC_STATUS, _PROC_CLEAR_REFS = '/proc/self/status', '/proc/self/clear_refs'
 
 
@@ -84,7 +83,8 @@ class BenchOptions:
     compile: bool = False
     threads: Optional[int] = None  # CPU threads; None keeps torch's default
     warmup: int = 1  # discarded rounds before timing (every model's first call is one)
-    repeats: Optional[int] = None  # timed rounds; None: as many as time_budget allows, within [3, 50]
+    repeats: Optional[int] = None  # timed rounds; None: as many as time_budget allows, 5 at least, more if unstable
+    max_repeats: int = 50  # cap on the timed rounds of a setting when repeats is None
     time_budget: float = 50.0  # seconds of timed rounds in all, shared equally by the settings
     memory: str = 'tensors'  # 'tensors', 'rss' (CPU, fresh process per model and setting) or 'off'
     statistic: str = 'median'  # latency the ratios use; 'min' resists interference on a busy machine
@@ -118,6 +118,10 @@ class BenchOptions:
             raise BenchInputError('--warmup must be at least 1: the first call of a model is never timed')
         if self.repeats is not None and self.repeats < 1:
             raise BenchInputError('--repeats must be at least 1')
+        if self.max_repeats < 1:
+            raise BenchInputError('--max-repeats must be at least 1')
+        if not self.time_budget > 0:
+            raise BenchInputError('--time-budget must be positive')
         if self.threads is not None and self.threads < 1:
             raise BenchInputError('--threads must be at least 1')
 

@@ -5,7 +5,8 @@ __all__ = ['plot_result']
 
 
 def plot_result(result: BenchResult, path: str) -> None:
-    """Latency vs params and latency vs GMACs, one row of panels per setting, one colour per family.
+    """Latency vs params and latency vs GMACs, one row of panels per setting, one colour per family;
+    a model whose latency ratio is unstable is drawn hollow and labelled so.
 
     Raises ImportError with an install hint when matplotlib (the ``plot`` extra) is missing.
     """
@@ -32,11 +33,13 @@ def plot_result(result: BenchResult, path: str) -> None:
                         continue
                     x = getattr(r, xkey) / scale
                     is_base = r.model == family
-                    ax.scatter(x, r.latency_ms, color=color, marker='s' if is_base else 'o', s=50, zorder=3,
+                    ax.scatter(x, r.latency_ms, marker='s' if is_base else 'o', s=50, zorder=3,
+                               facecolors='none' if r.latency_ratio_unstable else color, edgecolors=color,
                                label=family if is_base else None)
                     spread = [[r.latency_ms - r.latency_q1_ms], [r.latency_q3_ms - r.latency_ms]]
                     ax.errorbar(x, r.latency_ms, yerr=spread, color=color, fmt='none', zorder=2)
-                    ax.annotate(r.model, (x, r.latency_ms), fontsize=7, xytext=(4, 4), textcoords='offset points')
+                    label = r.model + (' (unstable ratio)' if r.latency_ratio_unstable else '')
+                    ax.annotate(label, (x, r.latency_ms), fontsize=7, xytext=(4, 4), textcoords='offset points')
                     base = by_name.get(r.baseline) if r.baseline else None
                     if base is not None:
                         ax.plot([getattr(base, xkey) / scale, x], [base.latency_ms, r.latency_ms], color=color,

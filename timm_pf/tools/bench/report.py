@@ -39,14 +39,33 @@ def _summary_table(result: BenchResult, markdown: bool) -> List[str]:
         for setting in settings:
             row = result.row(model, setting)
             first = first or row
-            cells += [_fmt(row and row.latency_ratio, '.2f', 'x'), _fmt(row and row.memory_ratio, '.2f', 'x')]
+            cells += [_ratio_cell(row), _fmt(row and row.memory_ratio, '.2f', 'x')]
         rows.append(cells[:2] + [_fmt(first.params_ratio, '.2f', 'x'), _fmt(first.macs_ratio, '.2f', 'x')] + cells[2:])
     if not rows:
         return []
     headers = ['model', 'baseline', 'params', 'MACs']
     for setting in settings:
         headers += [f'latency {setting}', f'memory {setting}']
-    return [_heading('Summary: ours / baseline', markdown), _table(headers, rows, markdown), '']
+    out = [_heading('Summary: ours / baseline', markdown), _table(headers, rows, markdown), '']
+    return out + _unstable_notes(result)
+
+
+_UNSTABLE_MARK = ' (unstable)'
+
+
+def _ratio_cell(row: Optional[BenchRow]) -> str:
+    """A latency ratio, marked when it is unstable."""
+    if row is None or row.latency_ratio is None:
+        return '-'
+    return f'{row.latency_ratio:.2f}x' + (_UNSTABLE_MARK if row.latency_ratio_unstable else '')
+
+
+def _unstable_notes(result: BenchResult) -> List[str]:
+    notes = [f'- {r.model} / {r.baseline}, {r.setting}: {r.latency_ratio_unstable}'
+             for r in result.rows if r.latency_ratio_unstable]
+    if not notes:
+        return []
+    return ['Unstable latency ratios (not to be quoted; targets on them are neither passed nor failed):'] + notes + ['']
 
 
 def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
@@ -71,6 +90,9 @@ def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
     return out
 
 
+_RATIO_OF = {'median': 'ratio = median of the per-run ratios', 'min': 'ratio of the fastest runs'}
+
+
 def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
     out = []
     opts = result.options
@@ -81,9 +103,9 @@ def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
         for r in result.rows:
             if r.setting != setting:
                 continue
-            ratio = _fmt(r.latency_ratio, '.2f', 'x')
+            ratio = _ratio_cell(r)
             if r.latency_ratio is not None:
-                ratio += f' [{r.latency_ratio_q1:.2f}-{r.latency_ratio_q3:.2f}]'
+                ratio = ratio.replace('x', f'x [{r.latency_ratio_q1:.2f}-{r.latency_ratio_q3:.2f}]', 1)
             paper = '-'
             if r.paper_latency_ratio is not None:
                 paper = f'{r.paper_latency_ratio:.2f}x ({r.paper_latency_ratio_basis})'
@@ -96,7 +118,7 @@ def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
         n = len(result.row(rows[0][0], setting).latencies_ms)
         memory = 'peak MB' if opts.device.startswith('cuda') else f'peak MB ({opts.memory})'
         out += [_heading(f'{setting.mode}, batch {setting.batch_size}, {setting.img_size}px, '
-                         f'{opts.device} {numerics}: {n} interleaved runs, ratios of the {opts.statistic}', markdown),
+                         f'{opts.device} {numerics}: {n} interleaved runs, {_RATIO_OF[opts.statistic]}', markdown),
                 _table(['model', 'baseline', 'latency (ms)', 'IQR', 'min-max', 'img/s', memory,
                         'latency vs base [IQR]', 'memory vs base', 'paper latency ratio'], rows, markdown), '']
     return out
@@ -107,9 +129,14 @@ def _target_table(result: BenchResult, markdown: bool) -> List[str]:
         return []
     rows = [[c.target.model, c.target.baseline, str(c.target.setting), c.target.metric,
              f'<= {c.target.max_ratio:.2f}x', _fmt(c.measured, '.2f', 'x'), c.status] for c in result.targets]
+    unstable = [f'- {c.target}: {c.unstable}' for c in result.targets if c.status == 'UNSTABLE']
     method = 'CUDA allocator' if result.options.device.startswith('cuda') else result.options.memory
-    return [_heading(f'Targets (ratio to the baseline, measured side by side; memory: {method})', markdown),
+    out = [_heading(f'Targets (ratio to the baseline, measured side by side; memory: {method})', markdown),
             _table(['model', 'baseline', 'setting', 'metric', 'target', 'measured', 'check'], rows, markdown), '']
+    if unstable:
+        out += ['UNSTABLE: the ratio was too noisy to pass or fail the target (--strict counts it as a failure):']
+        out += unstable + ['']
+    return out
 
 
 def format_report(result: BenchResult, markdown: bool = False) -> str:
@@ -147,6 +174,7 @@ def to_json(result: BenchResult) -> str:
         'environment': result.environment,
         'options': asdict(result.options),
         'rows': [asdict(r) for r in result.rows],
-        'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status} for c in result.targets],
+        'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status, 'unstable': c.unstable}
+                    for c in result.targets],
     }
     return json.dumps(data, indent=2)

@@ -9,9 +9,10 @@ all three on the machine at hand and prints the paper's reported values beside o
   cross-entropy loss and a backward pass). The first ``warmup`` rounds are discarded; then every round
   runs each model once, in alternating order (A B C, C B A, ...), so that drift of a shared or
   throttling machine hits a model and its baseline alike. We report the median, the quartiles and the
-  extremes over rounds, and the ratio ``median latency / median latency of the baseline`` (or of the
-  minima, with ``statistic='min'``, for a busy machine), with the quartiles of the per-round (paired)
-  ratios as its spread;
+  extremes over rounds, and the ratio to the baseline: the median of the per-round (paired) ratios with
+  their quartiles (or, with ``statistic='min'`` for a busy machine, the ratio of the fastest runs). A
+  ratio from too few rounds or with a wide spread keeps the run measuring (up to ``max_repeats`` rounds)
+  and, if it stays so, is marked unstable in every report (:mod:`timm_pf.tools.bench.ratio`);
 * peak memory of one step, weights and input included. On CUDA it is ``torch.cuda.max_memory_allocated``;
   on CPU, by default (``memory='tensors'``), the peak of live tensor storage tracked at the operator level
   (:class:`PeakTensorMemory`), the same quantity without the GPU allocator; with ``memory='rss'`` the
@@ -24,8 +25,8 @@ papers report, with the table they come from) and :data:`SPEED_TARGETS` (the rat
 """
 import os
 import platform
-import statistics
 import sys
+import time
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -34,8 +35,9 @@ from torch import nn
 
 from timm_pf.layers.cpu_kernels import cpu_kernel_policy, kernel_status
 from timm_pf.layers.dynamic_conv import DynamicConv2d
-from .measure import _STATISTICS, BenchInputError, BenchOptions, _Step, _Subject
+from .measure import BenchInputError, BenchOptions, _Step, _Subject
 from .paper import PAPER_REPORTS, SPEED_TARGETS, Setting, SpeedTarget, baseline_for, paper_latency_ratio
+from .ratio import MIN_STABLE_ROUNDS, latency_ratio, quantiles
 
 __all__ = [
     'DEFAULT_BATCH_SIZES', 'BenchRow', 'TargetCheck', 'BenchResult', 'resolve_models', 'target_settings',
@@ -98,7 +100,8 @@ def target_settings(targets: Sequence[SpeedTarget]) -> List[Tuple[Setting, List[
     return list(jobs.items())
 
 
-_MIN_AUTO_REPEATS, _MAX_AUTO_REPEATS = 3, 50
+# Extra rounds for unstable ratios stop at ``options.max_repeats`` rounds or this many times the setting's budget.
+_EXTENSION_BUDGET_FACTOR = 3.0
 
 
 @dataclass
@@ -122,9 +125,10 @@ class BenchRow:
     peak_memory_mb: Optional[float]
     params_ratio: Optional[float] = None
     macs_ratio: Optional[float] = None
-    latency_ratio: Optional[float] = None  # latency / baseline latency (median, or min with statistic='min')
-    latency_ratio_q1: Optional[float] = None  # quartiles of the per-round paired ratios
+    latency_ratio: Optional[float] = None  # median of the per-round paired ratios (fastest runs with 'min')
+    latency_ratio_q1: Optional[float] = None  # its spread (timm_pf.tools.bench.ratio)
     latency_ratio_q3: Optional[float] = None
+    latency_ratio_unstable: str = ''  # why the ratio is not to be quoted; '' when it is stable
     memory_ratio: Optional[float] = None
     paper_source: Optional[str] = None
     paper_params_m: Optional[float] = None
@@ -142,11 +146,14 @@ class BenchRow:
 class TargetCheck:
     target: SpeedTarget
     measured: Optional[float]  # None when the run did not measure it
+    unstable: str = ''  # why the measured ratio is unstable; then the target is neither passed nor failed
 
     @property
     def status(self) -> str:
         if self.measured is None:
             return 'n/a'
+        if self.unstable:
+            return 'UNSTABLE'
         return 'PASS' if self.measured <= self.target.max_ratio else 'FAIL'
 
 
@@ -159,13 +166,6 @@ class BenchResult:
 
     def row(self, model: str, setting: Setting) -> Optional[BenchRow]:
         return next((r for r in self.rows if r.model == model and r.setting == setting), None)
-
-
-def _quantiles(values: Sequence[float]) -> Tuple[float, float, float]:
-    if len(values) == 1:
-        return values[0], values[0], values[0]
-    q1, median, q3 = statistics.quantiles(values, n=4, method='inclusive')
-    return q1, median, q3
 
 
 def _environment(options: BenchOptions, models: Iterable[nn.Module] = ()) -> Dict[str, object]:
@@ -216,14 +216,45 @@ class _Progress:
             self.bar.close()
 
 
-def _interleaved(steps: Dict[str, _Step], rounds: int, progress: _Progress, label: str) -> Dict[str, List[float]]:
-    """``rounds`` rounds of every step; odd rounds run in reverse order."""
+def _interleaved(steps: Dict[str, _Step], rounds: int, progress: _Progress, label: str,
+                 times: Optional[Dict[str, List[float]]] = None) -> Dict[str, List[float]]:
+    """``rounds`` more rounds of every step, appended to ``times``; odd rounds run in reverse order."""
     names = list(steps)
-    times: Dict[str, List[float]] = {name: [] for name in names}
-    for r in range(rounds):
+    times = times if times is not None else {name: [] for name in names}
+    done = len(times[names[0]])
+    for r in range(done, done + rounds):
         for name in (names if r % 2 == 0 else names[::-1]):
             times[name].append(steps[name].time())
             progress.step(f'{label} {name}')
+    return times
+
+
+def _unstable_pairs(times: Dict[str, List[float]], baselines: Dict[str, Optional[str]], statistic: str) -> List[str]:
+    return [name for name, base in baselines.items() if name in times and base in times
+            and latency_ratio(times[name], times[base], statistic).unstable]
+
+
+def _timed_rounds(steps: Dict[str, _Step], baselines: Dict[str, Optional[str]], options: BenchOptions,
+                  budget: float, progress: _Progress, label: str) -> Dict[str, List[float]]:
+    """Warm-up, then the timed rounds: a fixed ``options.repeats``, or as many as ``budget`` seconds allow
+    (at least :data:`MIN_STABLE_ROUNDS`), extended while a ratio is unstable, up to ``options.max_repeats``
+    rounds and :data:`_EXTENSION_BUDGET_FACTOR` times the budget."""
+    progress.add(options.warmup * len(steps))
+    warm = _interleaved(steps, options.warmup, progress, f'{label} warm-up')
+    if options.repeats is not None:
+        progress.add(options.repeats * len(steps))
+        return _interleaved(steps, options.repeats, progress, label)
+    round_time = max(sum(t[-1] for t in warm.values()), 1e-6)
+    rounds = int(min(options.max_repeats, max(MIN_STABLE_ROUNDS, budget // round_time)))
+    start = time.perf_counter()
+    progress.add(rounds * len(steps))
+    times = _interleaved(steps, rounds, progress, label)
+    while (rounds < options.max_repeats and _unstable_pairs(times, baselines, options.statistic)
+           and time.perf_counter() - start < _EXTENSION_BUDGET_FACTOR * budget):
+        extra = min(rounds, options.max_repeats - rounds)
+        progress.add(extra * len(steps))
+        times = _interleaved(steps, extra, progress, f'{label} (unstable, more rounds)', times)
+        rounds += extra
     return times
 
 
@@ -272,15 +303,9 @@ def _run_benchmark(
         budget = options.time_budget / max(1, len(jobs))
         for setting, names in jobs:
             steps = {name: _Step(subjects[name], setting, options) for name in names}
-            bar.add(options.warmup * len(steps))
-            warm = _interleaved(steps, options.warmup, bar, f'{setting} warm-up')
-            repeats = options.repeats
-            if repeats is None:
-                round_time = sum(times[-1] for times in warm.values())
-                repeats = int(min(_MAX_AUTO_REPEATS, max(_MIN_AUTO_REPEATS, budget // max(round_time, 1e-6))))
+            times = _timed_rounds(steps, baselines, options, budget, bar, str(setting))
             measure_memory = options.memory != 'off'
-            bar.add(repeats * len(steps) + (len(steps) if measure_memory else 0))
-            times = _interleaved(steps, repeats, bar, str(setting))
+            bar.add(len(steps) if measure_memory else 0)
             for name, step in steps.items():
                 peak = None
                 if measure_memory:
@@ -322,7 +347,7 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
     subject = subjects[name]
     latencies, peak = measured[(name, setting)]
     macs, activations = subject.stats(setting.img_size)
-    q1, median, q3 = _quantiles(latencies)
+    q1, median, q3 = quantiles(latencies)
     report = PAPER_REPORTS.get(name)
     row = BenchRow(
         model=name, baseline=baseline, mode=setting.mode, batch_size=setting.batch_size,
@@ -340,10 +365,9 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
         base_macs, _ = subjects[baseline].stats(setting.img_size)
         row.params_ratio = subject.params / subjects[baseline].params
         row.macs_ratio = macs / base_macs if base_macs else None
-        statistic = _STATISTICS[options.statistic]
-        row.latency_ratio = statistic(latencies) / statistic(base_latencies)
-        paired = [a / b for a, b in zip(latencies, base_latencies)]
-        row.latency_ratio_q1, _, row.latency_ratio_q3 = _quantiles(paired)
+        ratio = latency_ratio(latencies, base_latencies, options.statistic)
+        row.latency_ratio, row.latency_ratio_q1, row.latency_ratio_q3 = ratio.value, ratio.q1, ratio.q3
+        row.latency_ratio_unstable = ratio.unstable
         if peak is not None and base_peak:
             row.memory_ratio = peak / base_peak
         row.paper_latency_ratio, row.paper_latency_ratio_basis = paper_latency_ratio(
@@ -351,13 +375,16 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
     return row
 
 
-def check_targets(result: BenchResult, targets: Sequence[SpeedTarget] = SPEED_TARGETS) -> List[TargetCheck]:
-    """The targets this run measured (model and baseline both run in the target's setting)."""
+def check_targets(result: BenchResult, targets: Optional[Sequence[SpeedTarget]] = None) -> List[TargetCheck]:
+    """The targets (default :data:`SPEED_TARGETS`) this run measured: model and baseline both ran in the
+    target's setting."""
     checks = []
-    for target in targets:
+    for target in SPEED_TARGETS if targets is None else targets:
         row = result.row(target.model, target.setting)
         if row is None or row.baseline != target.baseline:
             continue
-        value = row.latency_ratio if target.metric == 'latency' else row.memory_ratio
-        checks.append(TargetCheck(target, value))
+        if target.metric == 'latency':
+            checks.append(TargetCheck(target, row.latency_ratio, row.latency_ratio_unstable))
+        else:
+            checks.append(TargetCheck(target, row.memory_ratio))
     return checks

@@ -336,3 +336,18 @@ def test_statistic_min_ratio():
     assert row.latency_ratio == pytest.approx(min(row.latencies_ms) / min(base.latencies_ms))
     assert row.latency_ratio_q1 <= row.latency_ratio <= row.latency_ratio_q3
     assert row.peak_memory_mb is None and row.memory_ratio is None
+
+
+def test_header_names_the_cpu_and_its_vector_extensions(small_result, tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nmodel name\t: Test CPU 9000\n'
+                       'flags\t\t: fpu sse4_2 avx avx2 fma avx512f amx_tile amx_bf16\n\n'
+                       'processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n')
+    assert runner._cpuinfo(str(cpuinfo)) == ('Test CPU 9000', ['sse4_2', 'avx', 'avx2', 'fma', 'avx512f', 'amx_tile',
+                                                                'amx_bf16'])
+    arm = tmp_path / 'cpuinfo_arm'
+    arm.write_text('processor\t: 0\nFeatures\t: fp asimd asimdhp sve bf16\n')
+    assert runner._cpuinfo(str(arm))[1] == ['asimd', 'asimdhp', 'sve', 'bf16']
+    name, extensions = runner._cpuinfo()
+    header = bench.format_report(small_result).splitlines()[0]
+    assert f'{name} ({" ".join(extensions)})' in header

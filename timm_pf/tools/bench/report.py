@@ -142,7 +142,9 @@ def _target_table(result: BenchResult, markdown: bool) -> List[str]:
 def format_report(result: BenchResult, markdown: bool = False) -> str:
     """The human-readable report: cost table, one speed table per setting, target checks."""
     env = result.environment
-    device = env.get('gpu') or f'{env["cpu"]}, {env["threads"]} threads'
+    extensions = ' '.join(env.get('cpu_extensions') or ()) or 'no vector extensions found'
+    cpu = f'{env["cpu"]} ({extensions})'
+    device = f'{env["gpu"]} with {cpu}' if 'gpu' in env else f'{cpu}, {env["threads"]} threads'
     header = (f'timm-pf bench on {device} (torch {env["torch"]}, timm {env["timm"]}). Ratios are ours / '
               f'baseline measured in this run; below 1 is better.')
     if 'dynamic_conv_batch1' in env:

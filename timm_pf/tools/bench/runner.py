@@ -174,8 +174,9 @@ def _environment(options: BenchOptions, models: Iterable[nn.Module] = ()) -> Dic
     env: Dict[str, object] = {
         'timm_pf': __version__, 'torch': torch.__version__, 'timm': timm.__version__,
         'python': platform.python_version(), 'platform': platform.platform(),
-        'cpu': _cpu_name(), 'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(),
+        'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(),
     }
+    env['cpu'], env['cpu_extensions'] = _cpuinfo()
     if torch.device(options.device).type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(torch.device(options.device))
     elif any(isinstance(m, DynamicConv2d) for model in models for m in model.modules()):
@@ -183,15 +184,28 @@ def _environment(options: BenchOptions, models: Iterable[nn.Module] = ()) -> Dic
     return env
 
 
-def _cpu_name() -> str:
+# The vector extensions that decide CPU kernel speed (x86 'flags', Arm 'Features' of /proc/cpuinfo).
+_VECTOR_EXTENSIONS = (
+    'sse4_2', 'avx', 'avx2', 'fma', 'avx512f', 'avx512bw', 'avx512_vnni', 'avx512_bf16', 'avx512_fp16',
+    'avx_vnni', 'amx_tile', 'amx_bf16', 'amx_int8', 'asimd', 'asimdhp', 'sve', 'sve2', 'bf16', 'i8mm',
+)
+
+
+def _cpuinfo(path: str = '/proc/cpuinfo') -> Tuple[str, List[str]]:
+    """The CPU's model name and which of :data:`_VECTOR_EXTENSIONS` it has (first processor of ``path``)."""
+    name, flags = '', set()
     try:
-        with open('/proc/cpuinfo') as f:
+        with open(path) as f:
             for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
+                key, _, value = line.partition(':')
+                key = key.strip()
+                if key == 'model name' and not name:
+                    name = value.strip()
+                elif key in ('flags', 'Features') and not flags:
+                    flags = set(value.split())
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return name or platform.processor() or platform.machine(), [e for e in _VECTOR_EXTENSIONS if e in flags]
 
 
 class _Progress:

@@ -351,3 +351,77 @@ def test_header_names_the_cpu_and_its_vector_extensions(small_result, tmp_path):
     name, extensions = runner._cpuinfo()
     header = bench.format_report(small_result).splitlines()[0]
     assert f'{name} ({" ".join(extensions)})' in header
+
+
+SWEEP_PAIRS = [('vit_tiny_patch16_224', 'vit_small_patch16_224'), SMALL_PAIR]
+
+
+def test_resolution_sweep_builds_each_size_and_reports_the_ratio_per_size(monkeypatch, tmp_path):
+    names = [n for pair in SWEEP_PAIRS for n in pair]
+    jobs = [(Setting('infer', 1, size), names) for size in (32, 64)]
+    result = bench.run_benchmark(jobs, SWEEP_PAIRS, BenchOptions(repeats=2), progress=False)
+    assert [(r.model, r.img_size) for r in result.rows] == [(n, s) for s in (32, 64) for n in (
+        'vit_small_patch16_224', 'vit_tiny_patch16_224', 'resnet10t', 'resnet18')]
+    vit32, vit64 = (result.row('vit_tiny_patch16_224', Setting('infer', 1, size)) for size in (32, 64))
+    for row in (vit32, vit64):  # the ViTs are built for each size: the position embedding has (size / 16)^2 tokens
+        model = timm.create_model('vit_tiny_patch16_224', img_size=row.img_size)
+        assert row.params == sum(p.numel() for p in model.parameters())
+    assert vit64.params - vit32.params == (16 - 4) * 192 and vit64.macs > 3 * vit32.macs
+    sweep = bench.ratio_vs_resolution(result)
+    assert [(p['model'], p['baseline']) for p in sweep] == SWEEP_PAIRS
+    for pair in sweep:
+        assert [s['img_size'] for s in pair['sizes']] == [32, 64]
+        for point in pair['sizes']:
+            row = result.row(pair['model'], Setting('infer', 1, point['img_size']))
+            assert point['latency_ratio'] == row.latency_ratio and point['memory_ratio'] == row.memory_ratio
+
+    text, markdown = bench.format_report(result), bench.format_report(result, markdown=True)
+    for out in (text, markdown):
+        table = out.split('Ratio vs resolution')[1].split('\n\n')[0]
+        assert 'latency 32px' in table and 'memory 64px' in table
+        vit = next(line for line in table.splitlines() if line.lstrip('| ').startswith('vit_tiny'))
+        for size in (32, 64):
+            assert f'{result.row("vit_tiny_patch16_224", Setting("infer", 1, size)).latency_ratio:.2f}x' in vit
+    assert json.loads(bench.to_json(result))['ratio_vs_resolution'] == json.loads(json.dumps(sweep))
+    lines = list(csv.DictReader(io.StringIO(bench.to_csv(result))))
+    assert sorted(int(line['img_size']) for line in lines if line['model'] == 'resnet18') == [32, 64]
+
+    titles = []
+    from matplotlib.axes import Axes
+    set_title = Axes.set_title
+    monkeypatch.setattr(Axes, 'set_title', lambda ax, t, *a, **k: titles.append(t) or set_title(ax, t, *a, **k))
+    bench.plot_result(result, str(tmp_path / 'sweep.png'))
+    assert sum('ratio vs image size' in t for t in titles) == 2  # latency and memory panels
+
+
+def test_one_size_has_no_resolution_table(small_result):
+    assert bench.ratio_vs_resolution(small_result) == []
+    assert 'Ratio vs resolution' not in bench.format_report(small_result)
+
+
+@pytest.mark.parametrize('sizes, messages', [
+    (['0', '64'], ['--img-size must be positive, got 0']),
+    (['36', '64'], ['pit_ti_224 needs a multiple of 8, at least 16', 'got 36',
+                    'vit_tiny_patch16_224 needs a multiple of 16, at least 16']),
+    (['40'], ['vit_tiny_patch16_224 needs a multiple of 16']),
+])
+def test_cli_sizes_a_model_cannot_take_exit_2(sizes, messages, capsys):
+    argv = ['bench', '--models', 'pit_ti_224:vit_tiny_patch16_224', '--img-size', *sizes, '--repeats', '1',
+            '--no-progress']
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and all(m in err for m in messages)
+    if sizes == ['40']:
+        assert 'pit_ti_224' not in err  # (40 - 16) is a multiple of PiT's stride 8
+
+
+def test_scaling_preset_plan():
+    from timm_pf.cli.bench import _plan
+    from timm_pf.cli import build_parser
+    jobs, pairs = _plan(build_parser().parse_args(['bench', '--preset', 'scaling']))
+    assert pairs == list(bench.SCALING_PAIRS)
+    assert [s for s, _ in jobs] == [Setting('infer', 1, size) for size in (224, 384, 512, 768, 1024)]
+    assert all(set(names) == {n for p in pairs for n in p} for _, names in jobs)
+    jobs, pairs = _plan(build_parser().parse_args(['bench', '--preset', 'scaling', '--models', 'pit*',
+                                                   '--img-size', '224', '448']))
+    assert pairs == [('pit_s_maxpool', 'pit_s_224')] and [s.img_size for s, _ in jobs] == [224, 448]

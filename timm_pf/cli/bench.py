@@ -4,7 +4,7 @@ import fnmatch
 import sys
 from typing import List, Optional, Sequence, Tuple
 
-_DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0}
+_DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0, 'scaling': 300.0}
 
 
 def _split(values: Optional[Sequence[str]]) -> List[str]:
@@ -23,8 +23,8 @@ def _plan(args: argparse.Namespace):
     """(jobs, pairs) for the request; raises BenchInputError for a bad one."""
     import timm
     from timm_pf.tools.bench import (
-        DEFAULT_BATCH_SIZES, HEADLINE_MODELS, SPEED_TARGETS, BenchInputError, Setting, resolve_models,
-        target_settings)
+        DEFAULT_BATCH_SIZES, HEADLINE_MODELS, SCALING_PAIRS, SCALING_SIZES, SPEED_TARGETS, BenchInputError, Setting,
+        resolve_models, target_settings)
     patterns = _split(args.models)
     if args.preset == 'targets':
         if args.batch_sizes or args.img_size is not None or args.train:
@@ -37,7 +37,13 @@ def _plan(args: argparse.Namespace):
         if missing:
             raise BenchInputError(f'the targets need models that are not registered: {", ".join(missing)}')
         return target_settings(targets), [(t.model, t.baseline) for t in targets]
-    if patterns:
+    sizes, batch_sizes = [224], DEFAULT_BATCH_SIZES
+    if args.preset == 'scaling':
+        pairs = [p for p in SCALING_PAIRS if not patterns or any(fnmatch.fnmatchcase(p[0], q) for q in patterns)]
+        if not pairs:
+            raise BenchInputError(f'no pair of --preset scaling concerns {", ".join(patterns)}')
+        sizes, batch_sizes = list(SCALING_SIZES), (1,)
+    elif patterns:
         pairs = resolve_models(patterns)
     else:
         available = [m for m in HEADLINE_MODELS if timm.is_model(m)]
@@ -49,12 +55,14 @@ def _plan(args: argparse.Namespace):
         pairs = resolve_models(available)
     if any(b <= 0 for b in args.batch_sizes or ()):
         raise BenchInputError('--batch-sizes must be positive')
-    img_size = 224 if args.img_size is None else args.img_size
-    if img_size < 32:
-        raise BenchInputError('--img-size must be at least 32')
+    sizes = list(dict.fromkeys(args.img_size or sizes))
+    if any(s <= 0 for s in sizes):
+        raise BenchInputError(f'--img-size must be positive, got {", ".join(str(s) for s in sizes if s <= 0)}')
+    if any(s < 32 for s in sizes):
+        raise BenchInputError(f'--img-size must be at least 32, got {", ".join(str(s) for s in sizes if s < 32)}')
     names = list(dict.fromkeys(n for pair in pairs for n in pair if n))
     mode = 'train' if args.train else 'infer'
-    jobs = [(Setting(mode, bs, img_size), names) for bs in args.batch_sizes or DEFAULT_BATCH_SIZES]
+    jobs = [(Setting(mode, bs, size), names) for size in sizes for bs in args.batch_sizes or batch_sizes]
     return jobs, pairs
 
 
@@ -100,6 +108,9 @@ def _run(args: argparse.Namespace) -> int:
         return 2
     try:
         result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
+    except BenchInputError as err:  # a size a model cannot take, found before timing
+        print(f'timm-pf bench: error: {err}', file=sys.stderr)
+        return 2
     except RuntimeError as err:
         print(f'timm-pf bench: error: {err}', file=sys.stderr)
         return 1
@@ -128,20 +139,26 @@ def register(subparsers) -> None:
             '(median and spread over interleaved runs), throughput, peak memory, and the ratios to the\n'
             "baseline, with the papers' reported values beside them. Without --models it runs the six\n"
             'headline variants at batch 1 and 8, 224 px, which takes about two minutes on 2 CPU cores.\n'
-            '--preset targets runs the speed and memory ratios the package promises (several minutes).'),
+            '--preset targets runs the speed and memory ratios the package promises (several minutes);\n'
+            '--preset scaling runs the ViT/PiT and ResNet pairs at batch 1 from 224 to 1024 px (--img-size\n'
+            'overrides the sizes), with a ratio-vs-resolution table.'),
         epilog=('examples:\n'
                 '  timm-pf bench\n'
                 "  timm-pf bench --models 'ours_r50_*' --batch-sizes 1 16\n"
                 '  timm-pf bench --models resnet18:resnet10t --img-size 128\n'
                 '  timm-pf bench --preset targets --markdown targets.md\n'
+                '  timm-pf bench --models vit_s_maxpool --img-size 224 512 1024 --batch-sizes 1 --plot sweep.png\n'
                 '  timm-pf bench --device cuda --amp --batch-sizes 1 256 --plot bench.png'))
     p.add_argument('--models', nargs='+', metavar='PATTERN',
                    help='model names or globs (comma or space separated); each is paired with its baseline; '
                         'MODEL:BASELINE pairs explicitly (default: the six headline variants)')
-    p.add_argument('--preset', choices=('headline', 'targets'), default='headline',
-                   help='targets: exactly the settings of the promised ratios (default: headline)')
+    p.add_argument('--preset', choices=('headline', 'targets', 'scaling'), default='headline',
+                   help='targets: exactly the settings of the promised ratios; scaling: the resolution sweep of '
+                        'the ViT, PiT and ResNet pairs (default: headline)')
     p.add_argument('--batch-sizes', nargs='+', type=int, metavar='N', help='batch sizes (default: 1 8)')
-    p.add_argument('--img-size', type=int, help='square image size in pixels (default: 224)')
+    p.add_argument('--img-size', nargs='+', type=int, metavar='PX',
+                   help='square image sizes in pixels; several sizes sweep the resolution (models with a position '
+                        'embedding are built for each size) and add a ratio-vs-resolution table (default: 224)')
     p.add_argument('--train', action='store_true', help='time a training step (forward, loss, backward)')
     p.add_argument('--device', default='cpu', help='cpu or cuda[:N] (default: cpu)')
     p.add_argument('--dtype', default='float32', choices=('float32', 'bfloat16', 'float16'),

@@ -127,13 +127,15 @@ class BenchOptions:
 
 
 class _Subject:
-    """A model prepared for the benchmark, with its statistics per image size."""
+    """A model prepared for the benchmark, with its statistics per image size; ``img_size`` builds it for
+    that input size (models with a position embedding)."""
 
-    def __init__(self, name: str, options: BenchOptions):
+    def __init__(self, name: str, options: BenchOptions, img_size: Optional[int] = None):
         import timm
         self.name = name
+        kwargs = {} if img_size is None else {'img_size': img_size}
         try:
-            model = timm.create_model(name, pretrained=False)
+            model = timm.create_model(name, pretrained=False, **kwargs)
         except Exception as err:  # a broken model must name itself
             raise RuntimeError(f'creating {name!r} failed: {err}') from err
         self.eager = model  # float32 on CPU until prepare(); statistics are taken from it

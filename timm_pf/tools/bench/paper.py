@@ -7,7 +7,8 @@ from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional, Tuple
 
 __all__ = [
-    'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'ReportedSpeed', 'PaperReport',
+    'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_SIZES', 'SCALING_PAIRS',
+    'ReportedSpeed', 'PaperReport',
     'Setting', 'SpeedTarget', 'baseline_for', 'paper_latency_ratio',
 ]
 
@@ -142,6 +143,18 @@ SPEED_TARGETS: Tuple[SpeedTarget, ...] = tuple(
     + _targets('pit_s_maxpool', 'pit_s_224', [('infer', 1, 224, 'latency', 0.85), ('infer', 32, 224, 'latency', 0.85)])
     + _targets('parameternet_600m', 'ghostnet_600m', [
         ('infer', 1, 224, 'latency', 1.10), ('infer', 32, 224, 'latency', 1.20), ('train', 32, 128, 'memory', 1.5)])
+)
+
+
+# ``timm-pf bench --preset scaling``: batch-1 inference of these pairs at these sizes. Per token, the
+# max-pool mixer costs 6d^2 MACs (Linear(d, 3d) and Linear(3d, d)) and attention 4d^2 + 2Nd (qkv, output
+# projection, QK^T and AV over N tokens), so the ratio falls as the token count N grows past d.
+# PiT's fused attention keeps its memory linear in N: pit_s_224 at 1024 px, batch 1, peaks at 0.11 GiB of
+# tensors (1.2 GB resident), so every pair runs the whole range on a 24 GiB machine.
+SCALING_SIZES = (224, 384, 512, 768, 1024)
+SCALING_PAIRS: Tuple[Tuple[str, str], ...] = (
+    ('vit_s_maxpool', 'vit_small_patch16_224'), ('pit_s_maxpool', 'pit_s_224'),
+    ('ours_r50_hybrid', 'resnet50'), ('ours_r50_deform_max', 'resnet50'),
 )
 
 

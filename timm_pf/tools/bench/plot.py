@@ -1,4 +1,6 @@
-"""The benchmark's plot: latency against params and MACs (needs the ``plot`` extra, matplotlib)."""
+"""The benchmark's plot: latency against params and MACs, and the ratio against image size for a
+resolution sweep (needs the ``plot`` extra, matplotlib)."""
+from .report import ratio_vs_resolution
 from .runner import BenchResult
 
 __all__ = ['plot_result']
@@ -6,7 +8,8 @@ __all__ = ['plot_result']
 
 def plot_result(result: BenchResult, path: str) -> None:
     """Latency vs params and latency vs GMACs, one row of panels per setting, one colour per family;
-    a model whose latency ratio is unstable is drawn hollow and labelled so.
+    a model whose latency ratio is unstable is drawn hollow and labelled so. A run over several image
+    sizes adds a row: latency and memory ratio against image size, one line per pair, 1.0 marked.
 
     Raises ImportError with an install hint when matplotlib (the ``plot`` extra) is missing.
     """
@@ -18,9 +21,13 @@ def plot_result(result: BenchResult, path: str) -> None:
     except ImportError as err:
         raise ImportError("plotting needs matplotlib: pip install 'timm-pf[plot]'") from err
     settings = list(dict.fromkeys(r.setting for r in result.rows))
-    fig, axes = plt.subplots(len(settings), 2, figsize=(12, 4.5 * len(settings)), squeeze=False)
+    sweep = ratio_vs_resolution(result)
+    panel_rows = len(settings) + bool(sweep)
+    fig, axes = plt.subplots(panel_rows, 2, figsize=(12, 4.5 * panel_rows), squeeze=False)
+    if sweep:
+        _plot_sweep(axes[-1], sweep, result, colors=plt.rcParams['axes.prop_cycle'].by_key()['color'])
     colors = plt.rcParams['axes.prop_cycle'].by_key()['color']
-    for axes_row, setting in zip(axes, settings):
+    for axes_row, setting in zip(axes[:len(settings)], settings):
         rows = [r for r in result.rows if r.setting == setting]
         families = list(dict.fromkeys(r.baseline or r.model for r in rows))
         by_name = {r.model: r for r in rows}
@@ -58,3 +65,27 @@ def plot_result(result: BenchResult, path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_sweep(axes_row, sweep, result: BenchResult, colors) -> None:
+    """Latency (left) and memory (right) ratio against image size, one line per pair and setting."""
+    for ax, key, title in zip(axes_row, ('latency_ratio', 'memory_ratio'), ('latency', 'peak memory')):
+        for i, pair in enumerate(sweep):
+            points = [(p['img_size'], p[key]) for p in pair['sizes'] if p[key] is not None]
+            if not points:
+                continue
+            label = f'{pair["model"]} / {pair["baseline"]}, {pair["mode"]} b{pair["batch_size"]}'
+            color = colors[i % len(colors)]
+            ax.plot(*zip(*points), marker='o', color=color, label=label)
+            if key == 'latency_ratio':
+                ringed = [(p['img_size'], p[key]) for p in pair['sizes'] if p['latency_ratio_unstable']]
+                if ringed:
+                    labelled = 'unstable ratio' in ax.get_legend_handles_labels()[1]
+                    ax.scatter(*zip(*ringed), s=120, facecolors='none', edgecolors='red', zorder=3,
+                               label=None if labelled else 'unstable ratio')
+        ax.axhline(1.0, color='black', linewidth=1, linestyle=':')
+        ax.set_xlabel('image size (px)')
+        ax.set_ylabel(f'{title} ratio (ours / baseline; below 1 is better)')
+        ax.set_title(f'{title} ratio vs image size, {result.options.device} {result.options.dtype}', fontsize=10)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)

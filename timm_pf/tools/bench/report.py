@@ -4,11 +4,12 @@ import io
 import json
 import math
 from dataclasses import asdict
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+from .paper import Setting
 from .runner import BenchResult, BenchRow
 
-__all__ = ['format_report', 'to_csv', 'to_json']
+__all__ = ['format_report', 'ratio_vs_resolution', 'to_csv', 'to_json']
 
 def _fmt(value: Optional[float], spec: str = '.2f', suffix: str = '') -> str:
     return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:{spec}}{suffix}'
@@ -66,6 +67,40 @@ def _unstable_notes(result: BenchResult) -> List[str]:
     if not notes:
         return []
     return ['Unstable latency ratios (not to be quoted; targets on them are neither passed nor failed):'] + notes + ['']
+
+
+def ratio_vs_resolution(result: BenchResult) -> List[Dict[str, object]]:
+    """Per pair and (mode, batch size): the latency and memory ratios at each image size of the run, in
+    increasing size; empty unless the run measured more than one size."""
+    sizes = sorted({r.img_size for r in result.rows})
+    if len(sizes) < 2:
+        return []
+    out = []
+    for model, baseline, mode, batch_size in dict.fromkeys(
+            (r.model, r.baseline, r.mode, r.batch_size) for r in result.rows if r.baseline):
+        rows = [result.row(model, Setting(mode, batch_size, size)) for size in sizes]
+        out.append({'model': model, 'baseline': baseline, 'mode': mode, 'batch_size': batch_size, 'sizes': [
+            {'img_size': r.img_size, 'latency_ratio': r.latency_ratio, 'latency_ratio_q1': r.latency_ratio_q1,
+             'latency_ratio_q3': r.latency_ratio_q3, 'latency_ratio_unstable': r.latency_ratio_unstable,
+             'memory_ratio': r.memory_ratio} for r in rows if r is not None]})
+    return out
+
+
+def _resolution_table(result: BenchResult, markdown: bool) -> List[str]:
+    sweep = ratio_vs_resolution(result)
+    if not sweep:
+        return []
+    sizes = sorted({r.img_size for r in result.rows})
+    rows = []
+    for pair in sweep:
+        cells = [pair['model'], pair['baseline'], f'{pair["mode"]} b{pair["batch_size"]}']
+        for size in sizes:
+            row = result.row(pair['model'], Setting(pair['mode'], pair['batch_size'], size))
+            cells += [_ratio_cell(row), _fmt(row and row.memory_ratio, '.2f', 'x')]
+        rows.append(cells)
+    headers = ['model', 'baseline', 'setting'] + [f'{m} {s}px' for s in sizes for m in ('latency', 'memory')]
+    return [_heading('Ratio vs resolution: ours / baseline per image size', markdown),
+            _table(headers, rows, markdown), '']
 
 
 def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
@@ -149,7 +184,8 @@ def format_report(result: BenchResult, markdown: bool = False) -> str:
               f'baseline measured in this run; below 1 is better.')
     if 'dynamic_conv_batch1' in env:
         header += f'\nDynamic convs at batch 1: {env["dynamic_conv_batch1"]}.'
-    parts = [header, ''] + _summary_table(result, markdown) + _cost_table(result, markdown)
+    parts = [header, ''] + _summary_table(result, markdown) + _resolution_table(result, markdown)
+    parts += _cost_table(result, markdown)
     parts += _speed_tables(result, markdown)
     parts += _target_table(result, markdown)
     return '\n'.join(parts).rstrip() + '\n'
@@ -159,7 +195,8 @@ _CSV_EXCLUDE = ('latencies_ms',)
 
 
 def to_csv(result: BenchResult) -> str:
-    """One line per (model, setting) with every measured and reported field."""
+    """One line per (model, setting) with every measured and reported field (a resolution sweep's ratio
+    per size is its lines' ``img_size``, ``latency_ratio`` and ``memory_ratio``)."""
     names = [f for f in BenchRow.__dataclass_fields__ if f not in _CSV_EXCLUDE]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=names, lineterminator='\n')
@@ -176,6 +213,7 @@ def to_json(result: BenchResult) -> str:
         'environment': result.environment,
         'options': asdict(result.options),
         'rows': [asdict(r) for r in result.rows],
+        'ratio_vs_resolution': ratio_vs_resolution(result),
         'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status, 'unstable': c.unstable}
                     for c in result.targets],
     }

@@ -302,21 +302,11 @@ def _run_benchmark(
     baselines = dict(pairs)
     bar = _Progress(progress)
     try:
-        subjects: Dict[str, _Subject] = {}
-        for _, names in jobs:
-            for name in names:
-                if name not in subjects:
-                    bar.add(1)
-                    subjects[name] = _Subject(name, options)
-                    for setting, job_names in jobs:
-                        if name in job_names:
-                            subjects[name].stats(setting.img_size)
-                    subjects[name].prepare()
-                    bar.step(f'build {name}')
+        subjects = _build_subjects(jobs, options, bar)
         measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]] = {}
         budget = options.time_budget / max(1, len(jobs))
         for setting, names in jobs:
-            steps = {name: _Step(subjects[name], setting, options) for name in names}
+            steps = {name: _Step(subjects[name, setting.img_size], setting, options) for name in names}
             times = _timed_rounds(steps, baselines, options, budget, bar, str(setting))
             measure_memory = options.memory != 'off'
             bar.add(len(steps) if measure_memory else 0)
@@ -337,9 +327,62 @@ def _run_benchmark(
             if baseline not in names:
                 baseline = None
             rows.append(_make_row(name, baseline, setting, subjects, measured, options))
-    result = BenchResult(rows, options, _environment(options, (s.eager for s in subjects.values())))
+    unique = {id(s): s for s in subjects.values()}.values()
+    result = BenchResult(rows, options, _environment(options, (s.eager for s in unique)))
     result.targets = check_targets(result)
     return result
+
+
+def _fixed_input_size(name: str) -> bool:
+    """Whether the model is built for one input size (ViT, PiT: ``img_size=`` lays out its position embedding)."""
+    from timm.models import get_pretrained_cfg_value
+    return bool(get_pretrained_cfg_value(name, 'fixed_input_size'))
+
+
+def _size_error(subject: _Subject, img_size: int) -> str:
+    """Why ``subject`` cannot take ``img_size`` px images ('' when it can): a patch embedding needs whole patches."""
+    embed = getattr(subject.eager, 'patch_embed', None)
+    conv = next((m for m in embed.modules() if isinstance(m, nn.Conv2d)), None) if embed is not None else None
+    if conv is None:
+        return ''
+    kernel, stride = conv.kernel_size[0], conv.stride[0]
+    if img_size >= kernel and (img_size - kernel) % stride == 0:
+        return ''
+    sizes = f'a multiple of {stride}' if kernel % stride == 0 else f'{kernel} plus a multiple of {stride}'
+    return f'{subject.name} needs {sizes}, at least {kernel} (its {kernel}x{kernel}/{stride} patch embedding)'
+
+
+def _build_subjects(jobs: Sequence[Tuple[Setting, Sequence[str]]], options: BenchOptions,
+                    progress: _Progress) -> Dict[Tuple[str, int], _Subject]:
+    """The prepared model of each (name, image size) the jobs need: one per size for models built for one
+    input size, one for all sizes otherwise. Raises :class:`BenchInputError` naming every model that
+    cannot take a requested size, before anything is timed."""
+    sizes: Dict[str, List[int]] = {}
+    for setting, names in jobs:
+        for name in names:
+            sizes.setdefault(name, [])
+            if setting.img_size not in sizes[name]:
+                sizes[name].append(setting.img_size)
+    subjects: Dict[Tuple[str, int], _Subject] = {}
+    errors: List[str] = []
+    for name, name_sizes in sizes.items():
+        fixed = _fixed_input_size(name)
+        builds = [[s] for s in name_sizes] if fixed else [name_sizes]
+        progress.add(len(builds))
+        for build in builds:
+            subject = _Subject(name, options, img_size=build[0] if fixed else None)
+            bad = [s for s in build if _size_error(subject, s)]
+            if bad:
+                errors.append(f'{_size_error(subject, bad[0])}: got {", ".join(map(str, bad))}')
+                continue
+            for img_size in build:
+                subject.stats(img_size)
+                subjects[name, img_size] = subject
+            subject.prepare()
+            progress.step(f'build {name}')
+    if errors:
+        raise BenchInputError('--img-size: ' + '; '.join(dict.fromkeys(errors)))
+    return subjects
 
 
 def _grouped(names: Sequence[str], baselines: Dict[str, Optional[str]]) -> List[str]:
@@ -355,10 +398,10 @@ def _grouped(names: Sequence[str], baselines: Dict[str, Optional[str]]) -> List[
     return order
 
 
-def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Dict[str, _Subject],
+def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Dict[Tuple[str, int], _Subject],
               measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]],
               options: BenchOptions) -> BenchRow:
-    subject = subjects[name]
+    subject = subjects[name, setting.img_size]
     latencies, peak = measured[(name, setting)]
     macs, activations = subject.stats(setting.img_size)
     q1, median, q3 = quantiles(latencies)
@@ -376,8 +419,9 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
         row.paper_speeds = '; '.join(str(s) for s in report.speeds)
     if baseline is not None:
         base_latencies, base_peak = measured[(baseline, setting)]
-        base_macs, _ = subjects[baseline].stats(setting.img_size)
-        row.params_ratio = subject.params / subjects[baseline].params
+        base = subjects[baseline, setting.img_size]
+        base_macs, _ = base.stats(setting.img_size)
+        row.params_ratio = subject.params / base.params
         row.macs_ratio = macs / base_macs if base_macs else None
         ratio = latency_ratio(latencies, base_latencies, options.statistic)
         row.latency_ratio, row.latency_ratio_q1, row.latency_ratio_q3 = ratio.value, ratio.q1, ratio.q3

@@ -425,3 +425,124 @@ def test_scaling_preset_plan():
     jobs, pairs = _plan(build_parser().parse_args(['bench', '--preset', 'scaling', '--models', 'pit*',
                                                    '--img-size', '224', '448']))
     assert pairs == [('pit_s_maxpool', 'pit_s_224')] and [s.img_size for s, _ in jobs] == [224, 448]
+
+
+class _TinyNet(nn.Module):
+    """A conv net small enough to export in seconds; ``cummax`` has no ONNX translation."""
+
+    def __init__(self, width: int, unexportable: bool = False):
+        super().__init__()
+        self.num_classes, self.unexportable = 10, unexportable
+        self.features = nn.Sequential(nn.Conv2d(3, width, 3, 2, 1), nn.BatchNorm2d(width), nn.ReLU(),
+                                      nn.Conv2d(width, width, 3, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d(1))
+        self.head = nn.Linear(width, 10)
+
+    def forward(self, x):
+        x = self.features(x).flatten(1)
+        return torch.cummax(x, dim=1)[0] if self.unexportable else self.head(x)
+
+
+def _register_tiny(name: str, width: int, unexportable: bool = False) -> None:
+    if timm.is_model(name):
+        return
+
+    def entrypoint(pretrained=False, pretrained_cfg=None, pretrained_cfg_overlay=None, cache_dir=None, **kwargs):
+        return _TinyNet(width, unexportable)
+
+    entrypoint.__name__ = entrypoint.__qualname__ = name
+    timm.models.register_model(entrypoint)
+
+
+TINY_OURS, TINY_BASE, TINY_BROKEN = 'bench_tiny_narrow', 'bench_tiny_wide', 'bench_tiny_unexportable'
+for _name, _width, _broken in ((TINY_OURS, 8, False), (TINY_BASE, 32, False), (TINY_BROKEN, 8, True)):
+    _register_tiny(_name, _width, _broken)
+TINY_PAIRS = [(TINY_OURS, TINY_BASE), (TINY_BROKEN, TINY_BASE)]
+
+
+def _onnx_run(monkeypatch, export=None, pairs=TINY_PAIRS, sizes=(32, 48), batch_sizes=(1, 3)):
+    from timm_pf.tools.bench import onnxrt
+    pytest.importorskip('onnxruntime')
+    exports = []
+    real_export = onnxrt.export_onnx
+
+    def counted_export(model, x, path):
+        exports.append(path)
+        (export or real_export)(model, x, path)
+
+    monkeypatch.setattr(onnxrt, 'export_onnx', counted_export)
+    names = list(dict.fromkeys(n for pair in pairs for n in pair))
+    jobs = [(Setting('infer', bs, size), names) for size in sizes for bs in batch_sizes]
+    options = BenchOptions(runtime='onnxruntime', repeats=5)
+    return bench.run_benchmark(jobs, pairs, options, progress=False), exports
+
+
+def test_onnxruntime_sweep_exports_once_per_size_and_reports_a_failed_export(monkeypatch):
+    from timm_pf.tools.bench import onnxrt
+    sessions = []
+    run = onnxrt.OnnxModel.__init__
+    monkeypatch.setattr(onnxrt.OnnxModel, '__init__', lambda self, *a: run(self, *a) or sessions.append(self))
+    result, exports = _onnx_run(monkeypatch)
+    assert len(exports) == 3 * 2  # each model once per size; the batch axis is dynamic
+    for size in (32, 48):
+        for bs in (1, 3):
+            setting = Setting('infer', bs, size)
+            ours, base, broken = (result.row(n, setting) for n in (TINY_OURS, TINY_BASE, TINY_BROKEN))
+            assert ours.error == base.error == '' and len(ours.latencies_ms) == len(base.latencies_ms) == 5
+            paired = [a / b for a, b in zip(ours.latencies_ms, base.latencies_ms)]
+            assert ours.latency_ratio == pytest.approx(statistics.median(paired))
+            assert ours.peak_memory_mb is None  # ONNX Runtime allocates outside PyTorch
+            assert broken.error.startswith('export failed') and 'cummax' in broken.error
+            assert broken.latencies_ms == [] and broken.latency_ratio is None
+    # the timed sessions are ONNX Runtime's, and they match PyTorch on a batch size they were not exported with
+    session = next(s for s in sessions if s.subject.name == TINY_OURS and s.session is not None)
+    assert session.mismatch(torch.randn(5, 3, 32, 32)) == ''
+    sweep = bench.ratio_vs_resolution(result)
+    assert sorted((p['model'], p['batch_size']) for p in sweep) == [(n, bs) for n in (TINY_OURS, TINY_BROKEN)
+                                                                     for bs in (1, 3)]
+    assert all(p['sizes'][0]['latency_ratio'] is None for p in sweep if p['model'] == TINY_BROKEN)
+    text = bench.format_report(result)
+    assert 'ONNX Runtime' in text and 'Not timed' in text and f'{TINY_BROKEN}, infer b1 32px: export failed' in text
+    assert json.loads(bench.to_json(result))['rows'][2]['error'] == result.rows[2].error
+    target = SpeedTarget(TINY_BROKEN, TINY_BASE, Setting('infer', 1, 32), 'latency', 1.0)
+    [check] = bench.check_targets(result, [target])
+    assert check.status == 'ERROR' and 'export failed' in check.error
+
+
+def test_onnxruntime_parity_check_catches_a_wrong_export(monkeypatch):
+    import onnx
+    from onnx import numpy_helper
+    from timm_pf.tools.bench import onnxrt
+    real_export = onnxrt.export_onnx
+
+    def wrong_export(model, x, path):  # the head's bias shifted by 0.01 after a correct export
+        real_export(model, x, path)
+        graph = onnx.load(path)
+        for init in graph.graph.initializer:
+            if init.name.startswith('head') and init.name.endswith('bias') and model.head.out_features == 10:
+                init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) + 0.01, init.name))
+        onnx.save(graph, path)
+
+    result, _ = _onnx_run(monkeypatch, wrong_export, pairs=[(TINY_OURS, TINY_BASE)], sizes=(32,), batch_sizes=(2,))
+    for name in (TINY_OURS, TINY_BASE):
+        row = result.row(name, Setting('infer', 2, 32))
+        assert 'ONNX Runtime output differs from PyTorch by 0.01' in row.error and row.latencies_ms == []
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['--runtime', 'tensorrt'], "unknown runtime 'tensorrt'; choose one of torch, onnxruntime"),
+    (['--runtime', 'onnxruntime', '--train'], 'times inference only'),
+    (['--runtime', 'onnxruntime', '--dtype', 'bfloat16', '--compile'], 'drop --dtype bfloat16, --compile'),
+])
+def test_cli_bad_runtime_exits_2(argv, message, capsys):
+    assert main(['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--no-progress', *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_onnxruntime_without_the_extra_exits_2(monkeypatch, capsys):
+    import importlib.util
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, 'find_spec',
+                        lambda name, *a: None if name == 'onnxruntime' else find_spec(name, *a))
+    assert main(['bench', '--models', 'resnet18', '--runtime', 'onnxruntime', '--no-progress']) == 2
+    assert "needs onnxruntime: pip install 'timm-pf[onnx]'" in capsys.readouterr().err

@@ -97,7 +97,7 @@ def _run(args: argparse.Namespace) -> int:
             compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
             max_repeats=args.max_repeats,
             time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
-            memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels)
+            memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels, runtime=args.runtime)
         options.validate()
         if args.plot:
             import importlib.util
@@ -125,7 +125,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.plot:
         plot_result(result, args.plot)
         print(f'wrote {args.plot}', file=sys.stderr)
-    failed = [c for c in result.targets if c.status in ('FAIL', 'UNSTABLE')]
+    failed = [c for c in result.targets if c.status in ('FAIL', 'UNSTABLE', 'ERROR')]
     return 1 if args.strict and failed else 0
 
 
@@ -166,6 +166,10 @@ def register(subparsers) -> None:
     p.add_argument('--amp', action='store_true', help='autocast (bfloat16 on CPU, float16 on CUDA)')
     p.add_argument('--channels-last', action='store_true', help='channels_last memory format')
     p.add_argument('--compile', action='store_true', help='torch.compile every model (compile time is warm-up)')
+    p.add_argument('--runtime', default='torch', metavar='{torch,onnxruntime}',
+                   help='torch (default) or onnxruntime: export each model once per size (torch.onnx.export, '
+                        'dynamic batch), check its output against PyTorch (1e-4), time it in ONNX Runtime on the '
+                        "CPU (needs the onnx extra: pip install 'timm-pf[onnx]')")
     p.add_argument('--threads', type=int, help='CPU threads (default: torch default)')
     p.add_argument('--warmup', type=int, default=1, help='discarded rounds per setting (default: 1)')
     p.add_argument('--repeats', type=int,
@@ -191,6 +195,7 @@ def register(subparsers) -> None:
     p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")
     p.add_argument('--plot', metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
-    p.add_argument('--strict', action='store_true', help='exit 1 when a measured target fails or is unstable')
+    p.add_argument('--strict', action='store_true',
+                   help='exit 1 when a measured target fails, is unstable or its models could not be timed')
     p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')
     p.set_defaults(func=_run)

@@ -2,6 +2,7 @@
 timed step (:class:`_Step`) and its peak memory (:class:`PeakTensorMemory`, or the resident set of a fresh
 process)."""
 import gc
+import importlib.util
 import json
 import os
 import subprocess
@@ -69,6 +70,8 @@ class PeakTensorMemory(TorchDispatchMode):
 
 _DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
 _MEMORY_METHODS = ('tensors', 'rss', 'off')
+_RUNTIMES = ('torch', 'onnxruntime')
+_ONNX_EXTRA = ('onnx', 'onnxruntime', 'onnxscript')  # the ``onnx`` extra
 _STATISTICS = ('median', 'min')
 _PROC_STATUS, _PROC_CLEAR_REFS = '/proc/self/status', '/proc/self/clear_refs'
 
@@ -89,8 +92,11 @@ class BenchOptions:
     memory: str = 'tensors'  # 'tensors', 'rss' (CPU, fresh process per model and setting) or 'off'
     statistic: str = 'median'  # latency the ratios use; 'min' resists interference on a busy machine
     cpu_kernels: str = 'auto'  # batch-1 dynamic conv kernel policy (timm_pf.layers.cpu_kernels)
+    runtime: str = 'torch'  # 'torch' (eager or compiled) or 'onnxruntime' (exported, timm_pf.tools.bench.onnxrt)
 
     def validate(self) -> None:
+        if self.runtime not in _RUNTIMES:
+            raise BenchInputError(f'unknown runtime {self.runtime!r}; choose one of {", ".join(_RUNTIMES)}')
         if self.cpu_kernels not in CPU_KERNEL_POLICIES:
             raise BenchInputError(
                 f'unknown CPU kernel policy {self.cpu_kernels!r}; choose one of {", ".join(CPU_KERNEL_POLICIES)}')
@@ -124,6 +130,20 @@ class BenchOptions:
             raise BenchInputError('--time-budget must be positive')
         if self.threads is not None and self.threads < 1:
             raise BenchInputError('--threads must be at least 1')
+        if self.runtime == 'onnxruntime':
+            self._validate_onnxruntime()
+
+    def _validate_onnxruntime(self) -> None:
+        missing = [name for name in _ONNX_EXTRA if importlib.util.find_spec(name) is None]
+        if missing:
+            raise BenchInputError(f"--runtime onnxruntime needs {', '.join(missing)}: pip install 'timm-pf[onnx]'")
+        unsupported = [flag for flag, value in (
+            (f'--device {self.device}', torch.device(self.device).type != 'cpu'),
+            (f'--dtype {self.dtype}', self.dtype != 'float32'), ('--amp', self.amp), ('--compile', self.compile),
+            ('--channels-last', self.channels_last), ('--memory rss', self.memory == 'rss')) if value]
+        if unsupported:
+            raise BenchInputError(f'--runtime onnxruntime times float32 CPU inference of the exported graph: '
+                                  f'drop {", ".join(unsupported)}')
 
 
 class _Subject:

@@ -36,8 +36,8 @@ def plot_result(result: BenchResult, path: str) -> None:
             for i, family in enumerate(families):
                 color = colors[i % len(colors)]
                 for r in rows:
-                    if (r.baseline or r.model) != family:
-                        continue
+                    if (r.baseline or r.model) != family or r.latency_ms is None:
+                        continue  # another family, or not timed
                     x = getattr(r, xkey) / scale
                     is_base = r.model == family
                     ax.scatter(x, r.latency_ms, marker='s' if is_base else 'o', s=50, zorder=3,
@@ -48,7 +48,7 @@ def plot_result(result: BenchResult, path: str) -> None:
                     label = r.model + (' (unstable ratio)' if r.latency_ratio_unstable else '')
                     ax.annotate(label, (x, r.latency_ms), fontsize=7, xytext=(4, 4), textcoords='offset points')
                     base = by_name.get(r.baseline) if r.baseline else None
-                    if base is not None:
+                    if base is not None and base.latency_ms is not None:
                         ax.plot([getattr(base, xkey) / scale, x], [base.latency_ms, r.latency_ms], color=color,
                                 linestyle='--', linewidth=1, zorder=1)
             ax.set_xscale('log')

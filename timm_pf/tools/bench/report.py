@@ -132,7 +132,7 @@ def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
     out = []
     opts = result.options
     numerics = opts.dtype + (' amp' if opts.amp else '') + (' channels_last' if opts.channels_last else '') \
-        + (' compiled' if opts.compile else '')
+        + (' compiled' if opts.compile else '') + (' ONNX Runtime' if opts.runtime == 'onnxruntime' else '')
     for setting in dict.fromkeys(r.setting for r in result.rows):
         rows = []
         for r in result.rows:
@@ -144,19 +144,27 @@ def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
             paper = '-'
             if r.paper_latency_ratio is not None:
                 paper = f'{r.paper_latency_ratio:.2f}x ({r.paper_latency_ratio_basis})'
-            rows.append([
-                r.model, r.baseline or '',
-                _fmt(r.latency_ms, '.1f'), f'{r.latency_q1_ms:.1f}-{r.latency_q3_ms:.1f}',
-                f'{r.latency_min_ms:.1f}-{r.latency_max_ms:.1f}', _fmt(r.throughput, '.1f'),
-                _fmt(r.peak_memory_mb, '.0f'), ratio, _fmt(r.memory_ratio, '.2f', 'x'), paper,
-            ])
-        n = len(result.row(rows[0][0], setting).latencies_ms)
-        memory = 'peak MB' if opts.device.startswith('cuda') else f'peak MB ({opts.memory})'
+            if r.error:
+                timing = ['not timed', '-', '-', '-']
+            else:
+                timing = [_fmt(r.latency_ms, '.1f'), f'{r.latency_q1_ms:.1f}-{r.latency_q3_ms:.1f}',
+                          f'{r.latency_min_ms:.1f}-{r.latency_max_ms:.1f}', _fmt(r.throughput, '.1f')]
+            rows.append([r.model, r.baseline or '', *timing, _fmt(r.peak_memory_mb, '.0f'), ratio,
+                         _fmt(r.memory_ratio, '.2f', 'x'), paper])
+        n = max(len(r.latencies_ms) for r in result.rows if r.setting == setting)
+        memory = 'peak MB' if opts.device.startswith('cuda') else f'peak MB ({_memory_method(opts)})'
         out += [_heading(f'{setting.mode}, batch {setting.batch_size}, {setting.img_size}px, '
                          f'{opts.device} {numerics}: {n} interleaved runs, {_RATIO_OF[opts.statistic]}', markdown),
                 _table(['model', 'baseline', 'latency (ms)', 'IQR', 'min-max', 'img/s', memory,
                         'latency vs base [IQR]', 'memory vs base', 'paper latency ratio'], rows, markdown), '']
+    errors = [f'- {r.model}, {r.setting}: {r.error}' for r in result.rows if r.error]
+    if errors:
+        out += ['Not timed:'] + errors + ['']
     return out
+
+
+def _memory_method(options) -> str:
+    return 'not measured in ONNX Runtime' if options.runtime == 'onnxruntime' else options.memory
 
 
 def _target_table(result: BenchResult, markdown: bool) -> List[str]:
@@ -165,12 +173,15 @@ def _target_table(result: BenchResult, markdown: bool) -> List[str]:
     rows = [[c.target.model, c.target.baseline, str(c.target.setting), c.target.metric,
              f'<= {c.target.max_ratio:.2f}x', _fmt(c.measured, '.2f', 'x'), c.status] for c in result.targets]
     unstable = [f'- {c.target}: {c.unstable}' for c in result.targets if c.status == 'UNSTABLE']
-    method = 'CUDA allocator' if result.options.device.startswith('cuda') else result.options.memory
+    errors = [f'- {c.target}: {c.error}' for c in result.targets if c.status == 'ERROR']
+    method = 'CUDA allocator' if result.options.device.startswith('cuda') else _memory_method(result.options)
     out = [_heading(f'Targets (ratio to the baseline, measured side by side; memory: {method})', markdown),
             _table(['model', 'baseline', 'setting', 'metric', 'target', 'measured', 'check'], rows, markdown), '']
     if unstable:
         out += ['UNSTABLE: the ratio was too noisy to pass or fail the target (--strict counts it as a failure):']
         out += unstable + ['']
+    if errors:
+        out += ['ERROR: the model or its baseline could not be timed:'] + errors + ['']
     return out
 
 
@@ -182,7 +193,10 @@ def format_report(result: BenchResult, markdown: bool = False) -> str:
     device = f'{env["gpu"]} with {cpu}' if 'gpu' in env else f'{cpu}, {env["threads"]} threads'
     header = (f'timm-pf bench on {device} (torch {env["torch"]}, timm {env["timm"]}). Ratios are ours / '
               f'baseline measured in this run; below 1 is better.')
-    if 'dynamic_conv_batch1' in env:
+    if 'onnxruntime' in env:
+        header += (f'\nRuntime: ONNX Runtime {env["onnxruntime"]} (CPU), each model exported once per size with '
+                   'torch.onnx.export and a dynamic batch, output checked against PyTorch before timing.')
+    elif 'dynamic_conv_batch1' in env:
         header += f'\nDynamic convs at batch 1: {env["dynamic_conv_batch1"]}.'
     parts = [header, ''] + _summary_table(result, markdown) + _resolution_table(result, markdown)
     parts += _cost_table(result, markdown)
@@ -214,7 +228,7 @@ def to_json(result: BenchResult) -> str:
         'options': asdict(result.options),
         'rows': [asdict(r) for r in result.rows],
         'ratio_vs_resolution': ratio_vs_resolution(result),
-        'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status, 'unstable': c.unstable}
-                    for c in result.targets],
+        'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status, 'unstable': c.unstable,
+                     'error': c.error} for c in result.targets],
     }
     return json.dumps(data, indent=2)

@@ -26,7 +26,9 @@ papers report, with the table they come from) and :data:`SPEED_TARGETS` (the rat
 import os
 import platform
 import sys
+import tempfile
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -36,6 +38,7 @@ from torch import nn
 from timm_pf.layers.cpu_kernels import cpu_kernel_policy, kernel_status
 from timm_pf.layers.dynamic_conv import DynamicConv2d
 from .measure import BenchInputError, BenchOptions, _Step, _Subject
+from .onnxrt import OnnxModel, OnnxModelError, onnx_step
 from .paper import PAPER_REPORTS, SPEED_TARGETS, Setting, SpeedTarget, baseline_for, paper_latency_ratio
 from .ratio import MIN_STABLE_ROUNDS, latency_ratio, quantiles
 
@@ -115,13 +118,13 @@ class BenchRow:
     params: int
     macs: int  # per image
     activations: int  # per image
-    latencies_ms: List[float]
-    latency_ms: float  # median
-    latency_q1_ms: float
-    latency_q3_ms: float
-    latency_min_ms: float
-    latency_max_ms: float
-    throughput: float  # images per second at the median latency
+    latencies_ms: List[float]  # empty when the model could not be timed (``error`` says why)
+    latency_ms: Optional[float]  # median
+    latency_q1_ms: Optional[float]
+    latency_q3_ms: Optional[float]
+    latency_min_ms: Optional[float]
+    latency_max_ms: Optional[float]
+    throughput: Optional[float]  # images per second at the median latency
     peak_memory_mb: Optional[float]
     params_ratio: Optional[float] = None
     macs_ratio: Optional[float] = None
@@ -136,6 +139,7 @@ class BenchRow:
     paper_speeds: str = ''
     paper_latency_ratio: Optional[float] = None
     paper_latency_ratio_basis: str = ''
+    error: str = ''  # why the model was not timed (ONNX Runtime: export failed or output differs from PyTorch)
 
     @property
     def setting(self) -> Setting:
@@ -147,9 +151,12 @@ class TargetCheck:
     target: SpeedTarget
     measured: Optional[float]  # None when the run did not measure it
     unstable: str = ''  # why the measured ratio is unstable; then the target is neither passed nor failed
+    error: str = ''  # why the model or its baseline could not be timed
 
     @property
     def status(self) -> str:
+        if self.error:
+            return 'ERROR'
         if self.measured is None:
             return 'n/a'
         if self.unstable:
@@ -177,6 +184,9 @@ def _environment(options: BenchOptions, models: Iterable[nn.Module] = ()) -> Dic
         'cpu_count': os.cpu_count(), 'threads': torch.get_num_threads(),
     }
     env['cpu'], env['cpu_extensions'] = _cpuinfo()
+    if options.runtime == 'onnxruntime':
+        import onnxruntime
+        env['onnxruntime'] = onnxruntime.__version__
     if torch.device(options.device).type == 'cuda':
         env['gpu'] = torch.cuda.get_device_name(torch.device(options.device))
     elif any(isinstance(m, DynamicConv2d) for model in models for m in model.modules()):
@@ -284,6 +294,8 @@ def run_benchmark(
     no ratios). Raises :class:`BenchInputError` for bad options, RuntimeError when a model fails.
     """
     options.validate()
+    if options.runtime == 'onnxruntime' and any(setting.mode != 'infer' for setting, _ in jobs):
+        raise BenchInputError('--runtime onnxruntime times inference only: drop --train')
     if options.threads is not None and torch.device(options.device).type == 'cpu':
         torch.set_num_threads(options.threads)
     if torch.device(options.device).type != 'cpu':
@@ -301,12 +313,31 @@ def _run_benchmark(
 ) -> BenchResult:
     baselines = dict(pairs)
     bar = _Progress(progress)
+    onnx = options.runtime == 'onnxruntime'
+    folder = tempfile.TemporaryDirectory(prefix='timm-pf-bench-') if onnx else nullcontext()
     try:
         subjects = _build_subjects(jobs, options, bar)
         measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]] = {}
+        failures: Dict[Tuple[str, Setting], str] = {}
+        onnx_models: Dict[Tuple[str, int], OnnxModel] = {}
         budget = options.time_budget / max(1, len(jobs))
         for setting, names in jobs:
-            steps = {name: _Step(subjects[name, setting.img_size], setting, options) for name in names}
+            steps = {}
+            for name in names:
+                if not onnx:
+                    steps[name] = _Step(subjects[name, setting.img_size], setting, options)
+                    continue
+                key = (name, setting.img_size)
+                if key not in onnx_models:  # once per model and size: the batch axis is dynamic
+                    bar.add(1)
+                    onnx_models[key] = OnnxModel(subjects[key], setting.img_size, options, folder.name)
+                    bar.step(f'export {name} {setting.img_size}px')
+                try:
+                    steps[name] = onnx_step(onnx_models[key], setting, options)
+                except OnnxModelError as err:
+                    failures[name, setting] = str(err)
+            if not steps:
+                continue
             times = _timed_rounds(steps, baselines, options, budget, bar, str(setting))
             measure_memory = options.memory != 'off'
             bar.add(len(steps) if measure_memory else 0)
@@ -319,6 +350,8 @@ def _run_benchmark(
                 step.subject.eager.zero_grad(set_to_none=True)  # free a training step's gradients
     finally:
         bar.close()
+        if onnx:
+            folder.cleanup()
 
     rows = []
     for setting, names in jobs:
@@ -326,7 +359,7 @@ def _run_benchmark(
             baseline = baselines.get(name)
             if baseline not in names:
                 baseline = None
-            rows.append(_make_row(name, baseline, setting, subjects, measured, options))
+            rows.append(_make_row(name, baseline, setting, subjects, measured, failures, options))
     unique = {id(s): s for s in subjects.values()}.values()
     result = BenchResult(rows, options, _environment(options, (s.eager for s in unique)))
     result.targets = check_targets(result)
@@ -335,8 +368,8 @@ def _run_benchmark(
 
 def _fixed_input_size(name: str) -> bool:
     """Whether the model is built for one input size (ViT, PiT: ``img_size=`` lays out its position embedding)."""
-    from timm.models import get_pretrained_cfg_value
-    return bool(get_pretrained_cfg_value(name, 'fixed_input_size'))
+    from timm.models import get_pretrained_cfg
+    return bool(getattr(get_pretrained_cfg(name), 'fixed_input_size', False))
 
 
 def _size_error(subject: _Subject, img_size: int) -> str:
@@ -400,32 +433,33 @@ def _grouped(names: Sequence[str], baselines: Dict[str, Optional[str]]) -> List[
 
 def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Dict[Tuple[str, int], _Subject],
               measured: Dict[Tuple[str, Setting], Tuple[List[float], Optional[int]]],
-              options: BenchOptions) -> BenchRow:
+              failures: Dict[Tuple[str, Setting], str], options: BenchOptions) -> BenchRow:
     subject = subjects[name, setting.img_size]
-    latencies, peak = measured[(name, setting)]
+    latencies, peak = measured.get((name, setting), ([], None))
     macs, activations = subject.stats(setting.img_size)
-    q1, median, q3 = quantiles(latencies)
+    q1, median, q3 = quantiles(latencies) if latencies else (None, None, None)
     report = PAPER_REPORTS.get(name)
     row = BenchRow(
         model=name, baseline=baseline, mode=setting.mode, batch_size=setting.batch_size,
         img_size=setting.img_size, params=subject.params, macs=macs, activations=activations,
         latencies_ms=latencies, latency_ms=median, latency_q1_ms=q1, latency_q3_ms=q3,
-        latency_min_ms=min(latencies), latency_max_ms=max(latencies),
-        throughput=setting.batch_size / (median / 1e3),
-        peak_memory_mb=None if peak is None else peak / 2 ** 20,
+        latency_min_ms=min(latencies, default=None), latency_max_ms=max(latencies, default=None),
+        throughput=setting.batch_size / (median / 1e3) if latencies else None,
+        peak_memory_mb=None if peak is None else peak / 2 ** 20, error=failures.get((name, setting), ''),
     )
     if report is not None:
         row.paper_source, row.paper_params_m, row.paper_gmacs = report.source, report.params_m, report.gmacs
         row.paper_speeds = '; '.join(str(s) for s in report.speeds)
     if baseline is not None:
-        base_latencies, base_peak = measured[(baseline, setting)]
+        base_latencies, base_peak = measured.get((baseline, setting), ([], None))
         base = subjects[baseline, setting.img_size]
         base_macs, _ = base.stats(setting.img_size)
         row.params_ratio = subject.params / base.params
         row.macs_ratio = macs / base_macs if base_macs else None
-        ratio = latency_ratio(latencies, base_latencies, options.statistic)
-        row.latency_ratio, row.latency_ratio_q1, row.latency_ratio_q3 = ratio.value, ratio.q1, ratio.q3
-        row.latency_ratio_unstable = ratio.unstable
+        if latencies and base_latencies:
+            ratio = latency_ratio(latencies, base_latencies, options.statistic)
+            row.latency_ratio, row.latency_ratio_q1, row.latency_ratio_q3 = ratio.value, ratio.q1, ratio.q3
+            row.latency_ratio_unstable = ratio.unstable
         if peak is not None and base_peak:
             row.memory_ratio = peak / base_peak
         row.paper_latency_ratio, row.paper_latency_ratio_basis = paper_latency_ratio(
@@ -441,8 +475,10 @@ def check_targets(result: BenchResult, targets: Optional[Sequence[SpeedTarget]] 
         row = result.row(target.model, target.setting)
         if row is None or row.baseline != target.baseline:
             continue
+        base = result.row(target.baseline, target.setting)
+        error = '; '.join(f'{r.model}: {r.error}' for r in (row, base) if r is not None and r.error)
         if target.metric == 'latency':
-            checks.append(TargetCheck(target, row.latency_ratio, row.latency_ratio_unstable))
+            checks.append(TargetCheck(target, row.latency_ratio, row.latency_ratio_unstable, error))
         else:
-            checks.append(TargetCheck(target, row.memory_ratio))
+            checks.append(TargetCheck(target, row.memory_ratio, error=error))
     return checks

@@ -254,12 +254,51 @@ def test_paper_latency_ratio_prefers_the_same_batch():
 
 
 def test_targets_preset_settings():
-    jobs = dict(bench.target_settings(bench.SPEED_TARGETS))
+    torch_targets = [t for t in bench.SPEED_TARGETS if t.runtime == 'torch']
+    jobs = dict(bench.target_settings(torch_targets))
     assert set(jobs) == {Setting('infer', 1, 224), Setting('infer', 16, 224), Setting('infer', 32, 224),
-                         Setting('train', 16, 128), Setting('train', 32, 128)}
-    for target in bench.SPEED_TARGETS:
+                         Setting('train', 16, 128), Setting('train', 32, 128), Setting('infer', 1, 512),
+                         Setting('infer', 1, 1024), Setting('infer', 1, 448), Setting('infer', 1, 672)}
+    for target in torch_targets:
         assert {target.model, target.baseline} <= set(jobs[target.setting])
     assert set(jobs[Setting('infer', 16, 224)]) == {'resnet50', 'ours_r50_hybrid', 'ours_r50_deform_max'}
+    assert set(jobs[Setting('infer', 1, 672)]) == {'pit_s_224', 'pit_s_maxpool'}
+    onnx_jobs = dict(bench.target_settings([t for t in bench.SPEED_TARGETS if t.runtime == 'onnxruntime']))
+    assert set(onnx_jobs) == {Setting('infer', 1, 224), Setting('infer', 8, 224)}
+    assert set(onnx_jobs[Setting('infer', 8, 224)]) == {
+        'ghostnet_600m', 'parameternet_600m', 'ghostnet_100', 'ghostnet_dyn', 'resnet50', 'ours_r50_deform_max',
+        'ours_r50_max', 'ours_r50_hybrid'}
+    [unmet] = [t for t in bench.SPEED_TARGETS if t.unmet]
+    assert (unmet.model, unmet.setting, unmet.max_ratio) == ('parameternet_600m', Setting('infer', 1, 224), 1.10)
+
+
+def test_cli_list_shows_the_targets_of_both_runtimes(capsys):
+    assert main(['bench', '--list']) == 0
+    out = capsys.readouterr().out
+    torch_part, onnx_part = out.split('targets (--preset targets; CPU, 2 threads):')[1].split(
+        'targets (--preset targets --runtime onnxruntime; CPU, 2 threads):')
+    for line in ('vit_s_maxpool latency <= 1.05x vit_small_patch16_224, infer b1 224px',
+                 'vit_s_maxpool latency <= 0.78x vit_small_patch16_224, infer b1 1024px',
+                 'pit_s_maxpool latency <= 0.75x pit_s_224, infer b1 672px',
+                 'parameternet_600m latency <= 1.10x ghostnet_600m, infer b1 224px [not met today: '):
+        assert line in torch_part
+    assert 'ours_r50_deform_max latency <= 1.10x resnet50, infer b8 224px, ONNX Runtime' in onnx_part
+    assert 'ONNX Runtime' not in torch_part
+
+
+def test_targets_are_checked_in_their_own_runtime_and_unmet_ones_do_not_fail_strict(monkeypatch, capsys):
+    setting = SYNTHETIC_SETTING
+    targets = (SpeedTarget('resnet18', 'resnet10t', setting, 'latency', 0.5, unmet='a known floor'),
+               SpeedTarget('resnet18', 'resnet10t', setting, 'latency', 0.5, runtime='onnxruntime'))
+    monkeypatch.setattr(runner, 'SPEED_TARGETS', targets)
+    _fake_timings(monkeypatch, 'stable')
+    argv = ['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--batch-sizes', '1', '--repeats', '8',
+            '--memory', 'off', '--no-progress', '--strict', '--json', '-']
+    assert main(argv) == 0  # 0.8x fails the unmet target only; the ONNX Runtime target is not checked
+    out = capsys.readouterr()
+    [check] = json.loads(out.out)['targets']
+    assert check['status'] == 'FAIL' and check['unmet'] == 'a known floor' and check['runtime'] == 'torch'
+    assert 'FAIL (not met today)' in out.err and 'a known floor' in out.err
 
 
 def test_cli_writes_every_format(tmp_path, capsys):

@@ -469,11 +469,11 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
 
 def check_targets(result: BenchResult, targets: Optional[Sequence[SpeedTarget]] = None) -> List[TargetCheck]:
     """The targets (default :data:`SPEED_TARGETS`) this run measured: model and baseline both ran in the
-    target's setting."""
+    target's setting and runtime."""
     checks = []
     for target in SPEED_TARGETS if targets is None else targets:
         row = result.row(target.model, target.setting)
-        if row is None or row.baseline != target.baseline:
+        if row is None or row.baseline != target.baseline or target.runtime != result.options.runtime:
             continue
         base = result.row(target.baseline, target.setting)
         error = '; '.join(f'{r.model}: {r.error}' for r in (row, base) if r is not None and r.error)

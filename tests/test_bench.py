@@ -335,13 +335,16 @@ def test_cli_missing_cuda_exits_2(monkeypatch, capsys):
     assert 'CUDA is not available' in capsys.readouterr().err
 
 
-def test_cli_plot_without_matplotlib_exits_2(monkeypatch, capsys):
+@pytest.mark.parametrize('package, argv, message', [
+    ('matplotlib', ['--plot', 'x.png'], "timm-pf[plot]"),
+    ('onnxruntime', ['--runtime', 'onnxruntime'], "needs onnxruntime: pip install 'timm-pf[onnx]'"),
+])
+def test_cli_missing_extra_exits_2(package, argv, message, monkeypatch, capsys):
     import importlib.util
     find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name == 'matplotlib' else find_spec(name, *a))
-    assert main(['bench', '--models', 'resnet18', '--plot', 'x.png', '--no-progress']) == 2
-    assert "timm-pf[plot]" in capsys.readouterr().err
+    monkeypatch.setattr(importlib.util, 'find_spec', lambda name, *a: None if name == package else find_spec(name, *a))
+    assert main(['bench', '--models', 'resnet18', '--no-progress', *argv]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_plot_result_names_the_extra_when_matplotlib_is_missing(small_result, monkeypatch, tmp_path):
@@ -577,12 +580,3 @@ def test_cli_bad_runtime_exits_2(argv, message, capsys):
     assert main(['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--no-progress', *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
-
-
-def test_cli_onnxruntime_without_the_extra_exits_2(monkeypatch, capsys):
-    import importlib.util
-    find_spec = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, 'find_spec',
-                        lambda name, *a: None if name == 'onnxruntime' else find_spec(name, *a))
-    assert main(['bench', '--models', 'resnet18', '--runtime', 'onnxruntime', '--no-progress']) == 2
-    assert "needs onnxruntime: pip install 'timm-pf[onnx]'" in capsys.readouterr().err

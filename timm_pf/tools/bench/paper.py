@@ -153,7 +153,8 @@ SPEED_TARGETS: Tuple[SpeedTarget, ...] = tuple(
     + _targets('ours_r50_deform_max', 'resnet50', _infer([1, 16], 224, 1.0) + [('train', 16, 128, 'memory', 2.0)])
     + _targets('vit_s_maxpool', 'vit_small_patch16_224',
                _infer([1, 32], 224, 1.05) + _infer([1], 512, 0.88) + _infer([1], 1024, 0.78))
-    + _targets('pit_s_maxpool', 'pit_s_224', _infer([1, 32], 224, 1.00) + _infer([1], 448, 0.88) + _infer([1], 672, 0.75))
+    + _targets('pit_s_maxpool', 'pit_s_224',
+               _infer([1, 32], 224, 1.00) + _infer([1], 448, 0.88) + _infer([1], 672, 0.75))
     + _targets('parameternet_600m', 'ghostnet_600m', _infer([1], 224, 1.10), unmet=_PN_FLOOR)
     + _targets('parameternet_600m', 'ghostnet_600m', _infer([32], 224, 1.20) + [('train', 32, 128, 'memory', 1.5)])
     # deployment: the same pairs exported and run in ONNX Runtime (CPU, 2 threads), ``--runtime onnxruntime``

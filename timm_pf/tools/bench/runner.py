@@ -19,6 +19,11 @@ all three on the machine at hand and prints the paper's reported values beside o
   growth of the resident set (Linux ``VmHWM``) during two steps of each model in a fresh process, which
   adds what kernels allocate internally and the allocator's overhead.
 
+Several image sizes make a resolution sweep: models with a position embedding (ViT, PiT) are built for
+each size, and a size a model cannot take (a patch embedding needs whole patches) is refused before
+anything is timed. With ``runtime='onnxruntime'`` the same rounds time each model's ONNX export
+(:mod:`timm_pf.tools.bench.onnxrt`).
+
 The data that ties it to the papers lives in :mod:`timm_pf.tools.bench.paper`: :data:`BASELINE_RULES`
 (which baseline each variant is compared with), :data:`PAPER_REPORTS` (params, MACs and speeds the
 papers report, with the table they come from) and :data:`SPEED_TARGETS` (the ratios the package promises).

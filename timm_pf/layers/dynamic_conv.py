@@ -13,7 +13,8 @@ axis; in eager mode it picks the fastest exact kernel for the layer's shape. In 
 per-sample kernels are not kept for backward but mixed again there (a read of the experts instead of
 batch x kernel-size floats per layer), which keeps ParameterNet's training memory near the plain GhostNet's.
 Batch-1 float32 CPU inference with sigmoid routing goes through the compiled kernel of ``cpu_kernels`` when it
-is built (pool, routing and mixing in one call).
+is built (pool, routing and mixing in one call). The layer is an FX leaf (timm's ``register_notrace_module``),
+and TorchScript compiles only the plain mixing and the batch-folded grouped convolution.
 """
 import math
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from timm.layers import CondConv2d, Mlp, pad_same
+from timm.layers import CondConv2d, Mlp, pad_same, register_notrace_module
 
 from .cpu_kernels import cpu_kernels
 
@@ -108,9 +109,27 @@ def per_sample_conv2d(
         return F.conv2d(
             x, weight[0], None if bias is None else bias[0],
             stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _batch_folded_conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _batch_folded_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: _Pair,
+        padding: _Pair,
+        dilation: _Pair,
+        groups: int,
+) -> torch.Tensor:
+    """:func:`per_sample_conv2d` as one convolution with ``groups * B`` groups over the batch folded into the
+    channels (TorchScript-compatible; an empty batch gives an empty output)."""
+    batch, in_chs, height, width = x.shape
+    out_chs = weight.shape[1]
+    if batch == 0:  # no groups to fold: any kernel of the right shape gives the empty output
+        return F.conv2d(x, weight.new_zeros(weight.shape[1:]), None, stride, padding, dilation, groups)
     out = F.conv2d(
         x.reshape(1, batch * in_chs, height, width),
-        weight.reshape(batch * out_chs, *weight.shape[2:]),
+        weight.reshape([batch * out_chs] + list(weight.shape[2:])),
         None if bias is None else bias.reshape(batch * out_chs),
         stride=stride, padding=padding, dilation=dilation, groups=groups * batch)
     return out.reshape(batch, out_chs, out.shape[-2], out.shape[-1])
@@ -223,6 +242,7 @@ class _MixedConvRecomputed(torch.autograd.Function):
                 torch.cat(grad_routing).to(routing_weights.dtype), grad_experts.to(experts.dtype), None)
 
 
+@register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs
 class DynamicConv2d(CondConv2d):
     """Convolution whose kernel is a per-sample mixture of ``num_experts`` expert kernels.
 
@@ -270,7 +290,7 @@ class DynamicConv2d(CondConv2d):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
-        if self.routing_type == 'sigmoid':
+        if isinstance(self.routing, nn.Linear):  # sigmoid routing (a static type check in TorchScript)
             # one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its scale: this runs once
             # per conv, so its op count matters at batch 1
             logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
@@ -279,31 +299,40 @@ class DynamicConv2d(CondConv2d):
         return self.routing(x.mean((2, 3))).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._kernel_layout and routing_weights is None and not torch.compiler.is_compiling():
-            kernel = cpu_kernels()
-            if kernel is not None:
-                # batch-1 float32 CPU inference in one call (None for any other input: eager path below)
-                out = kernel.sigmoid_routed_conv2d(
-                    x, self.routing.weight, self.routing.bias, self.weight, *self.geometry)
-                if out is not None:
-                    return out
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
+        if not torch.jit.is_scripting():
+            if self._kernel_layout and routing_weights is None and not torch.compiler.is_compiling():
+                kernel = cpu_kernels()
+                if kernel is not None:
+                    # batch-1 float32 CPU inference in one call (None for any other input: eager path below)
+                    out = kernel.sigmoid_routed_conv2d(
+                        x, self.routing.weight, self.routing.bias, self.weight, *self.geometry)
+                    if out is not None:
+                        return out
+            if x.ndim != 4 or x.shape[1] != self.in_channels:
+                raise ValueError(
+                    f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
         if routing_weights is None:
             routing_weights = self.routing_weights(x)
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        if torch.jit.is_scripting():
+            weight = torch.matmul(routing_weights, self.weight).reshape([-1] + list(self.weight_shape))
+            out = _batch_folded_conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            out = self._mixed_conv_eager(x, routing_weights)
+        if self.bias is not None:
+            out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
+        return out
+
+    @torch.jit.unused
+    def _mixed_conv_eager(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """The convolution with the mixed kernels by the fastest exact eager path (see :func:`_mixed_conv`)."""
         experts = self.weight
         exporting = _is_exporting()
         if (not exporting and torch.is_grad_enabled()
                 and (x.requires_grad or routing_weights.requires_grad or experts.requires_grad)):
-            out = _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)
-        else:
-            out = _mixed_conv(x, routing_weights, experts, self.geometry, exporting)
-        if self.bias is not None:
-            out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
-        return out
+            return _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)
+        return _mixed_conv(x, routing_weights, experts, self.geometry, exporting)
 
     @torch.no_grad()
     def upcycled_state(

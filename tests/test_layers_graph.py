@@ -1,5 +1,6 @@
-"""The layers under timm's graph tools: TorchScript, FX symbolic tracing (as timm's feature extraction runs
-it), TorchScript of the traced graph, and timm's ``device`` / ``dtype`` constructor arguments."""
+"""The layers as timm's test suite uses its own: TorchScript, FX symbolic tracing (as timm's feature extraction
+runs it), TorchScript of the traced graph, timm's ``device`` / ``dtype`` constructor arguments, and an empty
+batch (issue 16, item 4)."""
 import pytest
 import torch
 from torch import nn
@@ -111,3 +112,23 @@ def test_device_and_dtype_reach_the_parameters(name):
         GridAttention: (16,)}[layer]
     module = layer(*args, device='meta', dtype=torch.float64)
     assert all(p.device.type == 'meta' and p.dtype == torch.float64 for p in module.parameters())
+
+
+@pytest.mark.filterwarnings('ignore::FutureWarning')
+@pytest.mark.parametrize('name', LAYERS)
+@pytest.mark.parametrize('kind', ['inference', 'train', 'script'])
+def test_empty_batch_gives_empty_output(name, kind):
+    model, inputs = _layer(name)
+    model.train(kind == 'train')
+    with torch.no_grad():
+        one = _run(model, [t[:1] for t in inputs])
+    empty = [t[:0].clone().requires_grad_(kind == 'train') for t in inputs]
+    if kind == 'inference':
+        with torch.inference_mode():
+            out = model(*empty)
+    else:
+        out = (torch.jit.script(model) if kind == 'script' else model)(*empty)
+    assert out.shape == (0,) + one.shape[1:]
+    if kind == 'train':
+        out.sum().backward()
+        assert all(t.grad is not None and t.grad.shape == t.shape for t in empty)

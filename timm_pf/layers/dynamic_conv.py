@@ -150,7 +150,7 @@ def _mix_chunks(batch: int, kernel_numel: int, exporting: bool) -> List[slice]:
     if exporting:
         return [slice(0, batch)]
     chunk = max(1, MIX_CHUNK_NUMEL // kernel_numel)
-    return [slice(start, start + chunk) for start in range(0, batch, chunk)]
+    return [slice(start, start + chunk) for start in range(0, max(batch, 1), chunk)]  # an empty batch: one range
 
 
 def _mix_one_sample(routing_weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -192,6 +192,8 @@ def _per_sample_conv2d_backward(
     convolution's own backward with the batch folded into the groups)."""
     batch, in_chs, height, width = x.shape
     out_chs, groups = weight.shape[1], geometry.groups
+    if batch == 0:
+        return torch.empty_like(x) if need_grad_x else None, torch.empty_like(weight)
     pointwise = weight.shape[-2:] == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0)
     if pointwise and batch > 1:
         cols = x.reshape(batch, groups, in_chs // groups, height * width)

@@ -89,7 +89,7 @@ class GridAttention(Attention):
             tokens = self._scripted_attention(tokens, attn_mask, is_causal)
         else:
             tokens = super().forward(tokens, attn_mask=attn_mask, is_causal=is_causal)
-        return tokens.reshape(batch, height, width, -1)
+        return tokens.reshape(batch, height, width, tokens.shape[-1])
 
     def _scripted_attention(
             self,

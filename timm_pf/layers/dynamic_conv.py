@@ -22,6 +22,7 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._higher_order_ops.scan import scan
 from torch.autograd.function import once_differentiable
 
 from timm.layers import CondConv2d, Mlp, pad_same, register_notrace_module
@@ -46,7 +47,19 @@ def _is_exporting() -> bool:
     return torch.compiler.is_exporting() or torch.jit.is_tracing()
 
 
-def _conv_as_matmul(
+def _pointwise_as_matmul(x: torch.Tensor, weight: torch.Tensor, stride: _Pair, groups: int) -> torch.Tensor:
+    """Per-sample 1x1 convolution (no padding) as one batched matmul on the NCHW tensor (a strided view when
+    strided): ``(B, g, C_out / g, C_in / g) @ (B, g, C_in / g, H' * W')``."""
+    if stride != (1, 1):
+        x = x[:, :, ::stride[0], ::stride[1]]
+    batch, in_chs, out_h, out_w = x.shape
+    out_chs = weight.shape[1]
+    cols = x.reshape(batch, groups, in_chs // groups, out_h * out_w)
+    kernels = weight.reshape(batch, groups, out_chs // groups, in_chs // groups)
+    return torch.matmul(kernels, cols).reshape(batch, out_chs, out_h, out_w)
+
+
+def _scanned_conv2d(
         x: torch.Tensor,
         weight: torch.Tensor,
         stride: _Pair,
@@ -54,25 +67,23 @@ def _conv_as_matmul(
         dilation: _Pair,
         groups: int,
 ) -> torch.Tensor:
-    """Per-sample convolution as im2col (``F.unfold``; a strided view for 1x1) and a batched matmul.
+    """Per-sample convolution as ordinary convolutions with the samples' own kernels, in a graph that serves any
+    batch size: a scan over the batch (ONNX ``Scan`` with a ``Conv`` body) for two or more samples, else one
+    convolution with the kernels summed over the batch (the one sample's kernel, or zeros for an empty batch,
+    which ONNX Runtime's ``Scan`` rejects), chosen at run time (ONNX ``If``). No im2col copies: each sample costs
+    one convolution's MACs."""
 
-    Every shape is batch-independent, so the graph exports with a dynamic batch axis, and the only
-    multiply-accumulates are the matmul's, exactly the convolution's MACs.
-    """
-    batch, in_chs, height, width = x.shape
-    out_chs, kh, kw = weight.shape[1], weight.shape[-2], weight.shape[-1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
-        cols = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
-    else:
-        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    # (B, groups, C_in / groups * kh * kw, H' * W'): channel-major, like the flattened kernel
-    cols = cols.reshape(batch, groups, (in_chs // groups) * kh * kw, out_h * out_w)
-    kernels = weight.reshape(batch, groups, out_chs // groups, -1)
-    out = torch.matmul(kernels, cols)
-    return out.reshape(batch, out_chs, out_h, out_w)
+    def at_most_one(features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(features, kernels.sum(0), None, stride, padding, dilation, groups)
+
+    def each(features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        def step(carry: torch.Tensor, sample: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+            one, kernel = sample
+            return carry.clone(), F.conv2d(one[None], kernel, None, stride, padding, dilation, groups)[0]
+
+        return scan(step, features.new_zeros(()), (features, kernels))[1]
+
+    return torch.cond(x.shape[0] <= 1, at_most_one, each, (x, weight))
 
 
 def per_sample_conv2d(
@@ -90,18 +101,24 @@ def per_sample_conv2d(
         weight: (B, C_out, C_in / groups, kh, kw) per-sample kernels.
         bias: optional (B, C_out) per-sample bias.
 
-    Every path computes the same convolution (up to float rounding):
+    Every path computes the same convolution (up to float rounding), with batch-independent shapes when
+    exporting (no conv groups that depend on the batch, so the graph keeps a dynamic batch axis):
 
-    * export / tracing: im2col + batched matmul (no batch-dependent conv groups);
+    * 1x1 kernels without padding (unstrided in eager mode, batch > 1 or exporting): a batched matmul on the
+      NCHW tensor (no copies);
+    * other kernels when exporting: ordinary convolutions with the samples' kernels, a scan over the batch
+      (ONNX ``If`` + ``Scan`` + ``Conv``, see :func:`_scanned_conv2d`);
     * batch 1: an ordinary convolution with the sample's kernel;
-    * unstrided 1x1 kernels: a batched matmul on the NCHW tensor (no copies);
     * otherwise: one convolution with ``groups * B`` groups over the batch folded into channels.
     """
-    batch, in_chs, height, width = x.shape
-    out_chs = weight.shape[1]
-    pointwise = weight.shape[-2:] == (1, 1) and stride == (1, 1) and padding == (0, 0)
-    if _is_exporting() or (pointwise and batch > 1):
-        out = _conv_as_matmul(x, weight, stride, padding, dilation, groups)
+    batch, out_chs = x.shape[0], weight.shape[1]
+    exporting = _is_exporting()
+    pointwise = weight.shape[-2:] == (1, 1) and padding == (0, 0) and (exporting or stride == (1, 1))
+    if (pointwise and batch > 1) or exporting:
+        if pointwise:
+            out = _pointwise_as_matmul(x, weight, stride, groups)
+        else:
+            out = _scanned_conv2d(x, weight, stride, padding, dilation, groups)
         if bias is not None:
             out = out + bias.reshape(batch, out_chs, 1, 1)
         return out

@@ -8,25 +8,10 @@ from torch import nn
 from timm.layers import get_notrace_functions, get_notrace_modules
 from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
+from _hosts import hosted
 from timm_pf.layers import (
     Conv2dNhwc, DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, GridAttention,
     LearnedDeformPool2d, MaxPool2dNhwc, PfMaxPool2d)
-
-
-class _Host(nn.Module):
-    """A parent module, as in a network (FX leaves are leaves only below the traced root)."""
-
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-class _HostWithOffsets(_Host):
-    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layer(x, offset, mask)
 
 
 def _layer(name: str):
@@ -49,10 +34,11 @@ def _layer(name: str):
         'mixer_dwconv_relu': (EfficientTokenMixer(12, spatial='dwconv', act_layer='relu'), (grid,)),
         'max_pool_nhwc': (MaxPool2dNhwc(3, inplace=True), (grid,)),
         'conv_nhwc': (Conv2dNhwc(12, 6, 3, stride=2, padding=1), (grid,)),
-        'grid_attention': (GridAttention(12, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm), (grid,)),
+        'grid_attention': (
+            GridAttention(12, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm), (grid,)),
     }
     layer, inputs = layers[name]
-    return (_Host if len(inputs) == 1 else _HostWithOffsets)(layer), inputs
+    return hosted(layer, inputs), inputs
 
 
 LAYERS = [

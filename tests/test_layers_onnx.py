@@ -6,25 +6,12 @@ import pytest
 import torch
 from torch import nn
 
+from _hosts import hosted
 from timm_pf.layers import DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, LearnedDeformPool2d, PfMaxPool2d
 
 onnx = pytest.importorskip('onnx')
 inliner = pytest.importorskip('onnx.inliner')
 ort = pytest.importorskip('onnxruntime')
-
-
-class _Host(nn.Module):
-    def __init__(self, layer: nn.Module):
-        super().__init__()
-        self.layer = layer
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layer(x)
-
-
-class _HostWithOffsets(_Host):
-    def forward(self, x: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.layer(x, offset, mask)
 
 
 def _learned(reduction: str, stride: int = 1, groups: int = 1) -> LearnedDeformPool2d:
@@ -52,7 +39,7 @@ def _case(name: str):
         'token_mixer': lambda: (EfficientTokenMixer(8), (x.permute(0, 2, 3, 1).contiguous(),)),
     }
     layer, inputs = cases[name]()
-    return (_Host if len(inputs) == 1 else _HostWithOffsets)(layer).eval(), inputs
+    return hosted(layer, inputs).eval(), inputs
 
 
 CASES = ['dynamic_conv3x3_s2', 'dynamic_conv_dw', 'dynamic_conv1x1', 'dynamic_conv1x1_s2_softmax_bias',

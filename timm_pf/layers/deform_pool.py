@@ -45,7 +45,8 @@ from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from timm.layers import register_notrace_module
 
-__all__ = ['deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
+__all__ = [
+    'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
 
 _IntOrPair = Union[int, Tuple[int, int]]
 _REDUCTIONS = ('max', 'avg')

@@ -9,7 +9,10 @@ produces the mixing coefficients from the globally pooled input:
 
 The per-sample convolution (:func:`per_sample_conv2d`) never builds a convolution whose group count
 depends on the batch size when the model is exported, so ONNX / TensorRT graphs keep a dynamic batch
-axis; in eager mode it picks the fastest exact kernel for the layer's shape. In training, the mixed
+axis: the mixed kernels (a ``MatMul`` of the routing weights and the experts, Eq. 3) feed ordinary ``Conv``
+nodes, one per sample (an ``If`` between one ``Conv`` for a batch of at most one and a ``Scan`` of ``Conv``
+over the batch), and 1x1 kernels a batched ``MatMul``; in eager mode it picks the fastest exact kernel for
+the layer's shape. In training, the mixed
 per-sample kernels are not kept for backward but mixed again there (a read of the experts instead of
 batch x kernel-size floats per layer), which keeps ParameterNet's training memory near the plain GhostNet's.
 Batch-1 float32 CPU inference with sigmoid routing goes through the compiled kernel of ``cpu_kernels`` when it

@@ -118,3 +118,12 @@ def test_empty_batch_gives_empty_output(name, kind):
     if kind == 'train':
         out.sum().backward()
         assert all(t.grad is not None and t.grad.shape == t.shape for t in empty)
+
+
+@pytest.mark.parametrize('name', ['dynamic_conv', 'dynamic_conv_same_dw', 'learned_deform', 'pf_max'])
+def test_jit_trace_records_the_eager_computation(name):
+    model, inputs = _layer(name)
+    model.eval()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, inputs, check_trace=False)
+        torch.testing.assert_close(traced(*inputs), model(*inputs), rtol=1e-5, atol=1e-5)

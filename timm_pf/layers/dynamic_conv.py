@@ -45,9 +45,9 @@ BLOCKED_MIX_NUMEL = 1 << 15
 
 
 def _is_exporting() -> bool:
-    """Tracing or exporting (``torch.onnx.export`` runs under one of the two), when only batch-independent
-    shapes may be used."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    """Exporting with ``torch.export`` (which ``torch.onnx.export`` runs), when only batch-independent shapes may
+    be used. ``torch.jit.trace`` records the eager path, for the batch size it traces (as timm's ``CondConv2d``)."""
+    return torch.compiler.is_exporting()
 
 
 def _pointwise_as_matmul(x: torch.Tensor, weight: torch.Tensor, stride: _Pair, groups: int) -> torch.Tensor:

@@ -31,8 +31,9 @@ gather of channel vectors (``embedding_bag``) into a running maximum that also r
 per output element (``uint8``); the mean is one gather of all taps. Backward
 (:class:`_DeformPoolFunction`) keeps only the input, offsets, masks and winning taps, recomputes each
 tap's corners and sends every output's gradient to its first maximal tap (as ``max_pool2d`` does).
-Under tracing, ``torch.compile`` and ONNX export, and for other dtypes, the same math runs as a dense
-gather of all samples with standard ops (``Gather``, ``Mul``, ``ReduceSum``, ``ReduceMax``).
+Under TorchScript, tracing, ``torch.compile`` and ONNX export, for other dtypes and for twice
+differentiable gradients, the same math runs as one bilinear ``grid_sample`` of all taps
+(:func:`sampled_deform_pool2d`; ONNX ``GridSample``, ``Mul``, ``ReduceMax`` / ``ReduceMean``).
 """
 import functools
 from typing import NamedTuple, Optional, Tuple, Union
@@ -42,7 +43,10 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
-__all__ = ['deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
+from timm.layers import register_notrace_module
+
+__all__ = [
+    'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
 
 _IntOrPair = Union[int, Tuple[int, int]]
 _REDUCTIONS = ('max', 'avg')
@@ -276,7 +280,7 @@ class _DeformPoolFunction(torch.autograd.Function):
     Saved: the input, offsets, masks and (max) the winning tap per output element; backward recomputes
     the corners per tap and sends the gradient of each output element to the sample of its winning tap.
     With ``create_graph=True`` (gradient penalties, higher-order gradients) it differentiates
-    :func:`_dense_pool` instead, whose gradients are differentiable again.
+    :func:`sampled_deform_pool2d` instead, whose gradients are differentiable again.
     """
 
     @staticmethod
@@ -291,9 +295,10 @@ class _DeformPoolFunction(torch.autograd.Function):
         input, offset, mask, winner = ctx.saved_tensors
         geometry, reduction = ctx.geometry, ctx.reduction
         needs_input, needs_offset, needs_mask = ctx.needs_input_grad[:3]
-        if torch.is_grad_enabled():  # create_graph=True: differentiate the dense formulation, twice differentiable
+        if torch.is_grad_enabled():  # create_graph=True: differentiate the sampled form, twice differentiable
             wrt = [t for t, needs in zip((input, offset, mask), ctx.needs_input_grad[:3]) if needs]
-            out = _dense_pool(input, offset, mask, geometry, reduction)
+            out = sampled_deform_pool2d(input, offset, mask, *geometry[2:6], reduction)
+            out = out.permute(0, 2, 3, 1).reshape(grad_out.shape)  # the tap loop's (L, C / G) layout
             grads = iter(torch.autograd.grad(out, wrt, grad_out, create_graph=True))
             return tuple(next(grads) if needs else None for needs in ctx.needs_input_grad[:3]) + (None, None)
         num_points, groups = geometry.num_points, geometry.groups
@@ -346,32 +351,67 @@ class _DeformPoolFunction(torch.autograd.Function):
 
 
 def _use_tap_loop(*tensors: torch.Tensor) -> bool:
-    """The eager tap loop (:class:`_DeformPoolFunction`) for float32/float64 on CPU or CUDA; the dense gather
-    (same result, exportable) for other dtypes and when tracing, scripting, exporting or compiling."""
-    if torch.jit.is_tracing() or torch.jit.is_scripting() or torch.compiler.is_compiling():
+    """The eager tap loop (:class:`_DeformPoolFunction`) for float32/float64 on CPU or CUDA; the sampled form
+    (:func:`sampled_deform_pool2d`, same result) for other dtypes and when tracing, exporting or compiling."""
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
         return False
     floats = [t for t in tensors if t is not None and t.is_floating_point()]
     return (all(t.device.type in ('cpu', 'cuda') for t in floats)
             and all(t.dtype in (torch.float32, torch.float64) for t in floats))
 
 
-def _dense_pool(
+def _power_of_two(size: int) -> int:
+    """The smallest power of two >= ``size``."""
+    power = 1
+    while power < size:
+        power *= 2
+    return power
+
+
+def sampled_deform_pool2d(
         input: torch.Tensor,
         offset: torch.Tensor,
         mask: Optional[torch.Tensor],
-        geometry: _Geometry,
+        kernel_size: Tuple[int, int],
+        stride: Tuple[int, int],
+        padding: Tuple[int, int],
+        dilation: Tuple[int, int],
         reduction: str,
 ) -> torch.Tensor:
-    """The same pooling with standard differentiable ops: all ``K`` samples ``(K, L, C / G)`` at once
-    (int64 rows: ONNX's ``GatherND`` takes only those)."""
-    scale = 1 / geometry.num_points if reduction == 'avg' else 1.0
-    features = _padded_features(input, geometry.groups)
-    constants = _constants(geometry, input.shape[0], input.device, input.dtype, torch.int64)
-    positions = _tap_positions(offset, constants, geometry.groups, eager=False)
-    rows, weights, _ = _tap_corners(positions, mask, constants, scale, eager=False)
-    samples = (features[rows] * weights.unsqueeze(-1)).sum(dim=2)
+    """:func:`deform_pool2d` (checked arguments, pairs) with one bilinear ``grid_sample`` of all taps.
+
+    ``grid_sample`` with ``padding_mode='zeros'`` reads the 4 bilinear corners of every point and zeros
+    outside the image: the operator's definition. Positions ``p`` (pixels) are passed normalised as
+    ``(2 * p + 1) / size - 1`` (``align_corners=False``) on the input zero-padded (right, bottom) to
+    power-of-two sizes, where this round trip is exact for integer positions: with zero offsets the result
+    equals the regular pooling exactly, ties included. TorchScript-compatible and batch-size independent: the
+    form used by TorchScript, tracing, ``torch.compile`` and ONNX export (one ``GridSample`` node).
+    """
+    batch, channels = input.shape[0], input.shape[1]
+    height, width = _power_of_two(input.shape[2]), _power_of_two(input.shape[3])
+    input = F.pad(input, (0, width - input.shape[3], 0, height - input.shape[2]))
+    (kh, kw), out_height, out_width = kernel_size, offset.shape[2], offset.shape[3]
+    num_points = kh * kw
+    groups = offset.shape[1] // (2 * num_points)
+    dtype, device = input.dtype, input.device
+    # regular sampling positions of the taps (row-major), per output row / column
+    tap_y = torch.arange(kh, dtype=dtype, device=device).repeat_interleave(kw) * dilation[0] - padding[0]
+    tap_x = torch.arange(kw, dtype=dtype, device=device).repeat(kh) * dilation[1] - padding[1]
+    grid_y = tap_y[:, None, None] + (torch.arange(out_height, dtype=dtype, device=device) * stride[0])[:, None]
+    grid_x = tap_x[:, None, None] + torch.arange(out_width, dtype=dtype, device=device) * stride[1]
+    offset = offset.reshape(batch * groups, num_points, 2, out_height, out_width)
+    norm_y = (offset[:, :, 0] + grid_y) * (2.0 / height) + (1.0 / height - 1.0)
+    norm_x = (offset[:, :, 1] + grid_x) * (2.0 / width) + (1.0 / width - 1.0)
+    grid = torch.stack((norm_x, norm_y), dim=-1).reshape(batch * groups, num_points * out_height, out_width, 2)
+    samples = F.grid_sample(
+        input.reshape(batch * groups, channels // groups, height, width), grid,
+        mode='bilinear', padding_mode='zeros', align_corners=False)
+    samples = samples.reshape(batch * groups, channels // groups, num_points, out_height, out_width)
+    if mask is not None:
+        samples = samples * mask.reshape(batch * groups, 1, num_points, out_height, out_width)
     # max(dim) sends the gradient to the first maximal tap, as the tap loop does
-    return samples.max(dim=0).values if reduction == 'max' else samples.sum(dim=0)
+    out = samples.max(dim=2).values if reduction == 'max' else samples.mean(dim=2)
+    return out.reshape(batch, channels, out_height, out_width)
 
 
 def deform_pool2d(
@@ -426,19 +466,22 @@ def deform_pool2d(
     geometry = _Geometry((height, width), (out_height, out_width), kernel_size, stride, padding, dilation, groups)
     offset = offset.to(input.dtype)
     mask = None if mask is None else mask.to(input.dtype)
-    if not _use_tap_loop(input, offset, mask):
-        out = _dense_pool(input, offset, mask, geometry, reduction)
-    elif torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask)):
+    if batch == 0 or not _use_tap_loop(input, offset, mask):
+        return sampled_deform_pool2d(input, offset, mask, kernel_size, stride, padding, dilation, reduction)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask)):
         out = _DeformPoolFunction.apply(input, offset, mask, geometry, reduction)
     else:
         out = _pool_taps(input, offset, mask, geometry, reduction, record_winner=False)[0]
     return out.view(batch, out_height, out_width, channels).permute(0, 3, 1, 2)
 
 
+@register_notrace_module  # an FX leaf: its checks and kernel choice stay out of traced graphs
 class DeformPool2d(nn.Module):
     """Deformable pooling with given offsets and masks: ``forward(input, offset, mask=None)``.
 
-    Out-of-image samples are zeros, like zero padding. See :func:`deform_pool2d`.
+    Out-of-image samples are zeros, like zero padding. See :func:`deform_pool2d`; TorchScript runs
+    :func:`sampled_deform_pool2d`. ``device`` / ``dtype`` are accepted for timm's constructor convention
+    (there are no parameters).
     """
 
     def __init__(
@@ -448,6 +491,8 @@ class DeformPool2d(nn.Module):
             padding: _IntOrPair = 0,
             dilation: _IntOrPair = 1,
             reduction: str = 'max',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if reduction not in _REDUCTIONS:
@@ -459,6 +504,9 @@ class DeformPool2d(nn.Module):
         self.reduction = reduction
 
     def forward(self, input: torch.Tensor, offset: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return sampled_deform_pool2d(
+                input, offset, mask, self.kernel_size, self.stride, self.padding, self.dilation, self.reduction)
         return deform_pool2d(
             input, offset, mask, self.kernel_size, self.stride, self.padding, self.dilation, self.reduction)
 
@@ -471,7 +519,7 @@ class DeformMaxPool2d(DeformPool2d):
     """Deformable max-pool (paper §5.1) with given offsets and masks; out-of-image samples are zeros."""
 
     def __init__(self, kernel_size: _IntOrPair = 3, stride: _IntOrPair = 1, padding: _IntOrPair = 0,
-                 dilation: _IntOrPair = 1):
+                 dilation: _IntOrPair = 1, device=None, dtype=None):
         super().__init__(kernel_size, stride, padding, dilation, reduction='max')
 
 
@@ -480,7 +528,7 @@ class DeformAvgPool2d(DeformPool2d):
     and count in the mean (like ``avg_pool2d(count_include_pad=True)``)."""
 
     def __init__(self, kernel_size: _IntOrPair = 3, stride: _IntOrPair = 1, padding: _IntOrPair = 0,
-                 dilation: _IntOrPair = 1):
+                 dilation: _IntOrPair = 1, device=None, dtype=None):
         super().__init__(kernel_size, stride, padding, dilation, reduction='avg')
 
 
@@ -501,6 +549,8 @@ class LearnedDeformPool2d(nn.Module):
             dilation: int = 1,
             deform_groups: int = 1,
             reduction: str = 'max',
+            device=None,
+            dtype=None,
     ):
         super().__init__()
         if channels % deform_groups:
@@ -508,7 +558,8 @@ class LearnedDeformPool2d(nn.Module):
         if kernel_size % 2 == 0:
             raise ValueError(f'kernel_size must be odd so that offsets align with the output, got {kernel_size}')
         self.num_points = deform_groups * kernel_size * kernel_size
-        self.offset_conv = nn.Conv2d(channels, 3 * self.num_points, 3, stride=stride, padding=1)
+        self.offset_conv = nn.Conv2d(channels, 3 * self.num_points, 3, stride=stride, padding=1, device=device,
+                                     dtype=dtype)
         self.pool = DeformPool2d(kernel_size, stride, dilation * (kernel_size - 1) // 2, dilation, reduction)
         self.reset_parameters()
 

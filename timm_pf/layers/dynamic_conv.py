@@ -9,11 +9,15 @@ produces the mixing coefficients from the globally pooled input:
 
 The per-sample convolution (:func:`per_sample_conv2d`) never builds a convolution whose group count
 depends on the batch size when the model is exported, so ONNX / TensorRT graphs keep a dynamic batch
-axis; in eager mode it picks the fastest exact kernel for the layer's shape. In training, the mixed
+axis: the mixed kernels (a ``MatMul`` of the routing weights and the experts, Eq. 3) feed ordinary ``Conv``
+nodes, one per sample (an ``If`` between one ``Conv`` for a batch of at most one and a ``Scan`` of ``Conv``
+over the batch), and 1x1 kernels a batched ``MatMul``; in eager mode it picks the fastest exact kernel for
+the layer's shape. In training, the mixed
 per-sample kernels are not kept for backward but mixed again there (a read of the experts instead of
 batch x kernel-size floats per layer), which keeps ParameterNet's training memory near the plain GhostNet's.
 Batch-1 float32 CPU inference with sigmoid routing goes through the compiled kernel of ``cpu_kernels`` when it
-is built (pool, routing and mixing in one call).
+is built (pool, routing and mixing in one call). The layer is an FX leaf (timm's ``register_notrace_module``),
+and TorchScript compiles only the plain mixing and the batch-folded grouped convolution.
 """
 import math
 from typing import Dict, List, NamedTuple, Optional, Tuple, Union
@@ -21,9 +25,10 @@ from typing import Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch._higher_order_ops.scan import scan
 from torch.autograd.function import once_differentiable
 
-from timm.layers import CondConv2d, Mlp, pad_same
+from timm.layers import CondConv2d, Mlp, pad_same, register_notrace_module
 
 from .cpu_kernels import cpu_kernels
 
@@ -40,12 +45,24 @@ BLOCKED_MIX_NUMEL = 1 << 15
 
 
 def _is_exporting() -> bool:
-    """Tracing or exporting (``torch.onnx.export`` runs under one of the two), when only batch-independent
-    shapes may be used."""
-    return torch.compiler.is_exporting() or torch.jit.is_tracing()
+    """Exporting with ``torch.export`` (which ``torch.onnx.export`` runs), when only batch-independent shapes may
+    be used. ``torch.jit.trace`` records the eager path, for the batch size it traces (as timm's ``CondConv2d``)."""
+    return torch.compiler.is_exporting()
 
 
-def _conv_as_matmul(
+def _pointwise_as_matmul(x: torch.Tensor, weight: torch.Tensor, stride: _Pair, groups: int) -> torch.Tensor:
+    """Per-sample 1x1 convolution (no padding) as one batched matmul on the NCHW tensor (a strided view when
+    strided): ``(B, g, C_out / g, C_in / g) @ (B, g, C_in / g, H' * W')``."""
+    if stride != (1, 1):
+        x = x[:, :, ::stride[0], ::stride[1]]
+    batch, in_chs, out_h, out_w = x.shape
+    out_chs = weight.shape[1]
+    cols = x.reshape(batch, groups, in_chs // groups, out_h * out_w)
+    kernels = weight.reshape(batch, groups, out_chs // groups, in_chs // groups)
+    return torch.matmul(kernels, cols).reshape(batch, out_chs, out_h, out_w)
+
+
+def _scanned_conv2d(
         x: torch.Tensor,
         weight: torch.Tensor,
         stride: _Pair,
@@ -53,25 +70,23 @@ def _conv_as_matmul(
         dilation: _Pair,
         groups: int,
 ) -> torch.Tensor:
-    """Per-sample convolution as im2col (``F.unfold``; a strided view for 1x1) and a batched matmul.
+    """Per-sample convolution as ordinary convolutions with the samples' own kernels, in a graph that serves any
+    batch size: a scan over the batch (ONNX ``Scan`` with a ``Conv`` body) for two or more samples, else one
+    convolution with the kernels summed over the batch (the one sample's kernel, or zeros for an empty batch,
+    which ONNX Runtime's ``Scan`` rejects), chosen at run time (ONNX ``If``). No im2col copies: each sample costs
+    one convolution's MACs."""
 
-    Every shape is batch-independent, so the graph exports with a dynamic batch axis, and the only
-    multiply-accumulates are the matmul's, exactly the convolution's MACs.
-    """
-    batch, in_chs, height, width = x.shape
-    out_chs, kh, kw = weight.shape[1], weight.shape[-2], weight.shape[-1]
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    out_h = (height + 2 * ph - dh * (kh - 1) - 1) // sh + 1
-    out_w = (width + 2 * pw - dw * (kw - 1) - 1) // sw + 1
-    if (kh, kw) == (1, 1) and (ph, pw) == (0, 0):
-        cols = x[:, :, ::sh, ::sw] if (sh, sw) != (1, 1) else x
-    else:
-        cols = F.unfold(x, (kh, kw), dilation=dilation, padding=padding, stride=stride)
-    # (B, groups, C_in / groups * kh * kw, H' * W'): channel-major, like the flattened kernel
-    cols = cols.reshape(batch, groups, (in_chs // groups) * kh * kw, out_h * out_w)
-    kernels = weight.reshape(batch, groups, out_chs // groups, -1)
-    out = torch.matmul(kernels, cols)
-    return out.reshape(batch, out_chs, out_h, out_w)
+    def at_most_one(features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(features, kernels.sum(0), None, stride, padding, dilation, groups)
+
+    def each(features: torch.Tensor, kernels: torch.Tensor) -> torch.Tensor:
+        def step(carry: torch.Tensor, sample: Tuple[torch.Tensor, torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+            one, kernel = sample
+            return carry.clone(), F.conv2d(one[None], kernel, None, stride, padding, dilation, groups)[0]
+
+        return scan(step, features.new_zeros(()), (features, kernels))[1]
+
+    return torch.cond(x.shape[0] <= 1, at_most_one, each, (x, weight))
 
 
 def per_sample_conv2d(
@@ -89,18 +104,24 @@ def per_sample_conv2d(
         weight: (B, C_out, C_in / groups, kh, kw) per-sample kernels.
         bias: optional (B, C_out) per-sample bias.
 
-    Every path computes the same convolution (up to float rounding):
+    Every path computes the same convolution (up to float rounding), with batch-independent shapes when
+    exporting (no conv groups that depend on the batch, so the graph keeps a dynamic batch axis):
 
-    * export / tracing: im2col + batched matmul (no batch-dependent conv groups);
+    * 1x1 kernels without padding (unstrided in eager mode, batch > 1 or exporting): a batched matmul on the
+      NCHW tensor (no copies);
+    * other kernels when exporting: ordinary convolutions with the samples' kernels, a scan over the batch
+      (ONNX ``If`` + ``Scan`` + ``Conv``, see :func:`_scanned_conv2d`);
     * batch 1: an ordinary convolution with the sample's kernel;
-    * unstrided 1x1 kernels: a batched matmul on the NCHW tensor (no copies);
     * otherwise: one convolution with ``groups * B`` groups over the batch folded into channels.
     """
-    batch, in_chs, height, width = x.shape
-    out_chs = weight.shape[1]
-    pointwise = weight.shape[-2:] == (1, 1) and stride == (1, 1) and padding == (0, 0)
-    if _is_exporting() or (pointwise and batch > 1):
-        out = _conv_as_matmul(x, weight, stride, padding, dilation, groups)
+    batch, out_chs = x.shape[0], weight.shape[1]
+    exporting = _is_exporting()
+    pointwise = weight.shape[-2:] == (1, 1) and padding == (0, 0) and (exporting or stride == (1, 1))
+    if (pointwise and batch > 1) or exporting:
+        if pointwise:
+            out = _pointwise_as_matmul(x, weight, stride, groups)
+        else:
+            out = _scanned_conv2d(x, weight, stride, padding, dilation, groups)
         if bias is not None:
             out = out + bias.reshape(batch, out_chs, 1, 1)
         return out
@@ -108,9 +129,27 @@ def per_sample_conv2d(
         return F.conv2d(
             x, weight[0], None if bias is None else bias[0],
             stride=stride, padding=padding, dilation=dilation, groups=groups)
+    return _batch_folded_conv2d(x, weight, bias, stride, padding, dilation, groups)
+
+
+def _batch_folded_conv2d(
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: Optional[torch.Tensor],
+        stride: _Pair,
+        padding: _Pair,
+        dilation: _Pair,
+        groups: int,
+) -> torch.Tensor:
+    """:func:`per_sample_conv2d` as one convolution with ``groups * B`` groups over the batch folded into the
+    channels (TorchScript-compatible; an empty batch gives an empty output)."""
+    batch, in_chs, height, width = x.shape
+    out_chs = weight.shape[1]
+    if batch == 0:  # no groups to fold: any kernel of the right shape gives the empty output
+        return F.conv2d(x, weight.new_zeros(weight.shape[1:]), None, stride, padding, dilation, groups)
     out = F.conv2d(
         x.reshape(1, batch * in_chs, height, width),
-        weight.reshape(batch * out_chs, *weight.shape[2:]),
+        weight.reshape([batch * out_chs] + list(weight.shape[2:])),
         None if bias is None else bias.reshape(batch * out_chs),
         stride=stride, padding=padding, dilation=dilation, groups=groups * batch)
     return out.reshape(batch, out_chs, out.shape[-2], out.shape[-1])
@@ -131,7 +170,7 @@ def _mix_chunks(batch: int, kernel_numel: int, exporting: bool) -> List[slice]:
     if exporting:
         return [slice(0, batch)]
     chunk = max(1, MIX_CHUNK_NUMEL // kernel_numel)
-    return [slice(start, start + chunk) for start in range(0, batch, chunk)]
+    return [slice(start, start + chunk) for start in range(0, max(batch, 1), chunk)]  # an empty batch: one range
 
 
 def _mix_one_sample(routing_weights: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
@@ -173,6 +212,8 @@ def _per_sample_conv2d_backward(
     convolution's own backward with the batch folded into the groups)."""
     batch, in_chs, height, width = x.shape
     out_chs, groups = weight.shape[1], geometry.groups
+    if batch == 0:
+        return torch.empty_like(x) if need_grad_x else None, torch.empty_like(weight)
     pointwise = weight.shape[-2:] == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0)
     if pointwise and batch > 1:
         cols = x.reshape(batch, groups, in_chs // groups, height * width)
@@ -223,6 +264,7 @@ class _MixedConvRecomputed(torch.autograd.Function):
                 torch.cat(grad_routing).to(routing_weights.dtype), grad_experts.to(experts.dtype), None)
 
 
+@register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs
 class DynamicConv2d(CondConv2d):
     """Convolution whose kernel is a per-sample mixture of ``num_experts`` expert kernels.
 
@@ -270,7 +312,7 @@ class DynamicConv2d(CondConv2d):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
-        if self.routing_type == 'sigmoid':
+        if isinstance(self.routing, nn.Linear):  # sigmoid routing (a static type check in TorchScript)
             # one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its scale: this runs once
             # per conv, so its op count matters at batch 1
             logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
@@ -279,31 +321,40 @@ class DynamicConv2d(CondConv2d):
         return self.routing(x.mean((2, 3))).softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
-        if self._kernel_layout and routing_weights is None and not torch.compiler.is_compiling():
-            kernel = cpu_kernels()
-            if kernel is not None:
-                # batch-1 float32 CPU inference in one call (None for any other input: eager path below)
-                out = kernel.sigmoid_routed_conv2d(
-                    x, self.routing.weight, self.routing.bias, self.weight, *self.geometry)
-                if out is not None:
-                    return out
-        if x.ndim != 4 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
+        if not torch.jit.is_scripting():
+            if self._kernel_layout and routing_weights is None and not torch.compiler.is_compiling():
+                kernel = cpu_kernels()
+                if kernel is not None:
+                    # batch-1 float32 CPU inference in one call (None for any other input: eager path below)
+                    out = kernel.sigmoid_routed_conv2d(
+                        x, self.routing.weight, self.routing.bias, self.weight, *self.geometry)
+                    if out is not None:
+                        return out
+            if x.ndim != 4 or x.shape[1] != self.in_channels:
+                raise ValueError(
+                    f'{type(self).__name__} expects (B, {self.in_channels}, H, W) input, got {tuple(x.shape)}')
         if routing_weights is None:
             routing_weights = self.routing_weights(x)
         if self.dynamic_padding:
             x = pad_same(x, self.kernel_size, self.stride, self.dilation)
+        if torch.jit.is_scripting():
+            weight = torch.matmul(routing_weights, self.weight).reshape([-1] + list(self.weight_shape))
+            out = _batch_folded_conv2d(x, weight, None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            out = self._mixed_conv_eager(x, routing_weights)
+        if self.bias is not None:
+            out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
+        return out
+
+    @torch.jit.unused
+    def _mixed_conv_eager(self, x: torch.Tensor, routing_weights: torch.Tensor) -> torch.Tensor:
+        """The convolution with the mixed kernels by the fastest exact eager path (see :func:`_mixed_conv`)."""
         experts = self.weight
         exporting = _is_exporting()
         if (not exporting and torch.is_grad_enabled()
                 and (x.requires_grad or routing_weights.requires_grad or experts.requires_grad)):
-            out = _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)
-        else:
-            out = _mixed_conv(x, routing_weights, experts, self.geometry, exporting)
-        if self.bias is not None:
-            out = out + torch.matmul(routing_weights, self.bias)[:, :, None, None]
-        return out
+            return _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)
+        return _mixed_conv(x, routing_weights, experts, self.geometry, exporting)
 
     @torch.no_grad()
     def upcycled_state(

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from timm.layers import register_notrace_module
+
 __all__ = ['pf_max_pool2d', 'PfMaxPool2d', 'running_max']
 
 
@@ -83,10 +85,15 @@ def pf_max_pool2d(x: torch.Tensor, kernel_size: int = 3, stride: int = 1) -> tor
     return out.contiguous()
 
 
+@register_notrace_module  # an FX leaf: its layout dispatch stays out of traced graphs
 class PfMaxPool2d(nn.Module):
-    """Parameter-free k x k max-pool with 'same' padding (the paper's eff-layer, Fig. A.1c)."""
+    """Parameter-free k x k max-pool with 'same' padding (the paper's eff-layer, Fig. A.1c).
 
-    def __init__(self, kernel_size: int = 3, stride: int = 1):
+    Eager calls take :func:`pf_max_pool2d`'s fastest exact kernel; TorchScript runs ``F.max_pool2d``.
+    ``device`` / ``dtype`` are accepted for timm's constructor convention (there are no parameters).
+    """
+
+    def __init__(self, kernel_size: int = 3, stride: int = 1, device=None, dtype=None):
         super().__init__()
         if kernel_size % 2 != 1:
             raise ValueError(f'PfMaxPool2d needs an odd kernel_size for same padding, got {kernel_size}')
@@ -94,6 +101,8 @@ class PfMaxPool2d(nn.Module):
         self.stride = stride
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return F.max_pool2d(x, self.kernel_size, self.stride, self.kernel_size // 2)
         return pf_max_pool2d(x, self.kernel_size, self.stride)
 
     def extra_repr(self) -> str:

@@ -11,9 +11,10 @@ kernels are fast, so the spatial operations need no copies and no NCHW round tri
 from typing import Optional, Type, Union
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import GELU, Attention, get_act_layer, is_exporting
+from timm.layers import GELU, Attention, get_act_layer, is_exporting, register_notrace_module
 
 from .pf_pool import running_max
 
@@ -32,31 +33,32 @@ def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False
     return running_max(rows, 1, radius, x if inplace else torch.empty_like(x))
 
 
-def _needs_autograd_or_graph(x: torch.Tensor) -> bool:
-    """True when gradients flow through ``x`` or a graph is being traced / scripted / exported: the cases in
-    which the modules here run plain, out-of-place PyTorch ops."""
-    return (torch.jit.is_scripting() or torch.jit.is_tracing() or is_exporting()
-            or (torch.is_grad_enabled() and x.requires_grad))
+@torch.jit.unused
+def _eager_in_place_ok(x: torch.Tensor) -> bool:
+    """True when the modules here may run their index-free / in-place eager kernels: no gradient flows
+    through ``x`` and no graph is being traced or exported (scripted code never calls this)."""
+    return not (torch.jit.is_tracing() or is_exporting() or (torch.is_grad_enabled() and x.requires_grad))
 
 
+@register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs
 class MaxPool2dNhwc(nn.MaxPool2d):
     """Stride-1, size-preserving max-pool of a ``(B, H, W, C)`` grid (padding acts as -inf).
 
     Without autograd it runs :func:`max_filter_nhwc` (overwriting its input when ``inplace``); when
-    gradients are needed (and when tracing or exporting, for a single pooling op in the graph) it runs
-    PyTorch's pooling kernel on the channels_last view, whose backward routes each gradient to one argmax
-    as ``nn.MaxPool2d`` does.
+    gradients are needed, when tracing or exporting (a single pooling op in the graph) and in TorchScript
+    it runs PyTorch's pooling kernel on the channels_last view, whose backward routes each gradient to one
+    argmax as ``nn.MaxPool2d`` does. ``device`` / ``dtype`` are accepted for timm's constructor convention.
     """
 
-    def __init__(self, kernel_size: int = 3, inplace: bool = False) -> None:
+    def __init__(self, kernel_size: int = 3, inplace: bool = False, device=None, dtype=None) -> None:
         if kernel_size % 2 != 1:
             raise ValueError(f'max-pool kernel_size must be odd to keep the grid size, got {kernel_size}')
         super().__init__(kernel_size, stride=1, padding=kernel_size // 2)
         self.inplace = inplace
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if _needs_autograd_or_graph(x):
-            return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        if torch.jit.is_scripting() or not _eager_in_place_ok(x):
+            return F.max_pool2d(x.permute(0, 3, 1, 2), self.kernel_size, self.stride, self.padding).permute(0, 2, 3, 1)
         return max_filter_nhwc(x, self.kernel_size, self.inplace)
 
 
@@ -64,11 +66,16 @@ class Conv2dNhwc(nn.Conv2d):
     """``nn.Conv2d`` (same parameters and keys) applied to a ``(B, H, W, C)`` grid, returning ``(B, H', W', C')``."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
 
 
 class GridAttention(Attention):
-    """timm's multi-head self-attention (same parameters and keys) on a ``(B, H, W, C)`` token grid."""
+    """timm's multi-head self-attention (same parameters and keys) on a ``(B, H, W, C)`` token grid.
+
+    Eager calls run timm's ``Attention.forward`` on the flattened grid. TorchScript cannot call a parent's
+    forward, so scripted modules compute the same attention from the same submodules with
+    ``F.scaled_dot_product_attention`` (:meth:`_scripted_attention`).
+    """
 
     def forward(
             self,
@@ -76,13 +83,36 @@ class GridAttention(Attention):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        B, H, W, C = x.shape
-        x = super().forward(x.reshape(B, H * W, C), attn_mask=attn_mask, is_causal=is_causal)
-        return x.reshape(B, H, W, -1)
+        batch, height, width, channels = x.shape
+        tokens = x.reshape(batch, height * width, channels)
+        if torch.jit.is_scripting():
+            tokens = self._scripted_attention(tokens, attn_mask, is_causal)
+        else:
+            tokens = super().forward(tokens, attn_mask=attn_mask, is_causal=is_causal)
+        return tokens.reshape(batch, height, width, tokens.shape[-1])
+
+    def _scripted_attention(
+            self,
+            tokens: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> torch.Tensor:
+        """Attention of ``(B, N, C)`` tokens: queries, keys and values of every head from ``qkv`` (normed by
+        ``q_norm`` / ``k_norm``), scaled dot-product attention, ``norm``, optional sigmoid ``gate``, ``proj``."""
+        batch, num_tokens, _ = tokens.shape
+        qkv = self.qkv(tokens).reshape(batch, num_tokens, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        out = F.scaled_dot_product_attention(
+            self.q_norm(q), self.k_norm(k), v, attn_mask=attn_mask,
+            dropout_p=self.attn_drop.p if self.training else 0., is_causal=is_causal, scale=self.scale)
+        out = self.norm(out.transpose(1, 2).reshape(batch, num_tokens, self.attn_dim))
+        if self.gate is not None:
+            out = out * self.gate(tokens).sigmoid()
+        return self.proj_drop(self.proj(out))
 
 
 def _max_pool(channels: int, kernel_size: int, **dd) -> MaxPool2dNhwc:
-    return MaxPool2dNhwc(kernel_size, inplace=True)  # its input is the mixer's own activation
+    return MaxPool2dNhwc(kernel_size, inplace=True, **dd)  # its input is the mixer's own activation
 
 
 def _depthwise_conv(channels: int, kernel_size: int, **dd) -> Conv2dNhwc:
@@ -101,6 +131,7 @@ SPATIAL_OPS = {
 }
 
 
+@register_notrace_module  # an FX leaf: its input checks and in-place choices stay out of traced graphs
 class EfficientTokenMixer(nn.Module):
     """The eff-layer that takes the place of self-attention in the efficient transformer block.
 
@@ -147,11 +178,13 @@ class EfficientTokenMixer(nn.Module):
             is_causal: bool = False,
     ) -> torch.Tensor:
         """``x``: ``(B, H, W, C)`` token grid; attention masks have no meaning for a spatial operation."""
-        if attn_mask is not None or is_causal:
-            raise ValueError('the efficient token mixer works on the full token grid: attn_mask / is_causal '
-                             'are not supported')
-        if x.ndim != 4:
-            raise ValueError(f'the efficient token mixer expects a (B, H, W, C) token grid, got shape {tuple(x.shape)}')
+        if not torch.jit.is_scripting():  # eager checks (TorchScript callers get the shape errors of the ops)
+            if attn_mask is not None or is_causal:
+                raise ValueError('the efficient token mixer works on the full token grid: attn_mask / is_causal '
+                                 'are not supported')
+            if x.ndim != 4:
+                raise ValueError(
+                    f'the efficient token mixer expects a (B, H, W, C) token grid, got shape {tuple(x.shape)}')
         x = self._activate(self.expand(x))
         x = self._activate(self.spatial(x))
         return self.proj_drop(self.proj(x))
@@ -159,7 +192,9 @@ class EfficientTokenMixer(nn.Module):
     def _activate(self, x: torch.Tensor) -> torch.Tensor:
         """``self.act(x)``, in place on the mixer's own intermediate where autograd does not need it: in
         inference the block then allocates one hidden-width buffer besides the expansion's output."""
+        if torch.jit.is_scripting():
+            return self.act(x)
         inplace_op = _INPLACE_ACTS.get(type(self.act))
-        if inplace_op is None or _needs_autograd_or_graph(x):
+        if inplace_op is None or not _eager_in_place_ok(x):
             return self.act(x)
         return inplace_op(x)

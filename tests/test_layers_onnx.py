@@ -1,0 +1,137 @@
+"""ONNX export of the layers (issue 20): one file with a dynamic batch axis, ONNX Runtime parity at batch 1, 3
+and 8 (and an empty batch), and the graph each operator exports to."""
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from _hosts import hosted
+from timm_pf.layers import DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, LearnedDeformPool2d, PfMaxPool2d
+
+onnx = pytest.importorskip('onnx')
+inliner = pytest.importorskip('onnx.inliner')
+ort = pytest.importorskip('onnxruntime')
+
+
+def _learned(reduction: str, stride: int = 1, groups: int = 1) -> LearnedDeformPool2d:
+    layer = LearnedDeformPool2d(8, stride=stride, deform_groups=groups, reduction=reduction)
+    nn.init.normal_(layer.offset_conv.weight, std=0.3)  # samples off the regular grid, some outside the image
+    return layer
+
+
+def _case(name: str):
+    """(layer, inputs for batch 8)."""
+    torch.manual_seed(0)
+    x = torch.randn(8, 8, 10, 9)
+    cases = {
+        'dynamic_conv3x3_s2': lambda: (DynamicConv2d(8, 12, 3, stride=2, padding=1), (x,)),
+        'dynamic_conv_dw': lambda: (DynamicConv2d(8, 8, 3, padding=1, groups=8), (x,)),
+        'dynamic_conv1x1': lambda: (DynamicConv2d(8, 12, 1), (x,)),
+        'dynamic_conv1x1_s2_softmax_bias': lambda: (
+            DynamicConv2d(8, 12, 1, stride=2, bias=True, routing='softmax'), (x,)),
+        'dynamic_conv_same': lambda: (DynamicConv2d(8, 8, 3, stride=2, padding='same', groups=2), (x,)),
+        'deform_max': lambda: (_learned('max'), (x,)),
+        'deform_avg_s2_groups': lambda: (_learned('avg', stride=2, groups=2), (x,)),
+        'deform_max_given_offsets': lambda: (
+            DeformMaxPool2d(3, 1, 1), (x, torch.randn(8, 18, 10, 9) * 3, torch.rand(8, 9, 10, 9))),
+        'pf_max_s2': lambda: (PfMaxPool2d(3, 2), (x,)),
+        'token_mixer': lambda: (EfficientTokenMixer(8), (x.permute(0, 2, 3, 1).contiguous(),)),
+    }
+    layer, inputs = cases[name]()
+    return hosted(layer, inputs).eval(), inputs
+
+
+CASES = ['dynamic_conv3x3_s2', 'dynamic_conv_dw', 'dynamic_conv1x1', 'dynamic_conv1x1_s2_softmax_bias',
+         'dynamic_conv_same', 'deform_max', 'deform_avg_s2_groups', 'deform_max_given_offsets', 'pf_max_s2',
+         'token_mixer']
+
+
+def _export(model: nn.Module, inputs, path) -> None:
+    names = [f'input{i}' for i in range(len(inputs))]
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, tuple(t[:2] for t in inputs), str(path), input_names=names, output_names=['out'],
+                          dynamic_axes={name: {0: 'batch'} for name in names})
+
+
+def _nodes(graph) -> list:
+    """The nodes of a graph and of its subgraphs (``Scan`` / ``If`` bodies)."""
+    nodes = []
+    for node in graph.node:
+        nodes.append(node)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                nodes += _nodes(attr.g)
+    return nodes
+
+
+def _ops(graph) -> list:
+    return [node.op_type for node in _nodes(graph)]
+
+
+def _gathers_of_many(graph) -> list:
+    """Gather nodes that pick more than one element per call (an im2col or a dense sampling gather); picking a
+    shape entry or a plane by a constant scalar index is fine."""
+    small = {t.name for t in graph.initializer if len(t.dims) == 0 or list(t.dims) == [1]}
+    small |= {node.output[0] for node in _nodes(graph) if node.op_type == 'Constant'
+              and all(len(a.t.dims) == 0 or list(a.t.dims) == [1] for a in node.attribute if a.name == 'value')}
+    return [node for node in _nodes(graph)
+            if node.op_type in ('Gather', 'GatherND', 'GatherElements') and node.input[1] not in small]
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    """Each case exported once (batch 2) as ``(model, inputs, session, inlined onnx model)``."""
+    cache = {}
+
+    def get(name):
+        if name not in cache:
+            model, inputs = _case(name)
+            path = tmp_path_factory.mktemp('onnx') / f'{name}.onnx'
+            _export(model, inputs, path)
+            session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+            graph = inliner.inline_local_functions(onnx.load(str(path)))
+            cache[name] = model, inputs, session, graph
+        return cache[name]
+    return get
+
+
+@pytest.mark.parametrize('name', CASES)
+def test_one_file_serves_every_batch_size(name, exported):
+    model, inputs, session, _ = exported(name)
+    for batch in (1, 3, 8, 0):
+        feed = {f'input{i}': t[:batch].numpy() for i, t in enumerate(inputs)}
+        with torch.no_grad():
+            expected = model(*[t[:batch] for t in inputs])
+        (got,) = session.run(None, feed)
+        assert got.shape == tuple(expected.shape)
+        torch.testing.assert_close(torch.from_numpy(got), expected.contiguous(), rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['dynamic_conv3x3_s2', 'dynamic_conv_dw', 'dynamic_conv_same'])
+def test_dynamic_conv_exports_convs_with_per_sample_kernels(name, exported):
+    graph = exported(name)[3].graph
+    # If(batch <= 1): one Conv with the sample's kernel, else a Scan over the batch whose body is a Conv
+    (branch,) = [node for node in graph.node if node.op_type == 'If']
+    branches = {attr.name: attr.g for attr in branch.attribute}
+    assert [node.op_type for node in branches['then_branch'].node if node.op_type in ('Conv', 'Scan')] == ['Conv']
+    (scan,) = [node for node in branches['else_branch'].node if node.op_type == 'Scan']
+    body = next(attr.g for attr in scan.attribute if attr.name == 'body')
+    (conv,) = [node for node in body.node if node.op_type == 'Conv']
+    assert conv.input[1] in [i.name for i in body.input]  # the kernel is a scanned input: one per sample
+    assert _ops(graph).count('Conv') == 2 and not _gathers_of_many(graph)  # no im2col
+
+
+@pytest.mark.parametrize('name', ['dynamic_conv1x1', 'dynamic_conv1x1_s2_softmax_bias'])
+def test_pointwise_dynamic_conv_exports_a_batched_matmul(name, exported):
+    ops = _ops(exported(name)[3].graph)
+    assert 'MatMul' in ops and 'Conv' not in ops and 'Scan' not in ops
+
+
+@pytest.mark.parametrize('name', ['deform_max', 'deform_avg_s2_groups', 'deform_max_given_offsets'])
+def test_deform_pool_exports_one_grid_sample(name, exported):
+    graph = exported(name)[3].graph
+    ops = _ops(graph)
+    assert ops.count('GridSample') == 1 and ('ReduceMax' if 'max' in name else 'ReduceMean') in ops
+    assert not {'Scan', 'Loop', 'If'} & set(ops) and not _gathers_of_many(graph)

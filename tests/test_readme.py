@@ -10,6 +10,7 @@ after another in one folder when ``TIMM_PF_README_SLOW=1``, with the ``<!-- read
 saved as NAME; a ``<!-- readme-output -->`` block right after one is what it must print.
 """
 import argparse
+import difflib
 import os
 import re
 import subprocess
@@ -69,7 +70,7 @@ FILES = {b.mark[len('file: '):]: b.text for b in BLOCKS if b.mark.startswith('fi
 
 def test_every_marker_is_before_a_block_that_runs():
     text = README.read_text()
-    markers = re.findall(r'<!-- readme-([^>]*?) -->', text)
+    markers = re.findall(r'^<!-- readme-([^>]*?) -->$', text, re.M)  # a marker is a line of its own
     assert len(markers) == len(BLOCKS) + sum(b.output is not None for b in BLOCKS), \
         'a <!-- readme-... --> marker is not directly followed by a ``` code block'
     for b in BLOCKS:
@@ -94,12 +95,12 @@ def _env(folder: Path) -> Dict[str, str]:
     for name, args in (('python', '"$@"'), ('timm-pf', '-m timm_pf "$@"')):
         (shim / name).write_text(f'#!/bin/sh\nexec "{sys.executable}" {args}\n')
         (shim / name).chmod(0o755)
-    env = dict(os.environ, PATH=f'{shim}{os.pathsep}{os.environ["PATH"]}', OMP_NUM_THREADS='1',
-               HF_HUB_OFFLINE='1', PYTHONPATH=os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get('PYTHONPATH')))))
-    return env
+    python_path = os.pathsep.join(filter(None, (str(REPO_ROOT), os.environ.get('PYTHONPATH'))))
+    return dict(os.environ, PATH=f'{shim}{os.pathsep}{os.environ["PATH"]}', PYTHONPATH=python_path,
+                OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
 
 
-def _run(block: Block, folder: Path, env: Dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+def _run(block: Block, folder: Path, env: Dict[str, str], timeout: float) -> None:
     if block.lang == 'python':
         script = folder / f'readme_line{block.line}.py'
         script.write_text(block.text)
@@ -110,8 +111,9 @@ def _run(block: Block, folder: Path, env: Dict[str, str], timeout: float) -> sub
     assert result.returncode == 0, (f'README line {block.line} exited {result.returncode}:\n{block.text}\n'
                                     f'--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}')
     if block.output is not None:
-        assert result.stdout == block.output, f'README line {block.line} printed other output than the README shows'
-    return result
+        diff = ''.join(difflib.unified_diff(block.output.splitlines(True), result.stdout.splitlines(True),
+                                            'README', 'printed'))
+        assert not diff, f'README line {block.line} printed other output than the README shows:\n{diff}'
 
 
 # ----------------------------------------------------------------- what a user brings to the hub blocks

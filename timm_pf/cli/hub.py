@@ -44,7 +44,9 @@ def register(subparsers) -> None:
                       help='model card (README.md) to upload instead of the rendered one')
     push.add_argument('--revision', '--branch', dest='revision', default=None,
                       help='branch to push to (created if missing; default: main)')
-    push.add_argument('--private', action='store_true', help='create the repository as private')
+    push.add_argument('--private', action='store_true',
+                      help='make the repository private (creates it private, or makes an existing public one '
+                           'private before uploading; the Hub must allow it)')
     push.add_argument('--commit-message', default=None, help='commit message')
     push.add_argument('--dry-run', action='store_true', help='print what would be uploaded and upload nothing')
     push.set_defaults(func=run_push)
@@ -98,8 +100,8 @@ def run_push(args) -> int:
     from huggingface_hub.errors import HfHubHTTPError
     from timm_pf.tools.cards import CardError
     from timm_pf.tools.hub import (
-        HF_HUB_ORG, CheckpointError, PushError, UnknownTagError, prepare_folder_push, prepare_push, push_to_hub,
-        require_token,
+        HF_HUB_ORG, CheckpointError, HubRefusedError, PushError, UnknownTagError, prepare_folder_push, prepare_push,
+        push_to_hub, require_token,
     )
     if args.repo_id and (args.ema or args.num_classes is not None):
         return _fail('--ema and --num-classes convert a checkpoint for -m; --repo-id pushes a folder as it is',
@@ -125,14 +127,15 @@ def run_push(args) -> int:
             return 0
         print(f'uploading {plan.label} to {plan.describe()}')
         try:
-            commit = push_to_hub(plan, token=token, commit_message=args.commit_message)
+            result = push_to_hub(plan, token=token, commit_message=args.commit_message)
         except PushError as e:
             return _fail(str(e), EXIT_BAD_INPUT)
-        except HfHubHTTPError as e:
+        except (HfHubHTTPError, HubRefusedError) as e:
             return _fail(f'the Hub refused the upload to {plan.repo_id}: {e}', EXIT_HUB_ERROR)
         except OSError as e:  # offline mode, network down
             return _fail(f'cannot reach the Hub to upload {plan.repo_id}: {e}', EXIT_HUB_ERROR)
-    print(f'pushed {plan.label}: {commit.commit_url}')
+    visibility = 'private' if result.private else 'public'
+    print(f'pushed {plan.label}: {result.commit_url} (the repository is {visibility}, as the Hub reports it)')
     return 0
 
 

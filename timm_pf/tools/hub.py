@@ -52,9 +52,9 @@ from ..models._registry import UnknownTagError, is_pf_repo, pf_model_names, pf_p
 from ..version import __version__
 
 __all__ = [
-    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'UnknownTagError', 'ConvertResult',
-    'PushPlan', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
-    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
+    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'HubRefusedError', 'UnknownTagError',
+    'ConvertResult', 'PushPlan', 'PushResult', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo',
+    'download_weights',    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
 ]
@@ -75,6 +75,10 @@ class CheckpointError(ValueError):
 
 class PushError(RuntimeError):
     """A push was refused before anything was uploaded (no token, unknown tag, bad repository id)."""
+
+
+class HubRefusedError(RuntimeError):
+    """The Hub accepted a request but did not apply it (e.g. a repository stays public)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -378,7 +382,7 @@ class PushPlan:
 
     def describe(self) -> str:
         branch = self.revision or 'main'
-        visibility = 'private' if self.private else 'public'
+        visibility = 'private' if self.private else 'public if new, else as it is'
         lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {visibility}):']
         lines += [f'  {name:<20} {size:>14,d} bytes  sha256 {digest}' for name, size, digest in self.files]
         return '\n'.join(lines)
@@ -503,17 +507,34 @@ def require_token(token: Optional[str] = None, namespace: str = HF_HUB_ORG) -> s
     return token
 
 
-def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None):
-    """Upload a staged :class:`PushPlan` (creating the repository and branch if needed); see :func:`require_token`."""
+@dataclass
+class PushResult:
+    commit_url: str
+    private: bool  # the repository's visibility after the push, as the Hub reports it
+
+
+def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None) -> PushResult:
+    """Upload a staged :class:`PushPlan` (creating the repository and branch if needed); see :func:`require_token`.
+
+    ``plan.private`` makes an existing public repository private before anything is uploaded (the Hub's
+    refusal propagates as ``HfHubHTTPError``, :class:`HubRefusedError` if it ignores the request); the
+    visibility in the result is read back from the Hub after the upload.
+    """
     api = HfApi(token=require_token(token, plan.repo_id.split('/')[0]), library_name='timm-pf',
                 library_version=__version__)
-    api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+    api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)  # keeps an existing repo's visibility
+    if plan.private and not api.model_info(plan.repo_id).private:
+        api.update_repo_settings(plan.repo_id, private=True)
+        if not api.model_info(plan.repo_id).private:
+            raise HubRefusedError(f'{plan.repo_id} is still public after the request to make it private; '
+                                  f'nothing was uploaded')
     if plan.revision and plan.revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
-    return api.upload_folder(
+    commit = api.upload_folder(
         repo_id=plan.repo_id,
         folder_path=str(plan.folder),
         revision=plan.revision,
         allow_patterns=[name for name, _, _ in plan.files],
         commit_message=commit_message or f'Add {plan.label} weights (timm-pf {__version__})',
     )
+    return PushResult(commit_url=commit.commit_url, private=bool(api.model_info(plan.repo_id).private))

@@ -7,8 +7,8 @@ caches by (commit, etag, size), tree and paths-info listings, repository info an
 
 Everything lives in memory. ``serve_hub()`` starts it on 127.0.0.1 (a free port) in a thread and stops it
 when the ``with`` block ends. ``HubState.corrupt`` makes downloads of a path return altered bytes under the
-right headers, to test that the client side notices; ``HubState.frozen_settings`` makes the Hub refuse
-visibility changes of a repository.
+right headers, to test that the client side notices, and ``HubState.truncated`` cuts their body off
+halfway; ``HubState.frozen_settings`` makes the Hub refuse visibility changes of a repository.
 """
 import base64
 import hashlib
@@ -69,6 +69,7 @@ class HubState:
     repos: Dict[str, Repo] = field(default_factory=dict)
     blobs: Dict[str, bytes] = field(default_factory=dict)
     corrupt: Set[Tuple[str, str]] = field(default_factory=set)  # (repo_id, path) served altered
+    truncated: Set[Tuple[str, str]] = field(default_factory=set)  # (repo_id, path) whose body is cut off
     frozen_settings: Set[str] = field(default_factory=set)  # repo_ids whose settings the Hub refuses to change
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: List[str] = field(default_factory=list)  # "METHOD path" log
@@ -441,7 +442,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         if m and not head:
             start = int(m.group(1))
             headers['Content-Range'] = f'bytes {start}-{len(data) - 1}/{len(data)}'
-        self._send(206 if start else 200, data[start:], headers=headers, content_type='application/octet-stream',
+        body = data[start:]
+        if (repo, file) in self.state.truncated and not head:  # announce the whole file, send half, hang up
+            body, self.close_connection = body[:len(body) // 2], True
+        self._send(206 if start else 200, body, headers=headers, content_type='application/octet-stream',
                    head=head, length=len(data) - start)
 
 

@@ -394,3 +394,63 @@ def test_convert_never_unpickles_code(weights, tmp_path, capsys):
     assert rc == 2
     assert 'cannot read checkpoint' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------- named errors, without waiting
+def _client_create(name: str):
+    """``timm_pf.tools.hub.create_model(name, pretrained=True)`` (the CLI's way): 'ok' or (type, message, s)."""
+    import time
+    from timm_pf.tools.hub import create_model
+    start = time.monotonic()
+    try:
+        create_model(name, pretrained=True)
+        return 'ok'
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+
+
+def test_every_way_of_naming_a_missing_model_gives_one_error(client, hub):
+    missing = next(t for t in pf_pretrained_tags() if f'timm-pf/{t}' not in hub[1].repos)
+    arch = missing.split('.')[0]
+    names = [f'{missing}', f'hf-hub:timm-pf/{missing}']
+    if timm.models.get_pretrained_cfg(arch).tag == missing.split('.', 1)[1]:
+        names.append(arch)
+    results = {name: client(_client_create, name) for name in names}
+    messages = {r[1] for r in results.values()}
+    assert all(r[0] == 'PretrainedWeightsError' for r in results.values()), results
+    assert len(messages) == 1 and f'timm-pf/{missing}' in messages.pop()
+
+
+def test_bad_revision_named_with_hf_hub_gives_the_revision_error(client, published):
+    result = client(_client_create, f'hf-hub:{published["repo_id"]}@no-such-branch')
+    assert result[0] == 'PretrainedWeightsError' and "Revision 'no-such-branch' does not exist" in result[1]
+    rc, _, err = client(client_cli, ['deform-points', '--model', f'hf-hub:{published["repo_id"]}@no-such-branch',
+                                     '--pretrained'])
+    assert rc == 2 and "Revision 'no-such-branch' does not exist" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize('env', [{'HF_ENDPOINT': 'http://127.0.0.1:1'}, {'HF_HUB_OFFLINE': '1'}])
+def test_offline_or_refused_fails_at_once_with_the_named_error(hub_env, published, env, tmp_path):
+    offline = HubClient(dict(hub_env, HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / 'hub'), **env))
+    try:
+        for name in (published['name_tag'], f'hf-hub:{published["repo_id"]}',
+                     f'hf-hub:{published["repo_id"]}@{published["first_commit"]}'):
+            kind, message, seconds = offline(_client_create, name)
+            assert kind == 'PretrainedWeightsError' and 'not in the local cache' in message, message
+            assert seconds < 5, f'{name}: {seconds:.1f} s: retried instead of failing at once'
+        rc, _, err = offline(client_cli, ['push', str(published['folders']['plain']), '--model',
+                                          published['name_tag']])
+    finally:
+        offline.close()
+    assert rc == 1 and 'cannot reach the Hub' in err and len(err.splitlines()) == 1, err
+
+
+def test_truncated_download_is_a_named_error(client, hub, published, tmp_path):
+    hub[1].truncated.add((published['repo_id'], WEIGHTS_NAME))
+    try:
+        result = client(client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))
+    finally:
+        hub[1].truncated.discard((published['repo_id'], WEIGHTS_NAME))
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert 'could not be fetched' in result[2]
+

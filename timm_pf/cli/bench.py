@@ -4,6 +4,8 @@ import fnmatch
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from ._args import output_file, positive_float
+
 _DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0}
 
 
@@ -82,26 +84,18 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.list:
         return _list()
-    try:
-        jobs, pairs = _plan(args)
-        options = BenchOptions(
-            device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
-            compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
-            time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
-            memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels)
-        options.validate()
-        if args.plot:
-            import importlib.util
-            if importlib.util.find_spec('matplotlib') is None:
-                raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
-    except BenchInputError as err:
-        print(f'timm-pf bench: error: {err}', file=sys.stderr)
-        return 2
-    try:
-        result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
-    except RuntimeError as err:
-        print(f'timm-pf bench: error: {err}', file=sys.stderr)
-        return 1
+    jobs, pairs = _plan(args)  # BenchInputError and the others: exit codes in timm_pf.cli._errors
+    options = BenchOptions(
+        device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
+        compile=args.compile, threads=args.threads, warmup=args.warmup, repeats=args.repeats,
+        time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
+        memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels)
+    options.validate()
+    if args.plot:
+        import importlib.util
+        if importlib.util.find_spec('matplotlib') is None:
+            raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
+    result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
     stdout_taken = '-' in (args.csv, args.json, args.markdown)
     print(format_report(result), file=sys.stderr if stdout_taken else sys.stdout, end='')
     if args.markdown:
@@ -152,7 +146,7 @@ def register(subparsers) -> None:
     p.add_argument('--warmup', type=int, default=1, help='discarded rounds per setting (default: 1)')
     p.add_argument('--repeats', type=int,
                    help='timed rounds per setting (default: fill --time-budget, between 3 and 50)')
-    p.add_argument('--time-budget', type=float, metavar='SECONDS',
+    p.add_argument('--time-budget', type=positive_float, metavar='SECONDS',
                    help='seconds of timed rounds, shared by the settings (default: 50; targets: 240)')
     p.add_argument('--memory', choices=('tensors', 'rss', 'off'), default='tensors',
                    help='peak memory on CPU: tensors = live tensor storage tracked per operator (like '
@@ -165,10 +159,10 @@ def register(subparsers) -> None:
                    help='compiled batch-1 CPU kernel of the dynamic convs: build = compile it if needed (once, '
                         '~30 s, needs a C++ compiler and ninja; eager when it cannot), auto = use it if built, '
                         'off = eager PyTorch (default: build)')
-    p.add_argument('--csv', metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
-    p.add_argument('--json', metavar='PATH', help="write everything as JSON ('-': stdout)")
-    p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")
-    p.add_argument('--plot', metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
+    p.add_argument('--csv', type=output_file, metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
+    p.add_argument('--json', type=output_file, metavar='PATH', help="write everything as JSON ('-': stdout)")
+    p.add_argument('--markdown', type=output_file, metavar='PATH', help="write the tables as markdown ('-': stdout)")
+    p.add_argument('--plot', type=output_file, metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--strict', action='store_true', help='exit 1 when a measured target fails')
     p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')

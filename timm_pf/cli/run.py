@@ -8,19 +8,21 @@ import runpy
 import sys
 from pathlib import Path
 
+from ._errors import BadInput
+
 
 def _run(args: argparse.Namespace) -> int:
     script = args.script
     if not script.is_file():
-        print(f'timm-pf run: no such script: {script} (get it from the timm repository: '
-              'huggingface/pytorch-image-models)', file=sys.stderr)
-        return 2
+        raise BadInput(f'no such script: {script} (get it from the timm repository: huggingface/pytorch-image-models)')
     import timm_pf  # noqa: F401  registers the models before the script resolves --model
     sys.argv = [str(script), *args.script_args]
     sys.path.insert(0, str(script.resolve().parent))
     try:
         runpy.run_path(str(script), run_name='__main__')
     except SystemExit as e:
+        if isinstance(e.code, str):  # sys.exit('message')
+            print(e.code, file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
     return 0
 

@@ -19,12 +19,15 @@ the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
 import hashlib
+import os
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 import safetensors.torch
 import torch
@@ -35,6 +38,7 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
@@ -54,7 +58,7 @@ from ..version import __version__
 __all__ = [
     'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'HubRefusedError', 'UnknownTagError',
     'ConvertResult', 'PushPlan', 'PushResult', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo',
-    'download_weights',    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
+    'hub_unreachable', 'fetch_file', 'download_weights', 'create_model', 'ModelArgsError',    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
 ]
@@ -71,6 +75,10 @@ class PretrainedWeightsError(RuntimeError):
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read, does not fit the named model, or holds non-finite values."""
+
+
+class ModelArgsError(ValueError):
+    """A model name or model kwargs that timm cannot build."""
 
 
 class PushError(RuntimeError):
@@ -113,28 +121,56 @@ def _push_command(repo_id: str) -> str:
     return f'`timm-pf push <folder> --repo-id {repo_id}`'
 
 
-def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
-    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
+def _transport_errors() -> Tuple[type, ...]:
+    """Errors of the HTTP client ``huggingface_hub`` uses (httpx2 or httpx; requests' are OSErrors)."""
+    return tuple(sys.modules[m].HTTPError for m in ('httpx2', 'httpx') if m in sys.modules)
 
-    Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it.
+
+def hub_unreachable() -> Optional[str]:
+    """Why the Hub cannot be reached, when that is known at once: ``HF_HUB_OFFLINE``, or the endpoint's host
+    refuses connections or does not resolve. None when it may be reachable (also behind a proxy, not probed)."""
+    if hf_constants.is_offline_mode():
+        return 'HF_HUB_OFFLINE is set'
+    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY',
+                                        'all_proxy')):
+        return None
+    url = urlsplit(hf_constants.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == 'https' else 80)
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return f'{url.netloc} refuses connections'
+    except socket.gaierror:
+        return f'{url.hostname} does not resolve'
+    except (OSError, ValueError):  # a timeout or the like: let the client try, with its retries
+        return None
+    return None
+
+
+def fetch_file(hub_id: str, filename: str = WEIGHTS_NAME, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """Local path of ``filename`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
+
+    When :func:`hub_unreachable` says the Hub cannot be reached, only the cache is read (no retries, no
+    waiting). Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it, with
+    the same wording for every file of a repository and every way of naming the model.
     """
     repo_id, revision = hf_split(hub_id)
     name_tag = repo_id.split('/', 1)[-1]
     at_rev = f' at revision {revision!r}' if revision else ''
-    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}, {WEIGHTS_NAME}{at_rev})'
+    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}{at_rev})'
+    offline = hub_unreachable()
     try:
         path = hf_hub_download(
-            repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+            repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline is not None,
             library_name='timm-pf', library_version=__version__,
         )
     except LocalEntryNotFoundError as e:
         cache = cache_dir or hf_constants.HF_HUB_CACHE
-        reason = 'HF_HUB_OFFLINE is set' if hf_constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
         rev_arg = f' --revision {revision}' if revision else ''
         raise PretrainedWeightsError(
-            f'The {where} are not in the local cache ({cache}) and {reason}. Fetch them once with network '
-            f'access: `hf download {repo_id} {WEIGHTS_NAME}{rev_arg}` (or create the model online), '
-            f'or use pretrained=False.') from e
+            f'The {where} are not in the local cache ({cache}) and {offline or "the Hub cannot be reached"}. '
+            f'Fetch them once with network access: `hf download {repo_id} {WEIGHTS_NAME} {CONFIG_NAME}{rev_arg}` '
+            f'(or create the model online), or use pretrained=False.') from e
     except RevisionNotFoundError as e:
         raise PretrainedWeightsError(
             f'Revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of that repository '
@@ -145,11 +181,40 @@ def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) 
             f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with {_push_command(repo_id)}, '
             f'or use pretrained=False.') from e
     except RemoteEntryNotFoundError as e:
+        only = ': timm-pf loads only safetensors weights' if filename == WEIGHTS_NAME else ''
         raise PretrainedWeightsError(
-            f'{repo_id}{at_rev} has no {WEIGHTS_NAME}: timm-pf loads only safetensors weights. '
-            f'Publish them with {_push_command(repo_id)}.') from e
-    _verify_cached_blob(path, where)
+            f'{repo_id}{at_rev} has no {filename}{only}. Publish them with {_push_command(repo_id)}.') from e
+    except (HfHubHTTPError, OSError, *_transport_errors()) as e:  # refused, cut off mid-download, timed out
+        raise PretrainedWeightsError(
+            f'The {where} could not be fetched: {type(e).__name__}: {e}. Try again later.') from e
+    if filename == WEIGHTS_NAME:
+        _verify_cached_blob(path, where)
     return path
+
+
+def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``); see :func:`fetch_file`."""
+    return fetch_file(hub_id, WEIGHTS_NAME, cache_dir=cache_dir)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for names and kwargs a user typed, with named errors.
+
+    An unknown name or kwargs the model refuses raise :class:`ModelArgsError`; for an ``hf-hub:`` name the
+    ``config.json`` that timm reads first is fetched through :func:`fetch_file`, so a missing repository or
+    revision, or the Hub offline, raise the :class:`PretrainedWeightsError` that ``name`` / ``name.tag`` give.
+    """
+    if name.startswith('hf-hub:'):
+        fetch_file(name[len('hf-hub:'):], CONFIG_NAME)  # cached; timm's own fetch then finds it
+    elif not name.startswith('local-dir:') and not timm.is_model(name):
+        close = timm.list_models(f'*{split_model_name_tag(name)[0][:6]}*')[:5]
+        raise ModelArgsError(f'unknown model {name!r}' + (f' (similar: {", ".join(close)})' if close else ''))
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+        raise ModelArgsError(f'cannot build {name}' + (f' with {given}' if given else '') +
+                             f': {type(e).__name__}: {e}') from e
 
 
 def load_pf_state_dict(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, torch.Tensor]:
@@ -288,7 +353,7 @@ def convert_checkpoint(
     _check_finite(state_dict, str(checkpoint))
     model_kwargs = dict(model_kwargs or {})
     kwargs = model_kwargs if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
-    model = timm.create_model(name_tag, pretrained=False, **kwargs)
+    model = create_model(name_tag, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)
     if filter_fn is not None:
         try:

@@ -155,3 +155,42 @@ def test_every_help_lists_the_exit_codes():
     missing = [p.prog for p in parsers if EXIT_HELP not in ' '.join(p.format_help().split())]
     assert missing == []
 
+
+SCRIPT = '''import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument('--config', '-c', default='')
+parser.add_argument('--device', default='cuda', type=str,
+                    help="Device (accelerator) to use.")
+print('device', parser.parse_args().device)
+'''
+
+
+@pytest.mark.parametrize('args, warns', [
+    ([], True),
+    (['--device', 'cuda:0'], True),
+    (['--device', 'cpu'], False),
+    (['--device=cpu'], False),
+    (['--config', 'cpu.yaml'], False),
+    (['-c', 'gpu.yaml'], True),
+])
+def test_run_warns_when_a_script_will_ask_for_missing_cuda(args, warns, tmp_path, monkeypatch, no_cuda, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'train.py').write_text(SCRIPT)
+    (tmp_path / 'cpu.yaml').write_text('model: resnet18\ndevice: cpu\n')
+    (tmp_path / 'gpu.yaml').write_text("model: resnet18\ndevice: 'cuda'\n")
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))  # the command sets the script's argv
+    assert main(['run', 'train.py', *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith('device ')
+    warning = [line for line in captured.err.splitlines() if 'warning' in line]
+    assert len(warning) == (1 if warns else 0), captured.err
+    if warns:
+        assert 'train.py will ask for CUDA' in warning[0] and 'add --device cpu' in warning[0]
+
+
+def test_run_does_not_warn_for_scripts_without_a_cuda_default(tmp_path, monkeypatch, no_cuda, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'other.py').write_text('print("ran")\n')
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    assert main(['run', 'other.py']) == 0
+    assert capsys.readouterr().err == ''

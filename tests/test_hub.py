@@ -292,7 +292,7 @@ def test_convert_authors_checkpoint_reproduces_their_logits(tmp_path):
     checkpoint = tmp_path / 'authors.pth'  # as a DataParallel training script saves it
     torch.save({'model': {f'module.{k}': v for k, v in official.items()}, 'epoch': 299}, checkpoint)
     folder = tmp_path / 'converted'
-    assert cli_main(['convert', str(checkpoint), '--model', name, '-o', str(folder)]) == 0
+    assert cli_main(['convert', str(checkpoint), '--model', name, '--img-size', '224', '-o', str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ['config.json', WEIGHTS_NAME]
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     with torch.no_grad():
@@ -454,3 +454,34 @@ def test_truncated_download_is_a_named_error(client, hub, published, tmp_path):
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
     assert 'could not be fetched' in result[2]
 
+
+def test_convert_without_a_tag_describes_the_checkpoint(tmp_path, capsys):
+    """A model trained on other data (here a scaled-down R50 on 10 classes at 32 px, as the digits quickstart
+    trains it) is described by its checkpoint, not by our ImageNet tag."""
+    import json
+    kwargs = dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16)
+    state_dict = timm.create_model('ours_r50_hybrid', num_classes=10, **kwargs).state_dict()
+    trained = tmp_path / 'last.pth.tar'
+    torch.save({'state_dict': state_dict, 'args': argparse.Namespace(model='ours_r50_hybrid', img_size=32,
+                                                                     input_size=None, mean=None, std=None)}, trained)
+    bare = tmp_path / 'bare.safetensors'
+    safetensors.torch.save_file(state_dict, str(bare))
+    model_kwargs = ['--model-kwargs', 'layers=[1,1,1,1]', 'channels=[16,32,64,128]', 'stem_width=16']
+
+    def convert(source, *extra):
+        out = tmp_path / f'out_{len(list(tmp_path.iterdir()))}'
+        rc = cli_main(['convert', str(source), '--model', 'ours_r50_hybrid', *model_kwargs, *extra, '-o', str(out)])
+        return rc, out
+
+    for source, extra, size in ((trained, [], 32), (bare, ['--img-size', '40'], 40)):
+        rc, out = convert(source, *extra)
+        assert rc == 0, capsys.readouterr().err
+        assert f'10 classes, {size} px' in capsys.readouterr().out
+        config = json.loads((out / 'config.json').read_text())
+        cfg = config['pretrained_cfg']
+        assert config['num_classes'] == cfg['num_classes'] == 10 and cfg['input_size'] == [3, size, size]
+        assert not {'tag', 'notes', 'hf_hub_id', 'license', 'paper_ids'} & set(cfg), cfg
+        model = timm.create_model(f'local-dir:{out}', pretrained=True)
+        assert model.pretrained_cfg['input_size'] == (3, size, size) and not model.pretrained_cfg.get('notes')
+    rc, out = convert(bare)  # no train.py arguments and no --img-size: nothing says what it was trained at
+    assert rc == 2 and '--img-size' in capsys.readouterr().err and not out.exists()

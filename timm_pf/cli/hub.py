@@ -5,7 +5,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from ._args import input_file, output_dir, positive_int
+from ._args import input_file, number, output_dir, positive_int
 from ._errors import BadInput, Failure
 
 
@@ -14,10 +14,16 @@ def register(subparsers) -> None:
         'convert', help="convert a checkpoint (authors' .pth, timm train.py, safetensors) to timm's Hub layout",
         description="Convert a checkpoint into a folder with model.safetensors + config.json (timm's save_for_hf "
                     "layout). The authors' checkpoints go through the family's checkpoint_filter_fn; the result "
-                    "must load strictly into the model. A mismatched or corrupted checkpoint exits with code 2.",
+                    "must load strictly into the model. With -m MODEL.TAG config.json describes that tag; with a "
+                    "bare -m MODEL it describes the checkpoint (its classes, the image size of its train.py "
+                    "arguments or --img-size) and carries no tag or notes of ours. A mismatched or corrupted "
+                    "checkpoint exits with code 2.",
     )
     _add_source_args(convert, 'checkpoint file: .pth / .pth.tar (authors\' or timm train.py) or .safetensors')
     convert.add_argument('-o', '--output', required=True, type=output_dir, help='output folder')
+    convert.add_argument('--img-size', type=number(int, 8, 4096), default=None,
+                         help="image size the weights were trained at (default: the tag's, or the train.py "
+                              "arguments in the checkpoint; required for other checkpoints converted without a tag)")
     convert.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                          help="the model's kwargs as in timm's train.py, e.g. 'layers=[1,1,1,1]' stem_width=16")
     convert.set_defaults(func=run_convert)
@@ -80,10 +86,12 @@ def run_convert(args) -> int:
     if args.source.is_dir():
         raise BadInput(f'{args.source} is a folder; convert takes a checkpoint file')
     result = convert_checkpoint(args.model, args.source, args.output, use_ema=args.ema,
-                                num_classes=args.num_classes, model_kwargs=args.model_kwargs)
+                                num_classes=args.num_classes, model_kwargs=args.model_kwargs,
+                                img_size=args.img_size)
     how = "through the family's checkpoint filter" if result.filtered else 'as is'
     print(f'{args.source} -> {result.folder} ({result.name_tag}, {result.num_params:,d} parameters, '
-          f'{result.num_classes} classes, keys mapped {how}, strict load ok)')
+          f'{result.num_classes} classes, {result.img_size} px, keys mapped {how}, strict load ok; '
+          f'config.json describes {result.described_by})')
     return 0
 
 

@@ -248,13 +248,8 @@ def install_pretrained_loader() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Converting
 
-def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
-
-    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
-    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
-    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
-    """
+def _load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """The top-level dict of a checkpoint file (safetensors, or ``torch.load(weights_only=True)``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
@@ -270,6 +265,10 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
         raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
+    return checkpoint
+
+
+def _state_dict_of(checkpoint: Dict[str, Any], path: Union[str, Path], use_ema: bool) -> Dict[str, torch.Tensor]:
     wrappers = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
     key = next((k for k in wrappers if isinstance(checkpoint.get(k), dict)), None)
     if use_ema and key is None:
@@ -281,6 +280,16 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
             f'checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors '
             f'(a training checkpoint keeps its weights under "state_dict"/"model")')
     return clean_state_dict(state_dict)
+
+
+def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
+    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
+    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
+    """
+    return _state_dict_of(_load_checkpoint(path), path, use_ema)
 
 
 def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
@@ -327,11 +336,34 @@ def _model_label(model: nn.Module) -> str:
 
 @dataclass
 class ConvertResult:
-    name_tag: str
+    name_tag: str  # the tag named, or the bare model name when the checkpoint describes itself
     folder: Path
     num_params: int
     num_classes: int
+    img_size: int
     filtered: bool
+    described_by: str  # where config.json's classes and image size come from
+
+
+# what config.json keeps of our cfg for weights no tag of ours describes: how to feed the model, nothing else
+_DATA_CFG_KEYS = ('architecture', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'first_conv',
+                  'classifier', 'fixed_input_size')
+
+
+def _train_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments a timm ``train.py`` checkpoint was trained with (empty for other checkpoints)."""
+    args = checkpoint.get('args')
+    return vars(args) if isinstance(args, argparse.Namespace) else {}
+
+
+def _described_cfg(model: nn.Module, img_size: int, train_args: Dict[str, Any]) -> Dict[str, Any]:
+    """Pretrained cfg of weights trained on other data: the model's data settings (train.py's where it set
+    them), the image size and classes of the checkpoint, and no tag, notes or Hub id of ours."""
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k in _DATA_CFG_KEYS}
+    cfg.update({k: train_args[k] for k in ('interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+                if train_args.get(k) not in (None, '')})
+    cfg.update(input_size=(3, img_size, img_size), num_classes=model.num_classes)
+    return cfg
 
 
 def convert_checkpoint(
@@ -341,17 +373,36 @@ def convert_checkpoint(
         use_ema: bool = False,
         num_classes: Optional[int] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        img_size: Optional[int] = None,
 ) -> ConvertResult:
     """Convert ``checkpoint`` for ``model_name`` (``model[.tag]``) into ``output_dir`` (timm's Hub layout).
 
     The checkpoint goes through the family's ``checkpoint_filter_fn`` (authors' keys -> ours; our own keys
     pass unchanged) and must then load strictly; ``output_dir`` gets ``model.safetensors`` and
-    ``config.json`` written by timm's ``save_for_hf``.
+    ``config.json`` written by timm's ``save_for_hf``. With a tag, ``config.json`` describes that tag. Without
+    one it describes the checkpoint: its classifier's classes (or ``num_classes``), the image size of its
+    timm ``train.py`` arguments (or ``img_size``, required when it has none), and no tag or notes of ours.
     """
-    name_tag = resolve_name_tag(model_name)
-    state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
+    arch, tag = split_model_name_tag(model_name)
+    name_tag = resolve_name_tag(model_name)  # checks it is one of our models
+    raw = _load_checkpoint(checkpoint)
+    state_dict = _state_dict_of(raw, checkpoint, use_ema)
     _check_finite(state_dict, str(checkpoint))
     model_kwargs = dict(model_kwargs or {})
+    train_args = _train_args(raw)
+    if tag:
+        described_by = f'the tag {name_tag}'
+    else:
+        name_tag = arch
+        train_size = train_args.get('img_size') or (train_args.get('input_size') or [None])[-1]
+        img_size = img_size or train_size
+        if img_size is None:
+            raise CheckpointError(f'{checkpoint} does not record the image size it was trained at (no timm '
+                                  f'train.py arguments): pass --img-size, or name a tag of ours with --model')
+        classifier = f'{timm.models.get_pretrained_cfg(arch).classifier}.weight'
+        if num_classes is None and classifier in state_dict:
+            num_classes = state_dict[classifier].shape[0]
+        size_source = 'its train.py arguments' if img_size == train_size else '--img-size'
     kwargs = model_kwargs if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
     model = create_model(name_tag, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)
@@ -363,15 +414,22 @@ def convert_checkpoint(
                 f'{checkpoint} cannot be converted for {name_tag} by its checkpoint filter: '
                 f'{type(e).__name__}: {e}') from e
     _load_strict(model, state_dict, str(checkpoint))
+    if not tag:
+        model.pretrained_cfg = _described_cfg(model, img_size, train_args)
+        described_by = f'the checkpoint ({model.num_classes} classes, {img_size} px from {size_source})'
+    data_config = {'input_size': (3, img_size, img_size)} if img_size else None  # else the tag's
     output_dir = Path(output_dir)
     # model_args go to config.json, so `local-dir:` rebuilds e.g. a scaled-down variant
-    save_for_hf(model.eval(), str(output_dir), model_args=model_kwargs or None, safe_serialization=True)
+    save_for_hf(model.eval(), str(output_dir), model_args=model_kwargs or None, safe_serialization=True,
+                data_config=data_config)
     return ConvertResult(
         name_tag=name_tag,
         folder=output_dir,
         num_params=count_params(model),
         num_classes=model.num_classes,
+        img_size=model.pretrained_cfg['input_size'][-1] if img_size is None else img_size,
         filtered=filter_fn is not None,
+        described_by=described_by,
     )
 
 

@@ -159,10 +159,12 @@ def register(subparsers) -> None:
                    help='compiled batch-1 CPU kernel of the dynamic convs: build = compile it if needed (once, '
                         '~30 s, needs a C++ compiler and ninja; eager when it cannot), auto = use it if built, '
                         'off = eager PyTorch (default: build)')
-    p.add_argument('--csv', type=output_file, metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
+    p.add_argument('--csv', type=output_file, metavar='PATH',
+                   help="write one CSV line per model and setting ('-': stdout)")
     p.add_argument('--json', type=output_file, metavar='PATH', help="write everything as JSON ('-': stdout)")
     p.add_argument('--markdown', type=output_file, metavar='PATH', help="write the tables as markdown ('-': stdout)")
-    p.add_argument('--plot', type=output_file, metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
+    p.add_argument('--plot', type=output_file, metavar='PNG',
+                   help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--strict', action='store_true', help='exit 1 when a measured target fails')
     p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')

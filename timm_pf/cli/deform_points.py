@@ -180,7 +180,8 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='ours_r50_deform_max', help='model with deformable pools')
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of the model')
-    parser.add_argument('--checkpoint', type=input_file, help='weights to load (.safetensors, or a .pth/.pt state dict)')
+    parser.add_argument('--checkpoint', type=input_file,
+                        help='weights to load (.safetensors, or a .pth/.pt state dict)')
     parser.add_argument('--init-std', type=non_negative_float, default=0.0,
                         help='randomly initialise the offset predictors with this std (illustration without '
                              'trained weights; untrained predictors are zero, so points sit on the grid)')

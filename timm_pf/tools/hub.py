@@ -57,8 +57,9 @@ from ..version import __version__
 
 __all__ = [
     'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'HubRefusedError', 'UnknownTagError',
-    'ConvertResult', 'PushPlan', 'PushResult', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo',
-    'hub_unreachable', 'fetch_file', 'download_weights', 'create_model', 'ModelArgsError',    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
+    'ModelArgsError', 'ConvertResult', 'PushPlan', 'PushResult', 'pf_model_names', 'pf_pretrained_tags',
+    'resolve_name_tag', 'is_pf_repo', 'hub_unreachable', 'fetch_file', 'download_weights', 'create_model',
+    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
 ]

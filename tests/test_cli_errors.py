@@ -88,7 +88,7 @@ def test_convert_refuses_model_kwargs_the_model_does_not_take(kwargs, message, t
     import timm
     ckpt = tmp_path / 'ghostnet.safetensors'
     safetensors.torch.save_file(timm.create_model('ghostnet_dyn').state_dict(), str(ckpt))
-    assert main(['convert', str(ckpt), '--model', 'ghostnet_dyn', '--model-kwargs', *kwargs,
+    assert main(['convert', str(ckpt), '--model', 'ghostnet_dyn', '--img-size', '224', '--model-kwargs', *kwargs,
                  '-o', str(tmp_path / 'out')]) == 2
     line = _one_error_line(capsys)
     assert 'cannot build ghostnet_dyn' in line and message in line, line

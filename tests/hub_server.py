@@ -1,13 +1,14 @@
 """A small Hugging Face Hub for tests: the HTTP API as ``huggingface_hub`` 2.x calls it (without Xet).
 
 Enough of the Hub to publish and fetch model repositories with the real client: tokens and ``whoami``,
-repository creation (public/private, per-namespace write rights), branches and refs, the preupload / LFS
-batch / LFS upload / commit sequence, ``resolve`` downloads with the headers the client caches by
-(commit, etag, size), tree and paths-info listings, repository info and commit history.
+repository creation (public/private, per-namespace write rights), visibility settings, branches and refs,
+the preupload / LFS batch / LFS upload / commit sequence, ``resolve`` downloads with the headers the client
+caches by (commit, etag, size), tree and paths-info listings, repository info and commit history.
 
 Everything lives in memory. ``serve_hub()`` starts it on 127.0.0.1 (a free port) in a thread and stops it
 when the ``with`` block ends. ``HubState.corrupt`` makes downloads of a path return altered bytes under the
-right headers, to test that the client side notices.
+right headers, to test that the client side notices, and ``HubState.truncated`` cuts their body off
+halfway; ``HubState.frozen_settings`` makes the Hub refuse visibility changes of a repository.
 """
 import base64
 import hashlib
@@ -68,6 +69,8 @@ class HubState:
     repos: Dict[str, Repo] = field(default_factory=dict)
     blobs: Dict[str, bytes] = field(default_factory=dict)
     corrupt: Set[Tuple[str, str]] = field(default_factory=set)  # (repo_id, path) served altered
+    truncated: Set[Tuple[str, str]] = field(default_factory=set)  # (repo_id, path) whose body is cut off
+    frozen_settings: Set[str] = field(default_factory=set)  # repo_ids whose settings the Hub refuses to change
     lock: threading.Lock = field(default_factory=threading.Lock)
     requests: List[str] = field(default_factory=list)  # "METHOD path" log
 
@@ -166,6 +169,7 @@ class _HubHandler(BaseHTTPRequestHandler):
             ('GET', rf'/api/models/{_REPO}(?:/revision/{_REV})?', self._model_info),
             ('GET', rf'/api/models/{_REPO}/refs', self._refs),
             ('POST', rf'/api/models/{_REPO}/branch/(?P<branch>.+)', self._create_branch),
+            ('PUT', rf'/api/models/{_REPO}/settings', self._settings),
             ('GET', rf'/api/models/{_REPO}/tree/{_REV}(?:/(?P<sub>.*))?', self._tree),
             ('POST', rf'/api/models/{_REPO}/paths-info/{_REV}', self._paths_info),
             ('GET', rf'/api/models/{_REPO}/commits/{_REV}', self._commits),
@@ -265,6 +269,21 @@ class _HubHandler(BaseHTTPRequestHandler):
             if start is None:
                 return self._error(404, 'Invalid starting point', 'RevisionNotFound')
             repo_obj.branches[branch] = start.oid
+        self._json(200, {})
+
+    def _settings(self, query, head, repo):
+        payload = json.loads(self._body() or b'{}')
+        repo_obj = self._writable_repo(repo)
+        if repo_obj is None:
+            return
+        if repo in self.state.frozen_settings:
+            return self._error(403, f'The settings of {repo} cannot be changed by this token')
+        visibility = payload.get('visibility')
+        if visibility not in (None, 'public', 'private'):
+            return self._error(400, f'invalid visibility {visibility!r}')
+        if visibility is not None:
+            with self.state.lock:
+                repo_obj.private = visibility == 'private'
         self._json(200, {})
 
     def _entry_json(self, entry: FileEntry) -> dict:
@@ -423,7 +442,10 @@ class _HubHandler(BaseHTTPRequestHandler):
         if m and not head:
             start = int(m.group(1))
             headers['Content-Range'] = f'bytes {start}-{len(data) - 1}/{len(data)}'
-        self._send(206 if start else 200, data[start:], headers=headers, content_type='application/octet-stream',
+        body = data[start:]
+        if (repo, file) in self.state.truncated and not head:  # announce the whole file, send half, hang up
+            body, self.close_connection = body[:len(body) // 2], True
+        self._send(206 if start else 200, body, headers=headers, content_type='application/octet-stream',
                    head=head, length=len(data) - start)
 
 

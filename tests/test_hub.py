@@ -226,15 +226,17 @@ def test_push_refuses_weights_that_do_not_load_strictly(client, hub, weights, tm
 
 
 # ------------------------------------------------------------------------------------------------ pull failures
-def test_corrupted_download_is_detected(client, hub, published, tmp_path):
-    hub[1].corrupt.add((published['repo_id'], WEIGHTS_NAME))
+@pytest.mark.parametrize('fault, message', [('corrupt', 'corrupted (sha256'), ('truncated', 'could not be fetched')])
+def test_damaged_download_is_a_named_error(client, hub, published, fault, message, tmp_path):
+    served = getattr(hub[1], fault)  # altered bytes, or a body cut off halfway
+    served.add((published['repo_id'], WEIGHTS_NAME))
     try:
         result = client(client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))
     finally:
-        hub[1].corrupt.discard((published['repo_id'], WEIGHTS_NAME))
+        served.discard((published['repo_id'], WEIGHTS_NAME))
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
-    assert 'corrupted' in result[2] and 'sha256' in result[2]
-    # the bad file left the cache: the next attempt downloads it again and succeeds
+    assert message in result[2]
+    # no bad file stays in the cache: the next attempt downloads it again and succeeds
     assert client(client_pull, f'hf-hub:{published["repo_id"]}', cache_dir=str(tmp_path))[0] == 'ok'
 
 
@@ -292,7 +294,7 @@ def test_convert_authors_checkpoint_reproduces_their_logits(tmp_path):
     checkpoint = tmp_path / 'authors.pth'  # as a DataParallel training script saves it
     torch.save({'model': {f'module.{k}': v for k, v in official.items()}, 'epoch': 299}, checkpoint)
     folder = tmp_path / 'converted'
-    assert cli_main(['convert', str(checkpoint), '--model', name, '-o', str(folder)]) == 0
+    assert cli_main(['convert', str(checkpoint), '--model', name, '--img-size', '224', '-o', str(folder)]) == 0
     assert sorted(p.name for p in folder.iterdir()) == ['config.json', WEIGHTS_NAME]
     model = timm.create_model(f'local-dir:{folder}', pretrained=True).eval()
     with torch.no_grad():
@@ -394,3 +396,84 @@ def test_convert_never_unpickles_code(weights, tmp_path, capsys):
     assert rc == 2
     assert 'cannot read checkpoint' in capsys.readouterr().err
     assert not (tmp_path / 'out').exists()
+
+
+# ------------------------------------------------------------------------------- named errors, without waiting
+def _client_create(name: str):
+    """``timm_pf.tools.hub.create_model(name, pretrained=True)`` (the CLI's way): 'ok' or (type, message, s)."""
+    import time
+    from timm_pf.tools.hub import create_model
+    start = time.monotonic()
+    try:
+        create_model(name, pretrained=True)
+        return 'ok'
+    except Exception as e:
+        return type(e).__name__, str(e), time.monotonic() - start
+
+
+def test_every_way_of_naming_a_missing_model_gives_one_error(client, hub):
+    missing = next(t for t in pf_pretrained_tags() if f'timm-pf/{t}' not in hub[1].repos)
+    arch = missing.split('.')[0]
+    names = [f'{missing}', f'hf-hub:timm-pf/{missing}']
+    if timm.models.get_pretrained_cfg(arch).tag == missing.split('.', 1)[1]:
+        names.append(arch)
+    results = {name: client(_client_create, name) for name in names}
+    messages = {r[1] for r in results.values()}
+    assert all(r[0] == 'PretrainedWeightsError' for r in results.values()), results
+    assert len(messages) == 1 and f'timm-pf/{missing}' in messages.pop()
+
+
+def test_bad_revision_named_with_hf_hub_gives_the_revision_error(client, published):
+    result = client(_client_create, f'hf-hub:{published["repo_id"]}@no-such-branch')
+    assert result[0] == 'PretrainedWeightsError' and "Revision 'no-such-branch' does not exist" in result[1]
+    rc, _, err = client(client_cli, ['deform-points', '--model', f'hf-hub:{published["repo_id"]}@no-such-branch',
+                                     '--pretrained'])
+    assert rc == 2 and "Revision 'no-such-branch' does not exist" in err and len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize('env', [{'HF_ENDPOINT': 'http://127.0.0.1:1'}, {'HF_HUB_OFFLINE': '1'}])
+def test_offline_or_refused_fails_at_once_with_the_named_error(hub_env, published, env, tmp_path):
+    offline = HubClient(dict(hub_env, HF_HOME=str(tmp_path), HF_HUB_CACHE=str(tmp_path / 'hub'), **env))
+    try:
+        for name in (published['name_tag'], f'hf-hub:{published["repo_id"]}',
+                     f'hf-hub:{published["repo_id"]}@{published["first_commit"]}'):
+            kind, message, seconds = offline(_client_create, name)
+            assert kind == 'PretrainedWeightsError' and 'not in the local cache' in message, message
+            assert seconds < 5, f'{name}: {seconds:.1f} s: retried instead of failing at once'
+        rc, _, err = offline(client_cli, ['push', str(published['folders']['plain']), '--model',
+                                          published['name_tag']])
+    finally:
+        offline.close()
+    assert rc == 1 and 'cannot reach the Hub' in err and len(err.splitlines()) == 1, err
+
+
+def test_convert_without_a_tag_describes_the_checkpoint(tmp_path, capsys):
+    """A model trained on other data (here a scaled-down R50 on 10 classes at 32 px, as the digits quickstart
+    trains it) is described by its checkpoint, not by our ImageNet tag."""
+    import json
+    kwargs = dict(layers=[1, 1, 1, 1], channels=[16, 32, 64, 128], stem_width=16)
+    state_dict = timm.create_model('ours_r50_hybrid', num_classes=10, **kwargs).state_dict()
+    trained = tmp_path / 'last.pth.tar'
+    torch.save({'state_dict': state_dict, 'args': argparse.Namespace(model='ours_r50_hybrid', img_size=32,
+                                                                     input_size=None, mean=None, std=None)}, trained)
+    bare = tmp_path / 'bare.safetensors'
+    safetensors.torch.save_file(state_dict, str(bare))
+    model_kwargs = ['--model-kwargs', 'layers=[1,1,1,1]', 'channels=[16,32,64,128]', 'stem_width=16']
+
+    def convert(source, *extra):
+        out = tmp_path / f'out_{len(list(tmp_path.iterdir()))}'
+        rc = cli_main(['convert', str(source), '--model', 'ours_r50_hybrid', *model_kwargs, *extra, '-o', str(out)])
+        return rc, out
+
+    for source, extra, size in ((trained, [], 32), (bare, ['--img-size', '40'], 40)):
+        rc, out = convert(source, *extra)
+        assert rc == 0, capsys.readouterr().err
+        assert f'10 classes, {size} px' in capsys.readouterr().out
+        config = json.loads((out / 'config.json').read_text())
+        cfg = config['pretrained_cfg']
+        assert config['num_classes'] == cfg['num_classes'] == 10 and cfg['input_size'] == [3, size, size]
+        assert not {'tag', 'notes', 'hf_hub_id', 'license', 'paper_ids'} & set(cfg), cfg
+        model = timm.create_model(f'local-dir:{out}', pretrained=True)
+        assert model.pretrained_cfg['input_size'] == (3, size, size) and not model.pretrained_cfg.get('notes')
+    rc, out = convert(bare)  # no train.py arguments and no --img-size: nothing says what it was trained at
+    assert rc == 2 and '--img-size' in capsys.readouterr().err and not out.exists()

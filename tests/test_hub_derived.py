@@ -222,10 +222,14 @@ def test_variant_repo_without_safetensors_names_the_push_that_fills_it(client, f
     (['--repo-id', 'maintainer/bad name'], 'not a valid Hub repository id'),
     (['--repo-id', 'maintainer/x', '--ema'], '--ema and --num-classes'),
     (['--repo-id', f'timm-pf/{pf_pretrained_tags()[0]}'], f'-m {pf_pretrained_tags()[0]}'),
-    (['--repo-id', 'maintainer/x', '--card', 'no-such-card.md'], 'cannot read the card'),
+    (['--repo-id', 'maintainer/x', '--card', 'no-such-card.md'], 'argument --card: no such file'),
 ])
 def test_bad_options_exit_2_with_a_clear_message(rba_model, argv, message, capsys):
-    assert cli_main(['push', str(rba_model[1]), '--dry-run', *argv]) == 2
+    try:
+        rc = cli_main(['push', str(rba_model[1]), '--dry-run', *argv])
+    except SystemExit as e:  # refused while parsing
+        rc = e.code
+    assert rc == 2
     assert message in capsys.readouterr().err
 
 
@@ -240,3 +244,45 @@ def test_model_and_repo_id_are_mutually_exclusive(rba_model, capsys):
 def test_a_file_is_not_a_folder(rba_model, capsys):
     assert cli_main(['push', str(rba_model[1] / WEIGHTS_NAME), '--repo-id', 'maintainer/x', '--dry-run']) == 2
     assert "save_for_hf layout" in capsys.readouterr().err
+
+
+def _client_anonymous_listing(repo_id: str):
+    """What a client without a token sees of a repository: its files, or the error type."""
+    from huggingface_hub import HfApi
+    try:
+        return sorted(f.path for f in HfApi(token=False).list_repo_tree(repo_id))
+    except Exception as e:
+        return type(e).__name__
+
+
+def test_private_makes_an_existing_public_repo_private(client, hub, rba_model, tmp_path):
+    _, folder = rba_model
+    repo_id = 'maintainer/made-private'
+    rc, out, err = client(client_cli, ['push', str(folder), '--repo-id', repo_id])
+    assert rc == 0, err
+    assert 'the repository is public' in out
+    assert WEIGHTS_NAME in client(_client_anonymous_listing, repo_id)
+    rc, out, err = client(client_cli, ['push', str(folder), '--repo-id', repo_id, '--private'])
+    assert rc == 0, err
+    assert hub[1].repos[repo_id].private and 'the repository is private' in out
+    assert client(_client_anonymous_listing, repo_id) == 'RepositoryNotFoundError'
+    result = client(client_pull, f'hf-hub:{repo_id}', token=None, cache_dir=str(tmp_path / 'anonymous'))
+    assert result[0] == 'error', result
+    # pushing again without --private leaves it private, and says so
+    rc, out, err = client(client_cli, ['push', str(folder), '--repo-id', repo_id])
+    assert rc == 0 and hub[1].repos[repo_id].private and 'the repository is private' in out, err
+
+
+def test_private_refused_by_the_hub_uploads_nothing(client, hub, rba_model):
+    _, folder = rba_model
+    repo_id = 'maintainer/stays-public'
+    assert client(client_cli, ['push', str(folder), '--repo-id', repo_id])[0] == 0
+    commits = len(hub[1].repos[repo_id].commits)
+    hub[1].frozen_settings.add(repo_id)
+    try:
+        rc, out, err = client(client_cli, ['push', str(folder), '--repo-id', repo_id, '--private'])
+    finally:
+        hub[1].frozen_settings.discard(repo_id)
+    assert rc == 1 and 'refused' in err and repo_id in err, err
+    assert not hub[1].repos[repo_id].private and len(hub[1].repos[repo_id].commits) == commits
+    assert WEIGHTS_NAME in client(_client_anonymous_listing, repo_id)

@@ -408,7 +408,7 @@ def test_cli_analyze_writes_heatmap_and_table(saved_vit, digits_folder, tmp_path
 
 
 @pytest.mark.parametrize('argv, message', [
-    (['--model', 'no_such_model'], 'Unknown model'),
+    (['--model', 'no_such_model'], 'unknown model'),
     (['--model', 'eva02_tiny_patch14_224'], 'ModuleList'),
     (['--model', 'resnet18', '--metrics', 'br,mse'], 'unknown metrics'),
 ])

@@ -4,6 +4,8 @@ import fnmatch
 import sys
 from typing import List, Optional, Sequence, Tuple
 
+from ._args import output_file, positive_float
+
 _DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0, 'scaling': 300.0}
 _TARGET_THREADS = 2  # the targets are promised for 2 CPU threads
 
@@ -94,31 +96,19 @@ def _run(args: argparse.Namespace) -> int:
     )
     if args.list:
         return _list()
-    try:
-        jobs, pairs = _plan(args)
-        options = BenchOptions(
-            device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
-            compile=args.compile, threads=_TARGET_THREADS if args.threads is None and args.preset == 'targets'
-            else args.threads, warmup=args.warmup, repeats=args.repeats,
-            max_repeats=args.max_repeats,
-            time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
-            memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels, runtime=args.runtime)
-        options.validate()
-        if args.plot:
-            import importlib.util
-            if importlib.util.find_spec('matplotlib') is None:
-                raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
-    except BenchInputError as err:
-        print(f'timm-pf bench: error: {err}', file=sys.stderr)
-        return 2
-    try:
-        result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
-    except BenchInputError as err:  # a size a model cannot take, found before timing
-        print(f'timm-pf bench: error: {err}', file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f'timm-pf bench: error: {err}', file=sys.stderr)
-        return 1
+    jobs, pairs = _plan(args)  # BenchInputError and the others: exit codes in timm_pf.cli._errors
+    options = BenchOptions(
+        device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
+        compile=args.compile, threads=_TARGET_THREADS if args.threads is None and args.preset == 'targets'
+        else args.threads, warmup=args.warmup, repeats=args.repeats, max_repeats=args.max_repeats,
+        time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
+        memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels, runtime=args.runtime)
+    options.validate()
+    if args.plot:
+        import importlib.util
+        if importlib.util.find_spec('matplotlib') is None:
+            raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
+    result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
     stdout_taken = '-' in (args.csv, args.json, args.markdown)
     print(format_report(result), file=sys.stderr if stdout_taken else sys.stdout, end='')
     if args.markdown:
@@ -183,7 +173,7 @@ def register(subparsers) -> None:
                         'ratio is unstable)')
     p.add_argument('--max-repeats', type=int, default=50,
                    help='cap on the timed rounds per setting without --repeats (default: 50)')
-    p.add_argument('--time-budget', type=float, metavar='SECONDS',
+    p.add_argument('--time-budget', type=positive_float, metavar='SECONDS',
                    help='seconds of timed rounds, shared by the settings (default: 50; targets: 240)')
     p.add_argument('--memory', choices=('tensors', 'rss', 'off'), default='tensors',
                    help='peak memory on CPU: tensors = live tensor storage tracked per operator (like '
@@ -196,10 +186,12 @@ def register(subparsers) -> None:
                    help='compiled batch-1 CPU kernel of the dynamic convs: build = compile it if needed (once, '
                         '~30 s, needs a C++ compiler and ninja; eager when it cannot), auto = use it if built, '
                         'off = eager PyTorch (default: build)')
-    p.add_argument('--csv', metavar='PATH', help="write one CSV line per model and setting ('-': stdout)")
-    p.add_argument('--json', metavar='PATH', help="write everything as JSON ('-': stdout)")
-    p.add_argument('--markdown', metavar='PATH', help="write the tables as markdown ('-': stdout)")
-    p.add_argument('--plot', metavar='PNG', help='latency vs params and vs GMACs per family (needs matplotlib)')
+    p.add_argument('--csv', type=output_file, metavar='PATH',
+                   help="write one CSV line per model and setting ('-': stdout)")
+    p.add_argument('--json', type=output_file, metavar='PATH', help="write everything as JSON ('-': stdout)")
+    p.add_argument('--markdown', type=output_file, metavar='PATH', help="write the tables as markdown ('-': stdout)")
+    p.add_argument('--plot', type=output_file, metavar='PNG',
+                   help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--strict', action='store_true',
                    help='exit 1 when a measured target fails (other than those listed as not met today), is '

@@ -1,6 +1,7 @@
 """``timm-pf build-kernels``: compile the batch-1 CPU kernel of the dynamic convs and check it."""
 import argparse
-import sys
+
+from ._errors import Failure
 
 
 def _self_check(kernel) -> float:
@@ -21,18 +22,13 @@ def _self_check(kernel) -> float:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from timm_pf.layers.cpu_kernels import KernelBuildError, build_cpu_kernels, kernel_status
-    try:
-        kernel = build_cpu_kernels(verbose=args.verbose)
-    except KernelBuildError as err:
-        print(f'timm-pf build-kernels: error: {err}', file=sys.stderr)
-        return 1
+    from timm_pf.layers.cpu_kernels import build_cpu_kernels, kernel_status
+    kernel = build_cpu_kernels(verbose=args.verbose)  # KernelBuildError: exit code 1 with the reason
     diff = _self_check(kernel)
     print(kernel_status())
     print(f'largest difference to the eager path: {diff:.2e}')
     if diff > 1e-4:
-        print('timm-pf build-kernels: error: the kernel disagrees with the eager path', file=sys.stderr)
-        return 1
+        raise Failure('the kernel disagrees with the eager path')
     return 0
 
 

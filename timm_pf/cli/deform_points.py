@@ -7,11 +7,14 @@ last two deformable pools of the final stage as in the paper). Red: predicted po
 the same blocks would sample without offsets; green: the location itself.
 """
 import argparse
-import sys
+from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+
+from ._args import input_file, non_negative_float, number, output_file, positive_int
+from ._errors import BadInput
 
 _DEFAULT_CENTRES = ('0.35,0.45', '0.9,0.1')  # relative (y, x): near the centre and near a corner
 
@@ -65,14 +68,22 @@ def compose_sampling_points(
     return predicted, regular
 
 
-def _load_image(path: Optional[str], size: int):
+def _load_image(path: Optional[Path], size: int):
     import numpy as np
     if path is None:
-        from skimage import data
+        try:
+            from skimage import data
+        except ImportError:
+            raise BadInput("the default image comes from scikit-image: pip install 'timm-pf[plot]' "
+                           "(or pass --image FILE)") from None
         pixels = data.chelsea()
     else:
-        from skimage import io
-        pixels = io.imread(path)
+        from PIL import Image, UnidentifiedImageError
+        try:
+            with Image.open(path) as img:
+                pixels = np.asarray(img.convert('RGB'))
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise BadInput(f'--image {path} is not an image that Pillow can read ({type(e).__name__}: {e})') from e
     if pixels.ndim == 2:
         pixels = np.stack([pixels] * 3, axis=-1)
     height, width = pixels.shape[:2]
@@ -83,12 +94,12 @@ def _load_image(path: Optional[str], size: int):
     return F.interpolate(tensor[None], size=(size, size), mode='bilinear', antialias=True, align_corners=False)[0]
 
 
-def _load_weights(model: torch.nn.Module, path: str) -> None:
-    from timm_pf.tools.hub import read_checkpoint
+def _load_weights(model: torch.nn.Module, path: Path) -> None:
+    from timm_pf.tools.hub import CheckpointError, read_checkpoint
     state_dict = read_checkpoint(path)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)
     if missing or unexpected:
-        raise ValueError(f'checkpoint {path} does not fit the model: {len(missing)} missing keys '
+        raise CheckpointError(f'checkpoint {path} does not fit the model: {len(missing)} missing keys '
                          f'(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})')
 
 
@@ -108,18 +119,13 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
         matplotlib.use('Agg')
         import matplotlib.pyplot as plt
     except ImportError:
-        print('timm-pf deform-points needs matplotlib: pip install "timm-pf[plot]"', file=sys.stderr)
-        return 1
-    import timm
+        raise BadInput("timm-pf deform-points needs matplotlib: pip install 'timm-pf[plot]'") from None
+    from timm_pf.tools.hub import create_model
 
-    if not timm.is_model(args.model):
-        print(f'timm-pf deform-points: unknown model {args.model!r}', file=sys.stderr)
-        return 2
-    model = timm.create_model(args.model, pretrained=args.pretrained).eval()
+    model = create_model(args.model, pretrained=args.pretrained).eval()
     pools = _deform_pools(model)
     if not pools:
-        print(f'timm-pf deform-points: {args.model} has no deformable pools', file=sys.stderr)
-        return 2
+        raise BadInput(f'{args.model} has no deformable pools')
     if args.checkpoint:
         _load_weights(model, args.checkpoint)
     if args.init_std:
@@ -130,12 +136,9 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
     names = list(args.blocks) if args.blocks else list(pools)[-2:]
     unknown = [n for n in names if n not in pools]
     if unknown:
-        print(f'timm-pf deform-points: no deformable pool named {", ".join(unknown)}; '
-              f'choose from {", ".join(pools)}', file=sys.stderr)
-        return 2
+        raise BadInput(f'no deformable pool named {", ".join(unknown)}; choose from {", ".join(pools)}')
     if any(pools[n].pool.stride != (1, 1) for n in names):
-        print('timm-pf deform-points: the chosen pools must have stride 1', file=sys.stderr)
-        return 2
+        raise BadInput('the chosen pools must have stride 1')
 
     image = _load_image(args.image, args.img_size)
     cfg = model.pretrained_cfg
@@ -143,9 +146,7 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
     offsets = _predicted_offsets(model, ((image - mean) / std)[None], names)
     sizes = {tuple(offsets[n].shape[-2:]) for n in names}
     if len(sizes) != 1:
-        print(f'timm-pf deform-points: the chosen pools work at different resolutions {sorted(sizes)}; '
-              f'choose pools of one stage', file=sys.stderr)
-        return 2
+        raise BadInput(f'the chosen pools work at different resolutions {sorted(sizes)}; choose pools of one stage')
     (feat_h, feat_w), = sizes
     scale_y, scale_x = args.img_size / feat_h, args.img_size / feat_w
 
@@ -179,18 +180,21 @@ def register(subparsers) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--model', default='ours_r50_deform_max', help='model with deformable pools')
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of the model')
-    parser.add_argument('--checkpoint', help='weights to load (.safetensors, or a .pth/.pt state dict)')
-    parser.add_argument('--init-std', type=float, default=0.0,
+    parser.add_argument('--checkpoint', type=input_file,
+                        help='weights to load (.safetensors, or a .pth/.pt state dict)')
+    parser.add_argument('--init-std', type=non_negative_float, default=0.0,
                         help='randomly initialise the offset predictors with this std (illustration without '
                              'trained weights; untrained predictors are zero, so points sit on the grid)')
     parser.add_argument('--blocks', nargs='+', metavar='NAME',
                         help='deformable pools to compose, first to last (default: the last two, e.g. '
                              'layer4.1.spatial layer4.2.spatial)')
-    parser.add_argument('--image', help='image file (default: skimage.data.chelsea())')
-    parser.add_argument('--img-size', type=int, default=224, help='square input size (default 224)')
+    parser.add_argument('--image', type=input_file,
+                        help='image file (default: skimage.data.chelsea(), needs the plot extra)')
+    parser.add_argument('--img-size', type=number(int, 32, 4096), default=224,
+                        help='square input size, 32 to 4096 (default 224)')
     parser.add_argument('--centres', nargs='+', type=_parse_centre, metavar='Y,X',
                         help='output locations to draw, relative "y,x" in [0, 1] '
                              '(default: near the centre and near a corner)')
-    parser.add_argument('--output', default='deform_points.png', help='PNG to write')
-    parser.add_argument('--dpi', type=int, default=150)
+    parser.add_argument('--output', type=output_file, default='deform_points.png', help='PNG to write')
+    parser.add_argument('--dpi', type=positive_int, default=150)
     parser.set_defaults(func=draw_sampling_points)

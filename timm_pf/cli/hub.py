@@ -1,13 +1,12 @@
 """``timm-pf convert``, ``timm-pf push`` and ``timm-pf card``: publish weights and model cards on the Hub."""
 import argparse
-import sys
 import tempfile
 from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-EXIT_BAD_INPUT = 2  # mismatched or corrupted checkpoint, unknown model/tag, bad repository id, no token
-EXIT_HUB_ERROR = 1  # the Hub refused or failed the upload
+from ._args import input_file, number, output_dir, positive_int
+from ._errors import BadInput, Failure
 
 
 def register(subparsers) -> None:
@@ -15,10 +14,16 @@ def register(subparsers) -> None:
         'convert', help="convert a checkpoint (authors' .pth, timm train.py, safetensors) to timm's Hub layout",
         description="Convert a checkpoint into a folder with model.safetensors + config.json (timm's save_for_hf "
                     "layout). The authors' checkpoints go through the family's checkpoint_filter_fn; the result "
-                    "must load strictly into the model. A mismatched or corrupted checkpoint exits with code 2.",
+                    "must load strictly into the model. With -m MODEL.TAG config.json describes that tag; with a "
+                    "bare -m MODEL it describes the checkpoint (its classes, the image size of its train.py "
+                    "arguments or --img-size) and carries no tag or notes of ours. A mismatched or corrupted "
+                    "checkpoint exits with code 2.",
     )
     _add_source_args(convert, 'checkpoint file: .pth / .pth.tar (authors\' or timm train.py) or .safetensors')
-    convert.add_argument('-o', '--output', required=True, type=Path, help='output folder')
+    convert.add_argument('-o', '--output', required=True, type=output_dir, help='output folder')
+    convert.add_argument('--img-size', type=number(int, 8, 4096), default=None,
+                         help="image size the weights were trained at (default: the tag's, or the train.py "
+                              "arguments in the checkpoint; required for other checkpoints converted without a tag)")
     convert.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                          help="the model's kwargs as in timm's train.py, e.g. 'layers=[1,1,1,1]' stem_width=16")
     convert.set_defaults(func=run_convert)
@@ -40,11 +45,13 @@ def register(subparsers) -> None:
                            "way; with --repo-id: a folder in timm's save_for_hf layout", model_group=target)
     target.add_argument('--repo-id', default=None, metavar='ORG/NAME',
                         help='push the folder to this repository (a model that is not one of our pretrained tags)')
-    push.add_argument('--card', type=Path, default=None, metavar='FILE',
+    push.add_argument('--card', type=input_file, default=None, metavar='FILE',
                       help='model card (README.md) to upload instead of the rendered one')
     push.add_argument('--revision', '--branch', dest='revision', default=None,
                       help='branch to push to (created if missing; default: main)')
-    push.add_argument('--private', action='store_true', help='create the repository as private')
+    push.add_argument('--private', action='store_true',
+                      help='make the repository private (creates it private, or makes an existing public one '
+                           'private before uploading; the Hub must allow it)')
     push.add_argument('--commit-message', default=None, help='commit message')
     push.add_argument('--dry-run', action='store_true', help='print what would be uploaded and upload nothing')
     push.set_defaults(func=run_push)
@@ -70,85 +77,60 @@ def _add_source_args(parser: argparse.ArgumentParser, source_help: str, model_gr
                                          help='model or pretrained tag, e.g. ours_r50_max.pf_in1k (no tag: the '
                                               'default one)')
     parser.add_argument('--ema', action='store_true', help="use the EMA weights of a timm train.py checkpoint")
-    parser.add_argument('--num-classes', type=int, default=None,
+    parser.add_argument('--num-classes', type=positive_int, default=None,
                         help="classes of the checkpoint's classifier (default: the tag's)")
 
 
-def _fail(message: str, code: int) -> int:
-    print(f'error: {message}', file=sys.stderr)
-    return code
-
-
 def run_convert(args) -> int:
-    from timm_pf.tools.hub import CheckpointError, PushError, UnknownTagError, convert_checkpoint
+    from timm_pf.tools.hub import convert_checkpoint
     if args.source.is_dir():
-        return _fail(f'{args.source} is a folder; convert takes a checkpoint file', EXIT_BAD_INPUT)
-    try:
-        result = convert_checkpoint(args.model, args.source, args.output, use_ema=args.ema,
-                                    num_classes=args.num_classes, model_kwargs=args.model_kwargs)
-    except (CheckpointError, PushError, UnknownTagError) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+        raise BadInput(f'{args.source} is a folder; convert takes a checkpoint file')
+    result = convert_checkpoint(args.model, args.source, args.output, use_ema=args.ema,
+                                num_classes=args.num_classes, model_kwargs=args.model_kwargs,
+                                img_size=args.img_size)
     how = "through the family's checkpoint filter" if result.filtered else 'as is'
     print(f'{args.source} -> {result.folder} ({result.name_tag}, {result.num_params:,d} parameters, '
-          f'{result.num_classes} classes, keys mapped {how}, strict load ok)')
+          f'{result.num_classes} classes, {result.img_size} px, keys mapped {how}, strict load ok; '
+          f'config.json describes {result.described_by})')
     return 0
 
 
 def run_push(args) -> int:
-    from huggingface_hub.errors import HfHubHTTPError
-    from timm_pf.tools.cards import CardError
-    from timm_pf.tools.hub import (
-        HF_HUB_ORG, CheckpointError, PushError, UnknownTagError, prepare_folder_push, prepare_push, push_to_hub,
-        require_token,
-    )
+    from timm_pf.tools.hub import HF_HUB_ORG, prepare_folder_push, prepare_push, push_to_hub, require_token
     if args.repo_id and (args.ema or args.num_classes is not None):
-        return _fail('--ema and --num-classes convert a checkpoint for -m; --repo-id pushes a folder as it is',
-                     EXIT_BAD_INPUT)
+        raise BadInput('--ema and --num-classes convert a checkpoint for -m; --repo-id pushes a folder as it is')
     try:
         card_text = args.card.read_text(encoding='utf-8') if args.card else None
-    except (OSError, UnicodeDecodeError) as e:
-        return _fail(f'cannot read the card {args.card}: {e}', EXIT_BAD_INPUT)
+    except UnicodeDecodeError as e:
+        raise BadInput(f'the card {args.card} is not UTF-8 text: {e}') from e
     with tempfile.TemporaryDirectory(prefix='timm-pf-push-') as staging:
-        try:
-            token = None if args.dry_run else require_token(
-                namespace=args.repo_id.split('/')[0] if args.repo_id else HF_HUB_ORG)
-            if args.repo_id:
-                plan = prepare_folder_push(args.source, args.repo_id, staging, revision=args.revision,
-                                           private=args.private, card_text=card_text)
-            else:
-                plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
-                                    use_ema=args.ema, num_classes=args.num_classes, card_text=card_text)
-        except (CheckpointError, PushError, UnknownTagError, CardError) as e:
-            return _fail(str(e), EXIT_BAD_INPUT)
+        token = None if args.dry_run else require_token(
+            namespace=args.repo_id.split('/')[0] if args.repo_id else HF_HUB_ORG)
+        if args.repo_id:
+            plan = prepare_folder_push(args.source, args.repo_id, staging, revision=args.revision,
+                                       private=args.private, card_text=card_text)
+        else:
+            plan = prepare_push(args.model, args.source, staging, revision=args.revision, private=args.private,
+                                use_ema=args.ema, num_classes=args.num_classes, card_text=card_text)
         if args.dry_run:
             print(f'dry run: would upload {plan.label} to {plan.describe()}')
             return 0
         print(f'uploading {plan.label} to {plan.describe()}')
-        try:
-            commit = push_to_hub(plan, token=token, commit_message=args.commit_message)
-        except PushError as e:
-            return _fail(str(e), EXIT_BAD_INPUT)
-        except HfHubHTTPError as e:
-            return _fail(f'the Hub refused the upload to {plan.repo_id}: {e}', EXIT_HUB_ERROR)
-        except OSError as e:  # offline mode, network down
-            return _fail(f'cannot reach the Hub to upload {plan.repo_id}: {e}', EXIT_HUB_ERROR)
-    print(f'pushed {plan.label}: {commit.commit_url}')
+        result = push_to_hub(plan, token=token, commit_message=args.commit_message)
+    visibility = 'private' if result.private else 'public'
+    print(f'pushed {plan.label}: {result.commit_url} (the repository is {visibility}, as the Hub reports it)')
     return 0
 
 
 def run_card(args) -> int:
-    from timm_pf.tools.cards import CardError, card_names, orphan_cards, render_card, resolve_card_name, write_cards
-    from timm_pf.tools.hub import PushError, UnknownTagError
-    try:
-        names = [resolve_card_name(m) for m in args.models]
-        if not (args.write or args.check):
-            if len(names) != 1:
-                return _fail('name one model or tag to print its card, or use --write / --check', EXIT_BAD_INPUT)
-            print(render_card(names[0]), end='')
-            return 0
-        statuses = write_cards(names or card_names(), check_only=args.check)
-    except (CardError, PushError, UnknownTagError) as e:
-        return _fail(str(e), EXIT_BAD_INPUT)
+    from timm_pf.tools.cards import card_names, orphan_cards, render_card, resolve_card_name, write_cards
+    names = [resolve_card_name(m) for m in args.models]
+    if not (args.write or args.check):
+        if len(names) != 1:
+            raise BadInput('name one model or tag to print its card, or use --write / --check')
+        print(render_card(names[0]), end='')
+        return 0
+    statuses = write_cards(names or card_names(), check_only=args.check)
     orphans = [] if names else orphan_cards(card_names())
     for path in orphans:
         print(f'{"orphan " if args.check else "removed"} {path} (no such registered tag or variant)')
@@ -156,5 +138,5 @@ def run_card(args) -> int:
             path.unlink()
     stale = [s for s in statuses if not s.up_to_date] + (orphans if args.check else [])
     if args.check and stale:
-        return _fail(f'{len(stale)} card(s) out of date: run `timm-pf card --write`', 1)
+        raise Failure(f'{len(stale)} card(s) out of date: run `timm-pf card --write`')
     return 0

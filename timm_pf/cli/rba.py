@@ -10,7 +10,6 @@ by a linear map from block ``i``'s output to block ``j``'s.
 """
 import argparse
 import json
-import sys
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -20,7 +19,10 @@ from torch.utils.data import DataLoader, Subset
 
 from timm.utils import ParseKwargs
 
-_ERRORS = (FileNotFoundError, NotADirectoryError, ImportError)
+from ._args import (
+    device, input_file, non_negative_float, non_negative_int, output_dir, output_file, positive_float, positive_int,
+)
+from ._errors import BadInput
 
 
 def register(subparsers) -> None:
@@ -36,10 +38,10 @@ def register(subparsers) -> None:
                          help='comma-separated subset of br,cosine,cka,linear_r2 (cka and linear_r2 keep a '
                               '(blocks*dim)^2 float64 matrix)')
     analyze.add_argument('--rank-by', default='br', help='metric that ranks the spans (default: br, the paper\'s)')
-    analyze.add_argument('--top', type=int, default=10, help='spans to print')
-    analyze.add_argument('--max-blocks', type=int, default=None,
+    analyze.add_argument('--top', type=positive_int, default=10, help='spans to print')
+    analyze.add_argument('--max-blocks', type=positive_int, default=None,
                          help='list only spans replacing at most this many blocks')
-    analyze.add_argument('--output', type=Path, default=Path('rba_analysis'),
+    analyze.add_argument('--output', type=output_dir, default='rba_analysis',
                          help='folder for rba_metrics.json, rba_spans.md and rba_heatmap.png')
     analyze.add_argument('--no-plot', action='store_true', help='skip the heatmap (no matplotlib needed)')
     analyze.set_defaults(func=run_analyze)
@@ -48,7 +50,7 @@ def register(subparsers) -> None:
     _add_model_args(apply)
     _add_data_args(apply, images_help='images of --split to fit the maps on')
     _add_fit_args(apply)
-    apply.add_argument('--output', type=Path, required=True,
+    apply.add_argument('--output', type=output_dir, required=True,
                        help='folder for model.safetensors + config.json (timm.create_model("local-dir:<folder>"))')
     apply.set_defaults(func=run_apply)
 
@@ -59,11 +61,11 @@ def register(subparsers) -> None:
     evaluate.add_argument('--rba-model', type=Path, default=None,
                           help='folder written by "rba apply" (instead of fitting --span here)')
     evaluate.add_argument('--val-split', default='validation', help='split to measure accuracy on')
-    evaluate.add_argument('--probe-images', type=int, default=None,
+    evaluate.add_argument('--probe-images', type=positive_int, default=None,
                           help='images of --split the linear probes train on (default: all)')
     evaluate.add_argument('--skip-baseline', action='store_true',
                           help='also evaluate the spans removed without a map (the paper\'s "skip")')
-    evaluate.add_argument('--output', type=Path, default=None, help='write the results as JSON here')
+    evaluate.add_argument('--output', type=output_file, default=None, help='write the results as JSON here')
     evaluate.set_defaults(func=run_evaluate)
 
 
@@ -71,44 +73,40 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--model', required=True,
                         help='timm model name, or hf-hub:<repo> / local-dir:<folder> (their weights are loaded)')
     parser.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights')
-    parser.add_argument('--checkpoint', default=None, help='weights to load (.safetensors, or .pth read weights-only)')
+    parser.add_argument('--checkpoint', type=input_file, default=None,
+                        help='weights to load (.safetensors, or .pth read weights-only)')
     parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
                         help='extra model arguments as key=value, e.g. img_size=32 num_classes=10')
-    parser.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu')
+    parser.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu',
+                        help='cpu or cuda[:N] (default: cuda if available)')
 
 
 def _add_data_args(parser: argparse.ArgumentParser, images_help: str) -> None:
     parser.add_argument('--data-dir', type=Path, required=True, help='image folder root with one folder per split')
     parser.add_argument('--split', default='train', help='split used for the analysis/fit (default: train)')
-    parser.add_argument('--num-images', type=int, default=1000, help=f'{images_help} (random subset; default 1000)')
-    parser.add_argument('--batch-size', type=int, default=32)
-    parser.add_argument('--workers', type=int, default=0)
-    parser.add_argument('--crop-pct', type=float, default=None, help='override the model\'s eval crop_pct')
-    parser.add_argument('--seed', type=int, default=0, help='seed of the image subset')
+    parser.add_argument('--num-images', type=positive_int, default=1000,
+                        help=f'{images_help} (random subset; default 1000)')
+    parser.add_argument('--batch-size', type=positive_int, default=32)
+    parser.add_argument('--workers', type=non_negative_int, default=0, help='data loader processes (default 0)')
+    parser.add_argument('--crop-pct', type=positive_float, default=None, help='override the model\'s eval crop_pct')
+    parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the image subset')
 
 
 def _add_fit_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument('--span', action='append', required=required, default=[],
                         help='i:j, blocks by index or name (repeat for several spans)')
     parser.add_argument('--bias', action='store_true', help='fit a bias as well (the paper\'s map has none)')
-    parser.add_argument('--ridge', type=float, default=0.0,
+    parser.add_argument('--ridge', type=non_negative_float, default=0.0,
                         help='ridge strength, relative to the mean feature energy (default 0: plain least squares)')
     parser.add_argument('--per-token', action='store_true', help='one map per token position instead of one shared')
 
 
-class _CliError(Exception):
-    pass
-
-
 def _create_model(args) -> nn.Module:
-    import timm
+    from timm_pf.tools.hub import create_model
     # a local-dir:/hf-hub: source names saved weights: load them
     pretrained = args.pretrained or args.model.startswith(('local-dir:', 'hf-hub:'))
-    try:
-        model = timm.create_model(args.model, pretrained=pretrained, checkpoint_path=args.checkpoint,
-                                  **args.model_kwargs)
-    except (RuntimeError, ValueError, TypeError, FileNotFoundError) as e:
-        raise _CliError(f'cannot create model {args.model!r}: {e}') from e
+    checkpoint = str(args.checkpoint) if args.checkpoint else None
+    model = create_model(args.model, pretrained=pretrained, checkpoint_path=checkpoint, **args.model_kwargs)
     return model.to(args.device).eval()
 
 
@@ -123,7 +121,7 @@ def _loader(model: nn.Module, args, split: str, num_images: Optional[int]) -> Tu
     from timm.data import create_dataset, create_transform
     root = args.data_dir / split
     if not root.is_dir():
-        raise _CliError(f'no folder {root}: --data-dir must hold one image folder per split (--split/--val-split)')
+        raise BadInput(f'no folder {root}: --data-dir must hold one image folder per split (--split/--val-split)')
     config = _data_config(model, args)
     dataset = create_dataset('', root=str(args.data_dir), split=split)
     dataset.transform = create_transform(**{k: v for k, v in config.items() if k in (
@@ -133,7 +131,7 @@ def _loader(model: nn.Module, args, split: str, num_images: Optional[int]) -> Tu
         generator = torch.Generator().manual_seed(args.seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[:num_images].tolist())
     if len(dataset) == 0:
-        raise _CliError(f'{root} holds no images')
+        raise BadInput(f'{root} holds no images')
     return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers), num_classes
 
 
@@ -142,7 +140,7 @@ def _parse_spans(specs: Sequence[str]) -> List[Tuple[str, str]]:
     for spec in specs:
         source, sep, target = spec.partition(':')
         if not sep or not source or not target:
-            raise _CliError(f'bad --span {spec!r}: write i:j (block indices or names), e.g. 3:7 or blocks.3:blocks.7')
+            raise BadInput(f'bad --span {spec!r}: write i:j (block indices or names), e.g. 3:7 or blocks.3:blocks.7')
         spans.append((source, target))
     return spans
 
@@ -156,23 +154,11 @@ def _fmt_stats_line(name: str, model: nn.Module, input_size) -> str:
     return f'{name:>10}: {count_params(model) / 1e6:8.3f} M params  {count_macs(model, input_size) / 1e6:10.2f} M MACs'
 
 
-def _guard(func):
-    def run(args) -> int:
-        from timm_pf.methods.rba import RbaError
-        try:
-            return func(args)
-        except (_CliError, RbaError, *_ERRORS) as e:
-            print(f'timm-pf rba {args.rba_command}: error: {e}', file=sys.stderr)
-            return 2
-    return run
-
-
-@_guard
 def run_analyze(args) -> int:
     from timm_pf.methods.rba import analyze
     metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
     if args.rank_by not in metrics:
-        raise _CliError(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
+        raise BadInput(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
     model = _create_model(args)
     loader, _ = _loader(model, args, args.split, args.num_images)
     report = analyze(model, loader, metrics=metrics, device=args.device)
@@ -188,12 +174,11 @@ def run_analyze(args) -> int:
         try:
             path = report.plot(args.output / 'rba_heatmap.png')
         except ImportError as e:
-            raise _CliError(f'{e} (or pass --no-plot)') from e
+            raise BadInput(f'{e} (or pass --no-plot)') from e
         print(f'wrote {path}')
     return 0
 
 
-@_guard
 def run_apply(args) -> int:
     from timm_pf.methods.rba import approximate, save_rba
     spans = _parse_spans(args.span)
@@ -213,11 +198,10 @@ def run_apply(args) -> int:
     return 0
 
 
-@_guard
 def run_evaluate(args) -> int:
     from timm_pf.methods.rba import approximate, evaluate_models, load_rba, skip_spans
     if bool(args.span) == bool(args.rba_model):
-        raise _CliError('give either --span (fit the maps here) or --rba-model (a folder from "rba apply")')
+        raise BadInput('give either --span (fit the maps here) or --rba-model (a folder from "rba apply")')
     model = _create_model(args)
     if args.rba_model:
         approx = load_rba(args.rba_model).to(args.device).eval()
@@ -243,6 +227,5 @@ def run_evaluate(args) -> int:
         head = 'n/a' if r['head_top1'] is None else f'{r["head_top1"]:.2f}'
         print(f'| {r["model"]} | {r["params"] / 1e6:.3f} | {r["macs"] / 1e6:.2f} | {head} | {r["probe_top1"]:.2f} |')
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps(dict(model=args.model, spans=spans, results=rows), indent=1))
+        Path(args.output).write_text(json.dumps(dict(model=args.model, spans=spans, results=rows), indent=1))
     return 0

@@ -19,12 +19,15 @@ the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
 import hashlib
+import os
 import re
 import shutil
+import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 import safetensors.torch
 import torch
@@ -35,6 +38,7 @@ from huggingface_hub import HfApi, get_token, hf_hub_download
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import (
+    HfHubHTTPError,
     HFValidationError,
     LocalEntryNotFoundError,
     RemoteEntryNotFoundError,
@@ -52,8 +56,9 @@ from ..models._registry import UnknownTagError, is_pf_repo, pf_model_names, pf_p
 from ..version import __version__
 
 __all__ = [
-    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'UnknownTagError', 'ConvertResult',
-    'PushPlan', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
+    'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'HubRefusedError', 'UnknownTagError',
+    'ModelArgsError', 'ConvertResult', 'PushPlan', 'PushResult', 'pf_model_names', 'pf_pretrained_tags',
+    'resolve_name_tag', 'is_pf_repo', 'hub_unreachable', 'fetch_file', 'download_weights', 'create_model',
     'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
@@ -73,8 +78,16 @@ class CheckpointError(ValueError):
     """A checkpoint cannot be read, does not fit the named model, or holds non-finite values."""
 
 
+class ModelArgsError(ValueError):
+    """A model name or model kwargs that timm cannot build."""
+
+
 class PushError(RuntimeError):
     """A push was refused before anything was uploaded (no token, unknown tag, bad repository id)."""
+
+
+class HubRefusedError(RuntimeError):
+    """The Hub accepted a request but did not apply it (e.g. a repository stays public)."""
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -109,28 +122,56 @@ def _push_command(repo_id: str) -> str:
     return f'`timm-pf push <folder> --repo-id {repo_id}`'
 
 
-def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
-    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
+def _transport_errors() -> Tuple[type, ...]:
+    """Errors of the HTTP client ``huggingface_hub`` uses (httpx2 or httpx; requests' are OSErrors)."""
+    return tuple(sys.modules[m].HTTPError for m in ('httpx2', 'httpx') if m in sys.modules)
 
-    Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it.
+
+def hub_unreachable() -> Optional[str]:
+    """Why the Hub cannot be reached, when that is known at once: ``HF_HUB_OFFLINE``, or the endpoint's host
+    refuses connections or does not resolve. None when it may be reachable (also behind a proxy, not probed)."""
+    if hf_constants.is_offline_mode():
+        return 'HF_HUB_OFFLINE is set'
+    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY',
+                                        'all_proxy')):
+        return None
+    url = urlsplit(hf_constants.ENDPOINT)
+    try:
+        port = url.port or (443 if url.scheme == 'https' else 80)
+        socket.create_connection((url.hostname, port), timeout=5).close()
+    except ConnectionRefusedError:
+        return f'{url.netloc} refuses connections'
+    except socket.gaierror:
+        return f'{url.hostname} does not resolve'
+    except (OSError, ValueError):  # a timeout or the like: let the client try, with its retries
+        return None
+    return None
+
+
+def fetch_file(hub_id: str, filename: str = WEIGHTS_NAME, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """Local path of ``filename`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
+
+    When :func:`hub_unreachable` says the Hub cannot be reached, only the cache is read (no retries, no
+    waiting). Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it, with
+    the same wording for every file of a repository and every way of naming the model.
     """
     repo_id, revision = hf_split(hub_id)
     name_tag = repo_id.split('/', 1)[-1]
     at_rev = f' at revision {revision!r}' if revision else ''
-    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}, {WEIGHTS_NAME}{at_rev})'
+    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}{at_rev})'
+    offline = hub_unreachable()
     try:
         path = hf_hub_download(
-            repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
+            repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline is not None,
             library_name='timm-pf', library_version=__version__,
         )
     except LocalEntryNotFoundError as e:
         cache = cache_dir or hf_constants.HF_HUB_CACHE
-        reason = 'HF_HUB_OFFLINE is set' if hf_constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
         rev_arg = f' --revision {revision}' if revision else ''
         raise PretrainedWeightsError(
-            f'The {where} are not in the local cache ({cache}) and {reason}. Fetch them once with network '
-            f'access: `hf download {repo_id} {WEIGHTS_NAME}{rev_arg}` (or create the model online), '
-            f'or use pretrained=False.') from e
+            f'The {where} are not in the local cache ({cache}) and {offline or "the Hub cannot be reached"}. '
+            f'Fetch them once with network access: `hf download {repo_id} {WEIGHTS_NAME} {CONFIG_NAME}{rev_arg}` '
+            f'(or create the model online), or use pretrained=False.') from e
     except RevisionNotFoundError as e:
         raise PretrainedWeightsError(
             f'Revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of that repository '
@@ -141,11 +182,40 @@ def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) 
             f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with {_push_command(repo_id)}, '
             f'or use pretrained=False.') from e
     except RemoteEntryNotFoundError as e:
+        only = ': timm-pf loads only safetensors weights' if filename == WEIGHTS_NAME else ''
         raise PretrainedWeightsError(
-            f'{repo_id}{at_rev} has no {WEIGHTS_NAME}: timm-pf loads only safetensors weights. '
-            f'Publish them with {_push_command(repo_id)}.') from e
-    _verify_cached_blob(path, where)
+            f'{repo_id}{at_rev} has no {filename}{only}. Publish them with {_push_command(repo_id)}.') from e
+    except (HfHubHTTPError, OSError, *_transport_errors()) as e:  # refused, cut off mid-download, timed out
+        raise PretrainedWeightsError(
+            f'The {where} could not be fetched: {type(e).__name__}: {e}. Try again later.') from e
+    if filename == WEIGHTS_NAME:
+        _verify_cached_blob(path, where)
     return path
+
+
+def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
+    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``); see :func:`fetch_file`."""
+    return fetch_file(hub_id, WEIGHTS_NAME, cache_dir=cache_dir)
+
+
+def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+    """``timm.create_model`` for names and kwargs a user typed, with named errors.
+
+    An unknown name or kwargs the model refuses raise :class:`ModelArgsError`; for an ``hf-hub:`` name the
+    ``config.json`` that timm reads first is fetched through :func:`fetch_file`, so a missing repository or
+    revision, or the Hub offline, raise the :class:`PretrainedWeightsError` that ``name`` / ``name.tag`` give.
+    """
+    if name.startswith('hf-hub:'):
+        fetch_file(name[len('hf-hub:'):], CONFIG_NAME)  # cached; timm's own fetch then finds it
+    elif not name.startswith('local-dir:') and not timm.is_model(name):
+        close = timm.list_models(f'*{split_model_name_tag(name)[0][:6]}*')[:5]
+        raise ModelArgsError(f'unknown model {name!r}' + (f' (similar: {", ".join(close)})' if close else ''))
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except (TypeError, ValueError, AssertionError) as e:
+        given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+        raise ModelArgsError(f'cannot build {name}' + (f' with {given}' if given else '') +
+                             f': {type(e).__name__}: {e}') from e
 
 
 def load_pf_state_dict(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, torch.Tensor]:
@@ -179,13 +249,8 @@ def install_pretrained_loader() -> None:
 # ---------------------------------------------------------------------------------------------------------------
 # Converting
 
-def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
-
-    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
-    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
-    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
-    """
+def _load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
+    """The top-level dict of a checkpoint file (safetensors, or ``torch.load(weights_only=True)``)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} does not exist')
@@ -201,6 +266,10 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
         raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
+    return checkpoint
+
+
+def _state_dict_of(checkpoint: Dict[str, Any], path: Union[str, Path], use_ema: bool) -> Dict[str, torch.Tensor]:
     wrappers = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
     key = next((k for k in wrappers if isinstance(checkpoint.get(k), dict)), None)
     if use_ema and key is None:
@@ -212,6 +281,16 @@ def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, 
             f'checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors '
             f'(a training checkpoint keeps its weights under "state_dict"/"model")')
     return clean_state_dict(state_dict)
+
+
+def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
+    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
+    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
+    """
+    return _state_dict_of(_load_checkpoint(path), path, use_ema)
 
 
 def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
@@ -258,11 +337,34 @@ def _model_label(model: nn.Module) -> str:
 
 @dataclass
 class ConvertResult:
-    name_tag: str
+    name_tag: str  # the tag named, or the bare model name when the checkpoint describes itself
     folder: Path
     num_params: int
     num_classes: int
+    img_size: int
     filtered: bool
+    described_by: str  # where config.json's classes and image size come from
+
+
+# what config.json keeps of our cfg for weights no tag of ours describes: how to feed the model, nothing else
+_DATA_CFG_KEYS = ('architecture', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'first_conv',
+                  'classifier', 'fixed_input_size')
+
+
+def _train_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
+    """The arguments a timm ``train.py`` checkpoint was trained with (empty for other checkpoints)."""
+    args = checkpoint.get('args')
+    return vars(args) if isinstance(args, argparse.Namespace) else {}
+
+
+def _described_cfg(model: nn.Module, img_size: int, train_args: Dict[str, Any]) -> Dict[str, Any]:
+    """Pretrained cfg of weights trained on other data: the model's data settings (train.py's where it set
+    them), the image size and classes of the checkpoint, and no tag, notes or Hub id of ours."""
+    cfg = {k: v for k, v in model.pretrained_cfg.items() if k in _DATA_CFG_KEYS}
+    cfg.update({k: train_args[k] for k in ('interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
+                if train_args.get(k) not in (None, '')})
+    cfg.update(input_size=(3, img_size, img_size), num_classes=model.num_classes)
+    return cfg
 
 
 def convert_checkpoint(
@@ -272,19 +374,38 @@ def convert_checkpoint(
         use_ema: bool = False,
         num_classes: Optional[int] = None,
         model_kwargs: Optional[Dict[str, Any]] = None,
+        img_size: Optional[int] = None,
 ) -> ConvertResult:
     """Convert ``checkpoint`` for ``model_name`` (``model[.tag]``) into ``output_dir`` (timm's Hub layout).
 
     The checkpoint goes through the family's ``checkpoint_filter_fn`` (authors' keys -> ours; our own keys
     pass unchanged) and must then load strictly; ``output_dir`` gets ``model.safetensors`` and
-    ``config.json`` written by timm's ``save_for_hf``.
+    ``config.json`` written by timm's ``save_for_hf``. With a tag, ``config.json`` describes that tag. Without
+    one it describes the checkpoint: its classifier's classes (or ``num_classes``), the image size of its
+    timm ``train.py`` arguments (or ``img_size``, required when it has none), and no tag or notes of ours.
     """
-    name_tag = resolve_name_tag(model_name)
-    state_dict = read_checkpoint(checkpoint, use_ema=use_ema)
+    arch, tag = split_model_name_tag(model_name)
+    name_tag = resolve_name_tag(model_name)  # checks it is one of our models
+    raw = _load_checkpoint(checkpoint)
+    state_dict = _state_dict_of(raw, checkpoint, use_ema)
     _check_finite(state_dict, str(checkpoint))
     model_kwargs = dict(model_kwargs or {})
+    train_args = _train_args(raw)
+    if tag:
+        described_by = f'the tag {name_tag}'
+    else:
+        name_tag = arch
+        train_size = train_args.get('img_size') or (train_args.get('input_size') or [None])[-1]
+        img_size = img_size or train_size
+        if img_size is None:
+            raise CheckpointError(f'{checkpoint} does not record the image size it was trained at (no timm '
+                                  f'train.py arguments): pass --img-size, or name a tag of ours with --model')
+        classifier = f'{timm.models.get_pretrained_cfg(arch).classifier}.weight'
+        if num_classes is None and classifier in state_dict:
+            num_classes = state_dict[classifier].shape[0]
+        size_source = 'its train.py arguments' if img_size == train_size else '--img-size'
     kwargs = model_kwargs if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
-    model = timm.create_model(name_tag, pretrained=False, **kwargs)
+    model = create_model(name_tag, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)
     if filter_fn is not None:
         try:
@@ -294,15 +415,22 @@ def convert_checkpoint(
                 f'{checkpoint} cannot be converted for {name_tag} by its checkpoint filter: '
                 f'{type(e).__name__}: {e}') from e
     _load_strict(model, state_dict, str(checkpoint))
+    if not tag:
+        model.pretrained_cfg = _described_cfg(model, img_size, train_args)
+        described_by = f'the checkpoint ({model.num_classes} classes, {img_size} px from {size_source})'
+    data_config = {'input_size': (3, img_size, img_size)} if img_size else None  # else the tag's
     output_dir = Path(output_dir)
     # model_args go to config.json, so `local-dir:` rebuilds e.g. a scaled-down variant
-    save_for_hf(model.eval(), str(output_dir), model_args=model_kwargs or None, safe_serialization=True)
+    save_for_hf(model.eval(), str(output_dir), model_args=model_kwargs or None, safe_serialization=True,
+                data_config=data_config)
     return ConvertResult(
         name_tag=name_tag,
         folder=output_dir,
         num_params=count_params(model),
         num_classes=model.num_classes,
+        img_size=model.pretrained_cfg['input_size'][-1] if img_size is None else img_size,
         filtered=filter_fn is not None,
+        described_by=described_by,
     )
 
 
@@ -378,7 +506,7 @@ class PushPlan:
 
     def describe(self) -> str:
         branch = self.revision or 'main'
-        visibility = 'private' if self.private else 'public'
+        visibility = 'private' if self.private else 'public if new, else as it is'
         lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {visibility}):']
         lines += [f'  {name:<20} {size:>14,d} bytes  sha256 {digest}' for name, size, digest in self.files]
         return '\n'.join(lines)
@@ -503,17 +631,34 @@ def require_token(token: Optional[str] = None, namespace: str = HF_HUB_ORG) -> s
     return token
 
 
-def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None):
-    """Upload a staged :class:`PushPlan` (creating the repository and branch if needed); see :func:`require_token`."""
+@dataclass
+class PushResult:
+    commit_url: str
+    private: bool  # the repository's visibility after the push, as the Hub reports it
+
+
+def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Optional[str] = None) -> PushResult:
+    """Upload a staged :class:`PushPlan` (creating the repository and branch if needed); see :func:`require_token`.
+
+    ``plan.private`` makes an existing public repository private before anything is uploaded (the Hub's
+    refusal propagates as ``HfHubHTTPError``, :class:`HubRefusedError` if it ignores the request); the
+    visibility in the result is read back from the Hub after the upload.
+    """
     api = HfApi(token=require_token(token, plan.repo_id.split('/')[0]), library_name='timm-pf',
                 library_version=__version__)
-    api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)
+    api.create_repo(plan.repo_id, private=plan.private, exist_ok=True)  # keeps an existing repo's visibility
+    if plan.private and not api.model_info(plan.repo_id).private:
+        api.update_repo_settings(plan.repo_id, private=True)
+        if not api.model_info(plan.repo_id).private:
+            raise HubRefusedError(f'{plan.repo_id} is still public after the request to make it private; '
+                                  f'nothing was uploaded')
     if plan.revision and plan.revision != hf_constants.DEFAULT_REVISION:
         api.create_branch(plan.repo_id, branch=plan.revision, exist_ok=True)
-    return api.upload_folder(
+    commit = api.upload_folder(
         repo_id=plan.repo_id,
         folder_path=str(plan.folder),
         revision=plan.revision,
         allow_patterns=[name for name, _, _ in plan.files],
         commit_message=commit_message or f'Add {plan.label} weights (timm-pf {__version__})',
     )
+    return PushResult(commit_url=commit.commit_url, private=bool(api.model_info(plan.repo_id).private))

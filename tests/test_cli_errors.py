@@ -1,0 +1,196 @@
+"""Every ``timm-pf`` command exits 2 (bad input) or 1 (a failure outside the user's control) with one line that
+names the problem, never a traceback; bad values and output paths are refused before any work starts."""
+import sys
+
+import pytest
+import torch
+
+from timm_pf.cli import build_parser, main
+from timm_pf.cli import deform_points
+
+EXIT_HELP = "exit codes: 0 ok, 1 failure outside the user's control"
+
+
+def _exit_code(argv):
+    """Exit code of ``timm-pf argv``, whether argparse exits or the command returns."""
+    try:
+        return main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+def _one_error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and 'Traceback' not in err, err
+    return lines[0]
+
+
+@pytest.fixture
+def no_cuda(monkeypatch):
+    monkeypatch.setattr(torch.cuda, 'is_available', lambda: False)
+
+
+@pytest.mark.parametrize('argv, names', [
+    (['digits', 'OUT', '--img-size', '0'], '--img-size'),
+    (['digits', 'OUT', '--val-fraction', '0'], '--val-fraction'),
+    (['digits', 'OUT', '--val-fraction', '1'], '--val-fraction'),
+    (['digits', 'OUT', '--val-fraction', '1.5'], '--val-fraction'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--batch-size', '0'], '--batch-size'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--workers', '-1'], '--workers'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--crop-pct', '-1'], '--crop-pct'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--device', 'cuda'], 'no CUDA'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--num-images', '-5'], '--num-images'),
+    (['rba', 'apply', '--model', 'resnet18', '--data-dir', 'D', '--span', '1:2', '--output', 'O', '--ridge', '-1'],
+     '--ridge'),
+    (['deform-points', '--init-std', '-1'], '--init-std'),
+    (['deform-points', '--checkpoint', 'no/such/file.safetensors'], 'no such file'),
+    (['bench', '--time-budget', '-1'], '--time-budget'),
+    (['bench', '--time-budget', 'nan'], '--time-budget'),
+])
+def test_bad_values_exit_2_naming_the_argument(argv, names, tmp_path, monkeypatch, no_cuda, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(argv) == 2
+    line = _one_error_line(capsys)
+    assert names in line and line.startswith('timm-pf '), line
+    assert not (tmp_path / 'OUT').exists()
+
+
+@pytest.mark.parametrize('argv', [
+    ['bench', '--models', 'resnet18', '--json', 'a_file/out.json'],
+    ['bench', '--models', 'resnet18', '--csv', 'no_folder/out.csv'],
+    ['bench', '--models', 'resnet18', '--markdown', 'a_folder'],
+    ['bench', '--models', 'resnet18', '--plot', 'a_file/plot.png'],
+    ['convert', 'ckpt.pth', '--model', 'ours_r50_max', '-o', 'a_file'],
+    ['convert', 'ckpt.pth', '--model', 'ours_r50_max', '-o', 'a_file/sub'],
+    ['digits', 'a_file'],
+    ['rba', 'apply', '--model', 'resnet18', '--data-dir', 'D', '--span', '1:2', '--output', 'a_file'],
+    ['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--output', 'a_file'],
+    ['deform-points', '--output', 'a_folder'],
+    ['deform-points', '--output', 'no_folder/points.png'],
+])
+def test_bad_output_paths_exit_2_before_any_work(argv, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'a_file').write_text('x')
+    (tmp_path / 'a_folder').mkdir()
+    monkeypatch.setattr('timm_pf.tools.bench.run_benchmark', lambda *a, **k: pytest.fail('measured'))
+    assert _exit_code(argv) == 2
+    line = _one_error_line(capsys)
+    assert any(p in line for p in ('a_file', 'a_folder', 'no_folder')), line
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (['foo=1'], "unexpected keyword argument 'foo'"),
+    (['num_experts=0'], 'num_experts must be >= 1'),
+])
+def test_convert_refuses_model_kwargs_the_model_does_not_take(kwargs, message, tmp_path, capsys):
+    import safetensors.torch
+    import timm
+    ckpt = tmp_path / 'ghostnet.safetensors'
+    safetensors.torch.save_file(timm.create_model('ghostnet_dyn').state_dict(), str(ckpt))
+    assert main(['convert', str(ckpt), '--model', 'ghostnet_dyn', '--img-size', '224', '--model-kwargs', *kwargs,
+                 '-o', str(tmp_path / 'out')]) == 2
+    line = _one_error_line(capsys)
+    assert 'cannot build ghostnet_dyn' in line and message in line, line
+    assert not (tmp_path / 'out').exists()
+
+
+@pytest.fixture
+def images(tmp_path):
+    from PIL import Image
+    Image.new('RGB', (80, 60), (200, 40, 40)).save(tmp_path / 'ok.png')
+    (tmp_path / 'not_an_image.png').write_text('hello')
+    (tmp_path / 'empty.jpg').write_bytes(b'')
+    (tmp_path / 'folder').mkdir()
+    return tmp_path
+
+
+@pytest.mark.parametrize('image, message', [
+    ('not_an_image.png', 'not an image'),
+    ('empty.jpg', 'not an image'),
+    ('missing.png', 'no such file'),
+    ('folder', 'is not a file'),
+])
+def test_deform_points_bad_images_are_named(image, message, images, capsys):
+    argv = ['deform-points', '--img-size', '64', '--image', str(images / image), '--output', str(images / 'o.png')]
+    assert _exit_code(argv) == 2
+    assert message in _one_error_line(capsys)
+
+
+def test_deform_points_needs_scikit_image_only_for_the_demo_image(images, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'skimage', None)  # as if scikit-image were not installed
+    out = images / 'points.png'
+    assert main(['deform-points', '--img-size', '64', '--image', str(images / 'ok.png'), '--output', str(out)]) == 0
+    assert out.stat().st_size > 0
+    assert main(['deform-points', '--img-size', '64', '--output', str(out)]) == 2
+    assert "pip install 'timm-pf[plot]'" in _one_error_line(capsys)
+
+
+def test_deform_points_unknown_model_is_named(images, capsys):
+    assert main(['deform-points', '--model', 'no_such_model', '--output', str(images / 'o.png')]) == 2
+    assert 'unknown model' in _one_error_line(capsys)
+
+
+def test_unexpected_errors_are_one_line_with_exit_1(monkeypatch, capsys):
+    def broken(args):
+        raise RuntimeError('something broke\nsecond line')
+    monkeypatch.setattr(deform_points, 'draw_sampling_points', broken)
+    assert main(['deform-points']) == 1
+    line = _one_error_line(capsys)
+    assert 'RuntimeError: something broke second line' in line and 'TIMM_PF_TRACEBACK=1' in line
+
+
+def _all_parsers(parser):
+    import argparse
+    yield parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                yield from _all_parsers(sub)
+
+
+def test_every_help_lists_the_exit_codes():
+    parsers = list(_all_parsers(build_parser()))
+    assert len(parsers) >= 12  # timm-pf, its commands, rba's actions
+    missing = [p.prog for p in parsers if EXIT_HELP not in ' '.join(p.format_help().split())]
+    assert missing == []
+
+
+SCRIPT = '''import argparse
+parser = argparse.ArgumentParser()
+parser.add_argument('--config', '-c', default='')
+parser.add_argument('--device', default='cuda', type=str,
+                    help="Device (accelerator) to use.")
+print('device', parser.parse_args().device)
+'''
+
+
+@pytest.mark.parametrize('args, warns', [
+    ([], True),
+    (['--device', 'cuda:0'], True),
+    (['--device', 'cpu'], False),
+    (['--device=cpu'], False),
+    (['--config', 'cpu.yaml'], False),
+    (['-c', 'gpu.yaml'], True),
+])
+def test_run_warns_when_a_script_will_ask_for_missing_cuda(args, warns, tmp_path, monkeypatch, no_cuda, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'train.py').write_text(SCRIPT)
+    (tmp_path / 'cpu.yaml').write_text('model: resnet18\ndevice: cpu\n')
+    (tmp_path / 'gpu.yaml').write_text("model: resnet18\ndevice: 'cuda'\n")
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))  # the command sets the script's argv
+    assert main(['run', 'train.py', *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith('device ')
+    warning = [line for line in captured.err.splitlines() if 'warning' in line]
+    assert len(warning) == (1 if warns else 0), captured.err
+    if warns:
+        assert 'train.py will ask for CUDA' in warning[0] and 'add --device cpu' in warning[0]
+
+
+def test_run_does_not_warn_for_scripts_without_a_cuda_default(tmp_path, monkeypatch, no_cuda, capsys):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / 'other.py').write_text('print("ran")\n')
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    assert main(['run', 'other.py']) == 0
+    assert capsys.readouterr().err == ''

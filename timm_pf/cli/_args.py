@@ -1,0 +1,96 @@
+"""Argument types of the ``timm-pf`` commands: values, devices and paths are checked while the command line
+is parsed, so bad input exits with code 2 before anything is measured, converted or written."""
+import argparse
+import os
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+
+def number(kind: type = int, low: Optional[float] = None, high: Optional[float] = None,
+           open_low: bool = False, open_high: bool = False) -> Callable[[str], Union[int, float]]:
+    """An ``int``/``float`` argument within ``[low, high]`` (``open_*``: that bound excluded)."""
+    bounds = []
+    if low is not None:
+        bounds.append(f'{">" if open_low else ">="} {low:g}')
+    if high is not None:
+        bounds.append(f'{"<" if open_high else "<="} {high:g}')
+    wanted = f'{"an integer" if kind is int else "a number"}' + (f' {" and ".join(bounds)}' if bounds else '')
+
+    def parse(text: str) -> Union[int, float]:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f'must be {wanted}, got {text!r}') from None
+        too_low = low is not None and (value <= low if open_low else value < low)
+        too_high = high is not None and (value >= high if open_high else value > high)
+        if too_low or too_high or value != value:  # value != value: NaN
+            raise argparse.ArgumentTypeError(f'must be {wanted}, got {text}')
+        return value
+    return parse
+
+
+positive_int = number(int, 1)
+non_negative_int = number(int, 0)
+positive_float = number(float, 0, open_low=True)
+non_negative_float = number(float, 0)
+
+
+def device(text: str) -> str:
+    """A torch device that exists on this machine (``cuda`` needs CUDA)."""
+    import torch
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f'{text!r} is not a device: use cpu or cuda[:N]') from None
+    if dev.type == 'cuda':
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f'{text}: this machine has no CUDA device (use --device cpu)')
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f'{text}: only {torch.cuda.device_count()} CUDA device(s)')
+    elif dev.type != 'cpu':
+        raise argparse.ArgumentTypeError(f'{text}: use cpu or cuda[:N]')
+    return text
+
+
+def _writable_dir(folder: Path, what: str) -> None:
+    if not folder.is_dir():
+        raise argparse.ArgumentTypeError(f'{what}: {folder} is not a folder')
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise argparse.ArgumentTypeError(f'{what}: the folder {folder} is not writable')
+
+
+def output_file(text: str) -> str:
+    """A file to write (``-``: stdout): not a folder, in an existing writable folder."""
+    if text == '-':
+        return text
+    path = Path(text)
+    if path.is_dir():
+        raise argparse.ArgumentTypeError(f'{text} is a folder, not a file')
+    if path.exists() and not os.access(path, os.W_OK):
+        raise argparse.ArgumentTypeError(f'{text} is not writable')
+    _writable_dir(path.parent, f'cannot write {text}')
+    return text
+
+
+def output_dir(text: str) -> Path:
+    """A folder to write into: an existing writable folder, or one that can be created."""
+    path = Path(text)
+    if path.exists() and not path.is_dir():
+        raise argparse.ArgumentTypeError(f'{text} is a file, not a folder')
+    existing = path
+    while not existing.exists():  # the nearest existing ancestor must be a writable folder
+        existing = existing.parent
+    _writable_dir(existing, f'cannot create or write the folder {text}')
+    return path
+
+
+def input_file(text: str) -> Path:
+    """An existing, readable file."""
+    path = Path(text)
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f'no such file: {text}')
+    if not path.is_file():
+        raise argparse.ArgumentTypeError(f'{text} is not a file')
+    if not os.access(path, os.R_OK):
+        raise argparse.ArgumentTypeError(f'{text} is not readable')
+    return path

@@ -148,7 +148,7 @@ def test_block_layouts():
 
 
 def test_spatial_ops_are_pluggable():
-    SPATIAL_OPS['test_avg'] = lambda channels, stride: nn.AvgPool2d(3, stride, padding=1)
+    SPATIAL_OPS['test_avg'] = lambda channels, stride, **dd: nn.AvgPool2d(3, stride, padding=1)
     try:
         model = timm.create_model('ours_r50_hybrid', spatial_op='test_avg').eval()
         assert isinstance(_spatial(model, 1, 0), nn.AvgPool2d)

@@ -5,8 +5,5 @@ Importing this package registers every model in timm's registry, so ``timm.creat
 """
 from .version import __version__
 from . import layers, models, rba  # rba registers the architecture of saved block approximations
-from .hub import install_pretrained_loader
-
-install_pretrained_loader()  # timm-pf Hub repos: safetensors only, clear errors when weights are missing
 
 __all__ = ['__version__', 'layers', 'models']

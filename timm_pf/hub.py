@@ -3,11 +3,9 @@
 Fetching: every pretrained tag of our models lives in its own repository of :data:`HF_HUB_ORG`
 (``timm-pf/<model>.<tag>``) and holds ``model.safetensors`` + ``config.json`` in timm's layout, so
 ``timm.create_model(name, pretrained=True)``, ``name.tag`` and ``hf-hub:timm-pf/<model>.<tag>[@revision]``
-all load through timm's own builder. :func:`install_pretrained_loader` routes the one download step of
-timm's builder for repositories of our organisation (and only those) through :func:`load_pf_state_dict`,
-which loads nothing but safetensors, checks the file against the sha256 the Hub recorded for it, and turns
-"not cached while offline", "no such repository/revision/file" into errors that say what is missing and
-how to get it.
+all load through our model builders (:mod:`timm_pf.models._pretrained`), which fetch nothing but
+safetensors, check the file against the sha256 the Hub recorded for it, and turn "not cached while
+offline", "no such repository/revision/file" into errors that say what is missing and how to get it.
 
 Converting and publishing: :func:`convert_checkpoint` turns an authors' checkpoint, a timm ``train.py``
 checkpoint or a safetensors file into a folder made by timm's ``save_for_hf`` after passing the family's
@@ -18,8 +16,6 @@ repository; both check that the weights load strictly and add a model card, and 
 the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
-import hashlib
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -31,41 +27,33 @@ import torch
 from torch import nn
 
 import timm
-from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import (
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
-from timm.models import get_arch_pretrained_cfgs, model_entrypoint, save_for_hf, split_model_name_tag
+from huggingface_hub.errors import HFValidationError
+from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 from timm.models._helpers import clean_state_dict
-from timm.models._hub import HF_WEIGHTS_NAME, hf_split, load_model_config_from_path
+from timm.models._hub import load_model_config_from_path
 
 from .models._cfg import HF_HUB_ORG, hub_repo_id
 from .models._checkpoint import CheckpointMismatch
+from .models._pretrained import (
+    WEIGHTS_NAME, PretrainedWeightsError, download_weights, is_pf_repo, pf_model_names, pf_pretrained_tags,
+    sha256_file as _sha256,
+)
 from .stats import count_params
 from .version import __version__
 
 __all__ = [
     'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'ConvertResult', 'PushPlan',
-    'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights',
-    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
+    'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'download_weights', 'read_checkpoint',
+    'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
 ]
 
-WEIGHTS_NAME = 'model.safetensors'
 CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
-_SHA256_RE = re.compile(r'[0-9a-f]{64}')
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights of a timm-pf tag cannot be fetched (not published, not cached offline, corrupted)."""
 
 
 class CheckpointError(ValueError):
@@ -78,21 +66,6 @@ class PushError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Our models and tags
-
-def pf_model_names() -> List[str]:
-    """Every architecture registered by a ``timm_pf`` module, sorted."""
-    return sorted(n for n in timm.list_models() if model_entrypoint(n).__module__.startswith('timm_pf.'))
-
-
-def pf_pretrained_tags(model_names: Optional[List[str]] = None) -> List[str]:
-    """``'model.tag'`` of every pretrained tag of our models whose weights live in :data:`HF_HUB_ORG`."""
-    tags = []
-    for arch in model_names if model_names is not None else pf_model_names():
-        for name_tag, cfg in get_arch_pretrained_cfgs(arch).items():
-            if cfg.hf_hub_id and is_pf_repo(cfg.hf_hub_id):
-                tags.append(name_tag)
-    return tags
-
 
 def resolve_name_tag(name: str) -> str:
     """``'model'`` or ``'model.tag'`` of one of our models -> ``'model.tag'`` (the default tag if none given)."""
@@ -110,110 +83,6 @@ def resolve_name_tag(name: str) -> str:
     if tag not in tags:
         raise PushError(f'{arch} has no pretrained tag {tag!r}; its tags are: {", ".join(tags)}.')
     return f'{arch}.{tag}'
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Fetching
-
-def is_pf_repo(hub_id: str) -> bool:
-    """Whether a Hub id (``org/name[@revision]``) is a repository of :data:`HF_HUB_ORG`."""
-    return hf_split(hub_id)[0].startswith(f'{HF_HUB_ORG}/')
-
-
-def _sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _verify_cached_blob(path: str, where: str) -> None:
-    """Compare a cached LFS file with the sha256 the Hub reported (the cache names the blob by it)."""
-    blob = Path(path).resolve()
-    if not _SHA256_RE.fullmatch(blob.name):
-        return  # a cache without symlinks (e.g. some Windows setups) keeps no hash to compare with
-    actual = _sha256(blob)
-    if actual != blob.name:
-        blob.unlink()  # let the next attempt download it again
-        raise PretrainedWeightsError(
-            f'{where}: the downloaded file is corrupted (sha256 {actual}, the Hub says {blob.name}). '
-            f'It was removed from the cache; try again.')
-
-
-def _push_command(repo_id: str) -> str:
-    """How weights get into ``repo_id``: ``push -m`` for a pretrained tag's repository, else ``push --repo-id``."""
-    name = repo_id.split('/', 1)[-1]
-    if name in pf_pretrained_tags():
-        return f'`timm-pf convert` and `timm-pf push --model {name}`'
-    return f'`timm-pf push <folder> --repo-id {repo_id}`'
-
-
-def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
-    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
-
-    Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it.
-    """
-    repo_id, revision = hf_split(hub_id)
-    name_tag = repo_id.split('/', 1)[-1]
-    at_rev = f' at revision {revision!r}' if revision else ''
-    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}, {WEIGHTS_NAME}{at_rev})'
-    try:
-        path = hf_hub_download(
-            repo_id, WEIGHTS_NAME, revision=revision, cache_dir=cache_dir,
-            library_name='timm-pf', library_version=__version__,
-        )
-    except LocalEntryNotFoundError as e:
-        cache = cache_dir or hf_constants.HF_HUB_CACHE
-        reason = 'HF_HUB_OFFLINE is set' if hf_constants.HF_HUB_OFFLINE else 'the Hub cannot be reached'
-        rev_arg = f' --revision {revision}' if revision else ''
-        raise PretrainedWeightsError(
-            f'The {where} are not in the local cache ({cache}) and {reason}. Fetch them once with network '
-            f'access: `hf download {repo_id} {WEIGHTS_NAME}{rev_arg}` (or create the model online), '
-            f'or use pretrained=False.') from e
-    except RevisionNotFoundError as e:
-        raise PretrainedWeightsError(
-            f'Revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of that repository '
-            f'(`huggingface_hub.HfApi().list_repo_refs({repo_id!r})`).') from e
-    except RepositoryNotFoundError as e:
-        raise PretrainedWeightsError(
-            f'No {where} are published: the Hub has no repository {repo_id} (or it is private and your token '
-            f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with {_push_command(repo_id)}, '
-            f'or use pretrained=False.') from e
-    except RemoteEntryNotFoundError as e:
-        raise PretrainedWeightsError(
-            f'{repo_id}{at_rev} has no {WEIGHTS_NAME}: timm-pf loads only safetensors weights. '
-            f'Publish them with {_push_command(repo_id)}.') from e
-    _verify_cached_blob(path, where)
-    return path
-
-
-def load_pf_state_dict(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, torch.Tensor]:
-    """State dict of ``model.safetensors`` of one of our Hub repositories (``org/name[@revision]``)."""
-    return safetensors.torch.load_file(download_weights(hub_id, cache_dir=cache_dir), device='cpu')
-
-
-_timm_load_state_dict_from_hf: Optional[Callable] = None
-
-
-def _load_state_dict_from_hf(model_id: str, filename: str = HF_WEIGHTS_NAME, weights_only: bool = True,
-                             cache_dir: Optional[Union[str, Path]] = None):
-    """timm's download step (same signature), routed to :func:`load_pf_state_dict` for our repositories."""
-    if is_pf_repo(model_id):
-        return load_pf_state_dict(model_id, cache_dir=cache_dir)
-    return _timm_load_state_dict_from_hf(model_id, filename, weights_only=weights_only, cache_dir=cache_dir)
-
-
-def install_pretrained_loader() -> None:
-    """Route timm's Hub download for our organisation's repositories through :func:`load_pf_state_dict`.
-
-    Every other repository keeps timm's own loader. Idempotent.
-    """
-    global _timm_load_state_dict_from_hf
-    from timm.models import _builder
-    if _builder.load_state_dict_from_hf is not _load_state_dict_from_hf:
-        _timm_load_state_dict_from_hf = _builder.load_state_dict_from_hf
-        _builder.load_state_dict_from_hf = _load_state_dict_from_hf
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -7,7 +7,6 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
-from timm.models import register_notrace_function
 from timm.models.vision_transformer import Block
 
 from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
@@ -59,20 +58,18 @@ def pf_block(
     return block
 
 
-# The input checks run in eager mode and as leaf calls of FX graphs (timm's notrace functions: their arguments
-# are not traced through); TorchScript skips them (``torch.jit.is_scripting()`` at the call sites) and runs them
-# as Python calls when it scripts an FX graph (``torch.jit.ignore``).
+# The families' input checks run in eager mode and as leaf calls of FX graphs: each family registers the check
+# its forward code calls with ``torch.fx.wrap`` (timm's ``register_notrace_function`` only reaches functions
+# named in the module of the traced ``forward``, timm's inherited one here); the check returns its input so
+# that FX keeps the call. TorchScript skips it (``torch.jit.is_scripting()`` at the call site) and runs it as
+# a Python call in a scripted FX graph (``torch.jit.ignore``).
 
-@register_notrace_function
-@torch.jit.ignore
 def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(f'expected a batch of {in_chans}-channel images (B, {in_chans}, H, W), '
                          f'got shape {tuple(x.shape)}')
 
 
-@register_notrace_function
-@torch.jit.ignore
 def reject_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
     if attn_mask is not None or is_causal:
         raise ValueError('attn_mask / is_causal are not supported: the efficient blocks mix the full token grid')

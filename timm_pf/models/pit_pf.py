@@ -22,7 +22,7 @@ from torch import nn
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, get_device_dtype, global_pool_nlc, trunc_normal_
-from timm.models import checkpoint_seq, register_model, register_notrace_function
+from timm.models import checkpoint_seq, register_model
 from timm.models.pit import ConvEmbedding
 
 from ..layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
@@ -37,15 +37,15 @@ from ._timm_private import feature_take_indices
 __all__ = ['PfPoolingVisionTransformer', 'checkpoint_filter_fn']
 
 
-@register_notrace_function  # a leaf call of FX graphs, see _pf_transformer
-@torch.jit.ignore
+@torch.jit.ignore  # and a leaf call of FX graphs, see _pf_transformer
 def _check_input(
         x: torch.Tensor,
         in_chans: int,
         img_size: Tuple[int, int],
         patch_size: Tuple[int, int],
         dynamic_img_size: bool,
-) -> None:
+) -> torch.Tensor:
+    """``x``, after checking it."""
     check_image_batch(x, in_chans)
     H, W = x.shape[-2:]
     if not dynamic_img_size and (H, W) != tuple(img_size):
@@ -55,6 +55,10 @@ def _check_input(
     ph, pw = patch_size
     if H < ph or W < pw:
         raise ValueError(f'input size {H}x{W} is smaller than the patch size {ph}x{pw}')
+    return x
+
+
+torch.fx.wrap('_check_input')
 
 
 class GridConvPooling(nn.Module):
@@ -245,8 +249,8 @@ class PfPoolingVisionTransformer(nn.Module):
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding plus position embedding, as a contiguous ``(B, H, W, C)`` grid."""
         if not torch.jit.is_scripting():
-            _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
-                         self.dynamic_img_size)
+            x = _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
+                             self.dynamic_img_size)
         x = self.patch_embed(x)
         pos_embed = self.pos_embed
         if self.dynamic_img_size:

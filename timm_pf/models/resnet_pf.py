@@ -35,7 +35,7 @@ from torch import nn
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, create_attn, create_conv2d
-from timm.models import register_model, register_notrace_function
+from timm.models import register_model
 from timm.models.resnet import ResNet
 
 from ..layers.deform_pool import LearnedDeformPool2d
@@ -288,7 +288,6 @@ class PfResNet(ResNet):
         return super().forward_intermediates(self._prepare_input(x), *args, **kwargs)
 
 
-@register_notrace_function  # a leaf call of FX graphs: checks and layout choice need the concrete input
 @torch.jit.ignore  # TorchScript skips it (see PfResNet._prepare_input), FX graphs scripted later call it
 def _prepare_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> torch.Tensor:
     """Check the input's shape and, on CPU, lay it out channels-last."""
@@ -301,6 +300,10 @@ def _prepare_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: st
     if x.device.type == 'cpu':
         x = x.contiguous(memory_format=torch.channels_last)
     return x
+
+
+# a leaf call of FX graphs: the checks and the layout choice need the concrete input
+torch.fx.wrap('_prepare_input')
 
 
 # Official (naver-ai/PfLayer resnet_pf.py) parameter names -> ours.

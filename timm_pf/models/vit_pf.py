@@ -25,7 +25,7 @@ import torch
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed
-from timm.models import register_model, register_notrace_function
+from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers.token_mixers import EfficientTokenMixer, GridAttention
@@ -43,8 +43,7 @@ _SEQUENCE_ONLY_KWARGS = ('class_token', 'reg_tokens', 'no_embed_class', 'patch_d
                          'block_fn', 'attn_layer')
 
 
-@register_notrace_function  # a leaf call of FX graphs, see _pf_transformer
-@torch.jit.ignore
+@torch.jit.ignore  # and a leaf call of FX graphs, see _pf_transformer
 def _check_input(
         x: torch.Tensor,
         in_chans: int,
@@ -52,7 +51,11 @@ def _check_input(
         patch_size: Tuple[int, int],
         dynamic_img_size: bool,
         dynamic_img_pad: bool,
-) -> None:
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+) -> torch.Tensor:
+    """``x``, after checking it and the (unsupported) attention masks."""
+    reject_masks(attn_mask, is_causal)
     check_image_batch(x, in_chans)
     H, W = x.shape[-2:]
     if not dynamic_img_size:
@@ -65,6 +68,10 @@ def _check_input(
         if H % ph or W % pw:
             raise ValueError(f'input size {H}x{W} is not divisible by the patch size {ph}x{pw} '
                              f'(or create the model with dynamic_img_pad=True)')
+    return x
+
+
+torch.fx.wrap('_check_input')
 
 
 class PfVisionTransformer(VisionTransformer):
@@ -126,10 +133,17 @@ class PfVisionTransformer(VisionTransformer):
             **kwargs,
         )
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        if not torch.jit.is_scripting():
-            _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
-                         self.dynamic_img_size, self.patch_embed.dynamic_img_pad)
+    def _check_input(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            reject_masks(attn_mask, is_causal)
+            return x
+        return _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
+                            self.dynamic_img_size, self.patch_embed.dynamic_img_pad, attn_mask, is_causal)
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add the (resampled if needed) position embedding to the ``(B, H, W, C)`` patch grid.
@@ -155,9 +169,7 @@ class PfVisionTransformer(VisionTransformer):
             is_causal: bool = False,
     ) -> torch.Tensor:
         """Normalized tokens, ``(B, H*W, C)`` as in timm's ViT."""
-        if not torch.jit.is_scripting():
-            reject_masks(attn_mask, is_causal)
-        self._check_input(x)
+        x = self._check_input(x, attn_mask, is_causal)
         return super().forward_features(x).flatten(1, 2)
 
     def forward_intermediates(
@@ -174,9 +186,7 @@ class PfVisionTransformer(VisionTransformer):
             is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's ``forward_intermediates``: block outputs as NCHW maps or NLC tokens (no prefix tokens)."""
-        if not torch.jit.is_scripting():
-            reject_masks(attn_mask, is_causal)
-        self._check_input(x)
+        x = self._check_input(x, attn_mask, is_causal)
         out = super().forward_intermediates(
             x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only, output_dict=output_dict)

@@ -69,7 +69,8 @@ def test_filter_unwraps_and_strips_module_prefix():
 def test_filter_names_the_wrong_model():
     official, _, _, _ = load_official_fixture('ours_r50_max')
     model = timm.create_model('ours_r50_hybrid')
-    with pytest.raises(ValueError, match=r'fit ours_r50_hybrid: the checkpoint fits ours_r50_max .*missing: layer2\.0\.spatial'):
+    expected = r'ours_r50_hybrid: the checkpoint fits ours_r50_max .*missing: layer2\.0\.spatial'
+    with pytest.raises(ValueError, match=expected):
         checkpoint_filter_fn(official, model)
 
 

@@ -7,14 +7,28 @@ from typing import Any, Callable, Dict, Mapping, Optional
 
 import torch
 from torch import nn
+
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import Block
 
 from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
+from ._cfg import PF_LAYERS_PAPER
 
 __all__ = [
-    'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block', 'check_image_batch', 'reject_masks',
+    'DEIT_EVAL_CFG', 'TO_TRAIN_NOTE', 'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block', 'check_image_batch',
+    'reject_masks',
     'convert_block_keys',
 ]
+
+# Pretrained-cfg entries of the DeiT-style evaluation the authors' ViT and PiT training code uses.
+DEIT_EVAL_CFG = dict(
+    num_classes=1000, input_size=(3, 224, 224), pool_size=None, fixed_input_size=True,
+    crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
+    classifier='head', **PF_LAYERS_PAPER,
+)
+# The note of the tags of architectures without released weights: they name where weights trained with
+# train_configs/<model>.yaml will be published.
+TO_TRAIN_NOTE = 'Weights to be trained with the timm-pf DeiT recipe.'
 
 # Which blocks (index within the stack; within each stage for PiT) get the efficient token mixer.
 EFFICIENT_BLOCK_PATTERNS: Dict[str, Callable[[int], bool]] = {

@@ -299,11 +299,9 @@ def _adapt_dynamic_stem(state_dict: Dict[str, torch.Tensor], stem: DynamicConv2d
     out_chs, _, kh, kw = stem.weight_shape
     if experts.shape != (num_experts, out_chs * base_chans * kh * kw):
         return {}  # reported by the shape check
-    adapted = adapt_input_conv(stem.in_channels, experts.reshape(num_experts * out_chs, base_chans, kh, kw), base_chans)
-    return {
-        'conv_stem.weight': adapted.reshape(num_experts, -1),
-        'conv_stem.routing.weight': adapt_input_conv(stem.in_channels, routing[:, :, None, None], base_chans)[:, :, 0, 0],
-    }
+    experts = adapt_input_conv(stem.in_channels, experts.reshape(num_experts * out_chs, base_chans, kh, kw), base_chans)
+    routing = adapt_input_conv(stem.in_channels, routing[:, :, None, None], base_chans)
+    return {'conv_stem.weight': experts.reshape(num_experts, -1), 'conv_stem.routing.weight': routing[:, :, 0, 0]}
 
 
 def _mismatch_hints(

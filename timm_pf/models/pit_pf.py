@@ -20,16 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import LayerNorm, get_device_dtype, global_pool_nlc, trunc_normal_
 from timm.models import checkpoint_seq, register_model
 from timm.models.pit import ConvEmbedding
 
 from ..layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
-from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
+from ._cfg import generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
 from ._pf_transformer import (
-    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, pf_block,
+    DEIT_EVAL_CFG, EFFICIENT_BLOCK_PATTERNS, TO_TRAIN_NOTE, check_image_batch, check_mixer_args, convert_block_keys,
+    pf_block,
 )
 from ._pretrained import build_pf_model
 from ._timm_private import feature_take_indices
@@ -375,20 +375,9 @@ def _create_pit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfP
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    """Pretrained cfg of the DeiT-style evaluation the authors' PiT training code uses."""
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'fixed_input_size': True,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.conv', 'classifier': 'head',
-        **PF_LAYERS_PAPER, **kwargs,
-    }
+    return {**DEIT_EVAL_CFG, 'first_conv': 'patch_embed.conv', **kwargs}
 
 
-_TO_TRAIN = 'Weights to be trained with the timm-pf DeiT recipe.'
-
-# The tags of architectures without released weights name where weights trained with
-# train_configs/<model>.yaml will be published.
 default_cfgs = generate_pf_cfgs({
     'pit_s_maxpool.pf_in1k': _cfg(notes=(
         "The authors' released PiT-S-max checkpoint (pit_pf.py 'pit_s_max'), converted: "
@@ -397,13 +386,13 @@ default_cfgs = generate_pf_cfgs({
         'the README does not say which recipe the released file was trained with.',
     )),
     'pit_ti_maxpool.in1k': _cfg(notes=(
-        'PiT-Ti with alternating max-pool blocks (pit_pf.py pit_ti_max); no released weights.', _TO_TRAIN)),
+        'PiT-Ti with alternating max-pool blocks (pit_pf.py pit_ti_max); no released weights.', TO_TRAIN_NOTE)),
     'pit_b_maxpool.in1k': _cfg(notes=(
-        'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.', _TO_TRAIN)),
+        'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.', TO_TRAIN_NOTE)),
     'pit_s_dwconv.in1k': _cfg(notes=(
-        'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.', _TO_TRAIN)),
+        'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
     'pit_s_maxpool_all.in1k': _cfg(notes=(
-        'PiT-S with every block efficient (Appendix A); no released weights.', _TO_TRAIN)),
+        'PiT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
 })
 
 

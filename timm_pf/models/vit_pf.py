@@ -23,16 +23,16 @@ from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 import torch
 
 import timm
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import PatchEmbed, resample_abs_pos_embed
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers.token_mixers import EfficientTokenMixer, GridAttention
-from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
+from ._cfg import generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
 from ._pf_transformer import (
-    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, pf_block, reject_masks,
+    DEIT_EVAL_CFG, EFFICIENT_BLOCK_PATTERNS, TO_TRAIN_NOTE, check_image_batch, check_mixer_args, convert_block_keys,
+    pf_block, reject_masks,
 )
 from ._pretrained import build_pf_model
 
@@ -254,20 +254,9 @@ def _create_vit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfV
 
 
 def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    """Pretrained cfg of the DeiT-style evaluation the authors' ViT training code uses."""
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'fixed_input_size': True,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        **PF_LAYERS_PAPER, **kwargs,
-    }
+    return {**DEIT_EVAL_CFG, 'first_conv': 'patch_embed.proj', **kwargs}
 
 
-_TO_TRAIN = 'Weights to be trained with the timm-pf DeiT recipe.'
-
-# The tags of architectures without released weights name where weights trained with
-# train_configs/<model>.yaml will be published.
 default_cfgs = generate_pf_cfgs({
     'vit_s_maxpool.pf_in1k': _cfg(notes=(
         "The authors' released ViT-S-max checkpoint (vit_pf.py 'vit_s_max'), converted: "
@@ -276,13 +265,13 @@ default_cfgs = generate_pf_cfgs({
         'the README does not say which recipe the released file was trained with.',
     )),
     'vit_ti_maxpool.in1k': _cfg(notes=(
-        'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.', _TO_TRAIN)),
+        'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.', TO_TRAIN_NOTE)),
     'vit_b_maxpool.in1k': _cfg(notes=(
-        'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.', _TO_TRAIN)),
+        'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.', TO_TRAIN_NOTE)),
     'vit_s_dwconv.in1k': _cfg(notes=(
-        'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.', _TO_TRAIN)),
+        'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
     'vit_s_maxpool_all.in1k': _cfg(notes=(
-        'ViT-S with every block efficient (Appendix A); no released weights.', _TO_TRAIN)),
+        'ViT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
 })
 
 

@@ -29,18 +29,20 @@ TESTS = HERE.parent
 sys.path[:0] = [str(HERE), str(TESTS)]
 
 # Tests left out by default, as (test name pattern, model name patterns); --full runs them all. Every variant
-# runs the forward, backward, default-cfg, feature and FX forward tests; TorchScript, FX + TorchScript, FX
-# backward and the pretrained loads leave out the largest variants. Why: for the 45-130M parameter variants
-# these take most of the suite's time while exercising exactly the block classes of their smaller siblings
-# (same family, more or wider blocks), which run them.
+# runs the forward, default-cfg and feature tests; the backward, FX, TorchScript and pretrained tests leave out
+# the largest variants. Why: for the 45-130M parameter variants these take most of the suite's time while
+# exercising exactly the block classes of their smaller siblings (same family, more or wider blocks), which
+# run them.
 LARGE_VARIANTS = (
     'ours_r101_hybrid*', 'ours_wrn50_2_hybrid*', 'ours_wrn101_2_hybrid*', 'vit_b_*', 'pit_b_*',
     'resnet101_replace', 'resnet152_replace', 'parameternet_600m*', 'ghostnet_600m*',
 )
 DEFAULT_SKIPS = (
+    ('test_model_backward', LARGE_VARIANTS),
+    ('test_model_forward_fx', LARGE_VARIANTS),
+    ('test_model_backward_fx', LARGE_VARIANTS),
     ('test_model_forward_torchscript', LARGE_VARIANTS),
     ('test_model_forward_fx_torchscript', LARGE_VARIANTS),
-    ('test_model_backward_fx', LARGE_VARIANTS),
     ('test_model_load_pretrained', LARGE_VARIANTS),
     ('test_model_features_pretrained', LARGE_VARIANTS),
 )

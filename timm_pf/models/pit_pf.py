@@ -319,9 +319,9 @@ class PfPoolingVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resample_pos_embed(pos_embed: torch.Tensor, size: List[int]) -> torch.Tensor:
     """Bicubic resampling of a ``(1, C, H, W)`` position embedding, as the authors' PiT forward does."""
-    return F.interpolate(pos_embed.float(), size=tuple(size), mode='bicubic', align_corners=False).to(pos_embed.dtype)
+    return F.interpolate(pos_embed.float(), size=size, mode='bicubic', align_corners=False).to(pos_embed.dtype)
 
 
 def checkpoint_filter_fn(

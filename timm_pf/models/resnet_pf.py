@@ -35,7 +35,7 @@ from torch import nn
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, create_attn, create_conv2d
-from timm.models import register_model
+from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import ResNet
 
 from ..layers.deform_pool import LearnedDeformPool2d
@@ -277,12 +277,17 @@ class PfResNet(ResNet):
         self.maxpool = PfMaxPool2d(3, stride=2)
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.jit.is_scripting():
-            return x
-        return _prepare_input(x, self.in_chans, self.feature_info[-1]['reduction'], type(self).__name__)
+        if not torch.jit.is_scripting():
+            x = _prepare_input(x, self.in_chans, self.feature_info[-1]['reduction'], type(self).__name__)
+        return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward_features(self._prepare_input(x))
+        """timm's ResNet steps after the input check, written out: TorchScript has no ``super()``."""
+        x = self._prepare_input(x)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         return super().forward_intermediates(self._prepare_input(x), *args, **kwargs)

@@ -24,7 +24,7 @@ import torch
 
 import timm
 from timm.layers import PatchEmbed, resample_abs_pos_embed
-from timm.models import register_model
+from timm.models import checkpoint_seq, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers.token_mixers import EfficientTokenMixer, GridAttention
@@ -141,9 +141,10 @@ class PfVisionTransformer(VisionTransformer):
     ) -> torch.Tensor:
         if torch.jit.is_scripting():
             reject_masks(attn_mask, is_causal)
-            return x
-        return _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
-                            self.dynamic_img_size, self.patch_embed.dynamic_img_pad, attn_mask, is_causal)
+        else:
+            x = _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
+                             self.dynamic_img_size, self.patch_embed.dynamic_img_pad, attn_mask, is_causal)
+        return x
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
         """Add the (resampled if needed) position embedding to the ``(B, H, W, C)`` patch grid.
@@ -168,9 +169,15 @@ class PfVisionTransformer(VisionTransformer):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        """Normalized tokens, ``(B, H*W, C)`` as in timm's ViT."""
+        """Normalized tokens, ``(B, H*W, C)`` as in timm's ViT (its steps written out: TorchScript has no
+        ``super()``)."""
         x = self._check_input(x, attn_mask, is_causal)
-        return super().forward_features(x).flatten(1, 2)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x).flatten(1, 2)
 
     def forward_intermediates(
             self,

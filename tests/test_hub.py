@@ -373,10 +373,10 @@ def test_each_command_has_help(command, capsys):
     assert [o for o in HELP_OPTIONS[command] if o not in out] == []
 
 
-def test_loader_hook_is_installed_for_our_repos_only():
-    from timm.models import _builder
+def test_timm_loader_untouched_our_repos_recognised():
+    from timm.models import _builder, _hub
     from timm_pf.tools import hub
-    assert _builder.load_state_dict_from_hf is hub._load_state_dict_from_hf
+    assert _builder.load_state_dict_from_hf is _hub.load_state_dict_from_hf  # import timm_pf patches nothing
     assert hub.is_pf_repo('timm-pf/ours_x.tag@abc') and not hub.is_pf_repo('timm/resnet50.a1_in1k')
     assert hub.is_pf_repo(timm.models.get_pretrained_cfg(pf_pretrained_tags()[0]).hf_hub_id)
 

@@ -6,7 +6,7 @@ from torch import nn
 
 from _official import load_official_fixture
 from timm_pf.layers import DynamicConv2d
-from timm_pf.models.parameternet import GHOSTNET_V1_CFGS, GhostNet, checkpoint_filter_fn, upcycle_state_dict
+from timm_pf.models.parameternet import GHOSTNET_V1_CFGS, ParameterNet, checkpoint_filter_fn, upcycle_state_dict
 from timm_pf.methods.stats import count_macs, count_params
 
 # name, kwargs, params, paper FLOPs in M (Table 2; Table 4 for 2 / 8 experts)
@@ -181,7 +181,7 @@ def test_onnx_dynamic_batch(tmp_path):
     ort = pytest.importorskip('onnxruntime')
     # the first four stages of ghostnet_dyn (stem, identity and projection shortcuts, 5x5 + SE, final conv)
     # keep the export quick; every dynamic conv kind of the full models is in it
-    model = _randomise_bn(GhostNet(GHOSTNET_V1_CFGS[:4], num_experts=4, num_classes=10)).eval()
+    model = _randomise_bn(ParameterNet(GHOSTNET_V1_CFGS[:4], num_experts=4, num_classes=10)).eval()
     path = tmp_path / 'ghostnet_dyn.onnx'
     x = torch.randn(4, 3, 64, 64)
     batch = torch.export.Dim('batch', min=1, max=64)

@@ -69,7 +69,8 @@ def test_filter_unwraps_and_strips_module_prefix():
 def test_filter_names_the_wrong_model():
     official, _, _, _ = load_official_fixture('ours_r50_max')
     model = timm.create_model('ours_r50_hybrid')
-    with pytest.raises(ValueError, match=r'ours_r50_max.*not ours_r50_hybrid.*missing: layer2\.0\.spatial'):
+    expected = r'ours_r50_hybrid: the checkpoint fits ours_r50_max .*missing: layer2\.0\.spatial'
+    with pytest.raises(ValueError, match=expected):
         checkpoint_filter_fn(official, model)
 
 
@@ -148,7 +149,7 @@ def test_block_layouts():
 
 
 def test_spatial_ops_are_pluggable():
-    SPATIAL_OPS['test_avg'] = lambda channels, stride: nn.AvgPool2d(3, stride, padding=1)
+    SPATIAL_OPS['test_avg'] = lambda channels, stride, **dd: nn.AvgPool2d(3, stride, padding=1)
     try:
         model = timm.create_model('ours_r50_hybrid', spatial_op='test_avg').eval()
         assert isinstance(_spatial(model, 1, 0), nn.AvgPool2d)

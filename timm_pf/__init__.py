@@ -5,9 +5,7 @@ Importing this package registers every model in timm's registry, so ``timm.creat
 """
 from .version import __version__
 from . import _moved, layers, models
-from .tools.hub import install_pretrained_loader
 
-install_pretrained_loader()  # timm-pf Hub repos: safetensors only, clear errors when weights are missing
 _moved.install()  # the import paths from before the layout (timm_pf.rba, timm_pf.hub, ...)
 __getattr__ = _moved.package_getattr
 

@@ -8,6 +8,14 @@ from timm.models import generate_default_cfgs
 
 HF_HUB_ORG = 'timm-pf'
 
+#: Pretrained-cfg entries of the models of "Learning Features with Parameter-Free Layers" (ResNet, ViT, PiT).
+PF_LAYERS_PAPER = dict(
+    license='apache-2.0',
+    paper_ids='arXiv:2202.02777',
+    paper_name='Learning Features with Parameter-Free Layers',
+    origin_url='https://github.com/naver-ai/PfLayer',
+)
+
 
 def hub_repo_id(name_tag: str) -> str:
     """Hub repository of a pretrained tag, e.g. ``'ours_r50_max.pf_in1k'`` -> ``'timm-pf/ours_r50_max.pf_in1k'``."""

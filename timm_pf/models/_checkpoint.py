@@ -2,15 +2,23 @@
 
 ``unwrap_checkpoint`` takes the tensors out of a training checkpoint; ``check_matches_model`` raises a
 ValueError naming the missing, unexpected and mis-shaped tensors when a (converted) checkpoint does not
-fit a model. Each family keeps its own key conversion and its own hints about what went wrong.
+fit a model, with a hint naming the registered models the checkpoint does fit (or, when none does, the
+family its keys look like), and a :class:`CheckpointDtypeError` for integer tensors where the model has
+float ones. Each family keeps its own key conversion and its own hints about what went wrong.
 """
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
-from timm.models._helpers import clean_state_dict
 
-__all__ = ['CheckpointMismatch', 'check_matches_model', 'unwrap_checkpoint']
+import timm
+from timm.models import clean_state_dict
+
+__all__ = ['CheckpointDtypeError', 'CheckpointMismatch', 'check_matches_model', 'fitting_models', 'unwrap_checkpoint']
+
+
+class CheckpointDtypeError(ValueError):
+    """A checkpoint holds integer (or bool) tensors where the model has floating-point ones."""
 
 
 def unwrap_checkpoint(
@@ -73,24 +81,85 @@ class CheckpointMismatch:
         return lines
 
 
+def _mismatch(
+        state_dict: Mapping[str, torch.Tensor],
+        expected: Mapping[str, torch.Tensor],
+        first_conv: Optional[str],
+        classifier: str,
+) -> CheckpointMismatch:
+    """How ``state_dict`` differs from ``expected`` where it matters to timm's pretrained loader: the
+    ``classifier`` and the input channels of the ``first_conv`` weight may differ (the loader drops or
+    adapts them for another ``num_classes`` / ``in_chans``)."""
+    mismatch = CheckpointMismatch.between(state_dict, expected, lambda k: k.startswith(f'{classifier}.'))
+    mismatch.mis_shaped = [  # the first conv may differ in its input channels only
+        (k, shape, want) for k, shape, want in mismatch.mis_shaped
+        if not (k == f'{first_conv}.weight' and shape[:1] + shape[2:] == want[:1] + want[2:])]
+    return mismatch
+
+
+def fitting_models(
+        state_dict: Mapping[str, torch.Tensor],
+        candidates: Iterable[str],
+        first_conv: Optional[str] = None,
+        classifier: str = 'head',
+        **model_kwargs: Any,
+) -> List[str]:
+    """The registered ``candidates`` (built with ``model_kwargs``) whose parameters ``state_dict`` has, by name
+    and shape. Each is built on the meta device: no memory, no initialisation."""
+    return [name for name in candidates if not _mismatch(
+        state_dict, timm.create_model(name, device='meta', **model_kwargs).state_dict(), first_conv, classifier)]
+
+
+def _family(keys: Iterable[str]) -> Optional[str]:
+    """The kind of network a set of parameter names comes from, as far as the keys tell."""
+    keys = set(keys)
+    if any(k.startswith('transformers.') for k in keys):
+        return 'a PiT'
+    if 'patch_embed.proj.weight' in keys:
+        return 'a ViT'
+    if 'conv_stem.weight' in keys and any(k.startswith('blocks.') for k in keys):
+        return 'a GhostNet / ParameterNet'
+    if 'conv1.weight' in keys and any(k.startswith('layer1.') for k in keys):
+        return 'a ResNet'
+    return None
+
+
+def _check_dtypes(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], name: str) -> None:
+    """Refuse integer tensors for float parameters: loading would silently turn them into floats."""
+    wrong = [f'{k} is {v.dtype}, the model\'s {expected[k].dtype}' for k, v in state_dict.items()
+             if k in expected and expected[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
+    if wrong:
+        more = f'; ... ({len(wrong) - 5} more)' if len(wrong) > 5 else ''
+        raise CheckpointDtypeError(
+            f'checkpoint does not fit {name}: {len(wrong)} integer tensors for float parameters (a corrupted or '
+            f'quantized checkpoint?): ' + '; '.join(wrong[:5]) + more)
+
+
 def check_matches_model(
         state_dict: Mapping[str, torch.Tensor],
         model: nn.Module,
         first_conv: Optional[str] = None,
         classifier: str = 'head',
-        hints: Callable[[CheckpointMismatch], Iterable[str]] = lambda mismatch: (),
+        candidates: Sequence[str] = (),
+        hints: Callable[[CheckpointMismatch, List[str]], Iterable[str]] = lambda mismatch, fits: (),
 ) -> None:
     """Raise a ValueError naming missing, unexpected and mis-shaped keys of ``state_dict`` for ``model``.
 
     The ``classifier`` and the input channels of the ``first_conv`` weight may differ: timm's pretrained
     loader drops or adapts them after the filter (``num_classes`` / ``in_chans`` other than the
-    checkpoint's). ``hints`` adds family-specific explanations (e.g. the checkpoint's block layout).
+    checkpoint's). On a mismatch the message names those of the registered ``candidates`` the checkpoint
+    fits, else the family its keys look like when it is not the model's; ``hints(mismatch, fits)`` adds
+    family-specific explanations. Integer tensors for float parameters raise :class:`CheckpointDtypeError`.
     """
-    mismatch = CheckpointMismatch.between(state_dict, model.state_dict(), lambda k: k.startswith(f'{classifier}.'))
-    mismatch.mis_shaped = [  # the first conv may differ in its input channels only
-        (k, shape, want) for k, shape, want in mismatch.mis_shaped
-        if not (k == f'{first_conv}.weight' and shape[:1] + shape[2:] == want[:1] + want[2:])]
+    expected = model.state_dict()
+    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    mismatch = _mismatch(state_dict, expected, first_conv, classifier)
     if mismatch:
-        name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-        problems = [*hints(mismatch), *mismatch.describe()]
-        raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join(problems))
+        fits = fitting_models(state_dict, [c for c in candidates if c != name], first_conv, classifier)
+        problems = list(hints(mismatch, fits))
+        if fits:
+            problems.insert(0, f'the checkpoint fits {", ".join(fits)}')
+        elif _family(state_dict) and _family(state_dict) != _family(expected):
+            problems.insert(0, f'its keys look like {_family(state_dict)} checkpoint')
+        raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join([*problems, *mismatch.describe()]))
+    _check_dtypes(state_dict, expected, name)

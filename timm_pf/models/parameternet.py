@@ -5,8 +5,9 @@ Han et al., CVPR 2024 (arXiv:2306.14525). Official code:
 https://github.com/huawei-noah/Efficient-AI-Backbones/tree/master/parameternet_pytorch
 
 ParameterNet is "constructed by replacing the conventional convolutional layer with dynamic convolution"
-(§5.2), so one GhostNet builds every variant from a conv factory: ``num_experts=1`` gives the plain
-GhostNet baselines, ``num_experts>1`` the dynamic ones (the Table 4 ablation). As in the official code
+(§5.2), so one class, :class:`ParameterNet` (a timm GhostNet), builds every variant from a conv factory:
+``num_experts=1`` gives the plain GhostNet baselines, ``num_experts>1`` the dynamic ones (the Table 4
+ablation). As in the official code
 the dynamic convs are the stem, both convs of every Ghost module (primary 1x1 and cheap depthwise), the
 depthwise and pointwise convs of a projection shortcut and the final 1x1 conv; the stride-2 depthwise
 conv, squeeze-excite, ``conv_head`` and classifier stay static.
@@ -27,19 +28,24 @@ from typing import Any, Callable, Dict, List, Type, Union
 import torch
 from torch import nn
 
+import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, Linear, SelectAdaptivePool2d, make_divisible
-from timm.models import build_model_with_cfg, register_model
-from timm.models import ghostnet as timm_ghostnet
-from timm.models._efficientnet_blocks import ConvBnAct as TimmConvBnAct
+from timm.layers import DropPath, Linear, make_divisible
+from timm.models import GhostNet, adapt_input_conv, register_model
+from timm.models.ghostnet import GhostModule
 
 from ..layers.dynamic_conv import DynamicConv2d
 from ._cfg import generate_pf_cfgs
-from ._checkpoint import CheckpointMismatch, check_matches_model, unwrap_checkpoint
+from ._checkpoint import CheckpointMismatch, check_matches_model, fitting_models, unwrap_checkpoint
+from ._pretrained import build_pf_model
+from ._timm_private import ConvBnAct, SqueezeExcite
 
-__all__ = ['GhostNet', 'checkpoint_filter_fn', 'upcycle_state_dict']
+__all__ = ['ParameterNet', 'checkpoint_filter_fn', 'upcycle_state_dict']
 
 ConvLayer = Callable[..., nn.Module]
+
+# timm's GhostNet squeeze-excite (hard-sigmoid gate, reduced width rounded to 4), here with the block activation
+_SE_LAYER = partial(SqueezeExcite, gate_layer='hard_sigmoid', rd_round_fn=partial(make_divisible, divisor=4))
 
 # k, expansion (mid) chs, out chs, SE ratio, stride; one inner list per stage
 GHOSTNET_V1_CFGS = [
@@ -71,9 +77,9 @@ PARAMETERNET_600M_CFGS = [
 
 
 def conv_factory(num_experts: int = 1, routing: str = 'sigmoid') -> ConvLayer:
-    """``conv(in_chs, out_chs, kernel_size, stride=1, padding=0, groups=1)`` for the convs ParameterNet
-    makes dynamic: a plain ``nn.Conv2d`` for one expert (the GhostNet baseline, Table 4's first row),
-    else a :class:`DynamicConv2d` with ``num_experts`` experts."""
+    """``conv(in_chs, out_chs, kernel_size, stride=1, padding=0, groups=1, device=None, dtype=None)`` for the
+    convs ParameterNet makes dynamic: a plain ``nn.Conv2d`` for one expert (the GhostNet baseline, Table 4's
+    first row), else a :class:`DynamicConv2d` with ``num_experts`` experts."""
     if num_experts < 1:
         raise ValueError(f'num_experts must be >= 1, got {num_experts}')
     if num_experts == 1:
@@ -81,31 +87,56 @@ def conv_factory(num_experts: int = 1, routing: str = 'sigmoid') -> ConvLayer:
     return partial(DynamicConv2d, bias=False, num_experts=num_experts, routing=routing)
 
 
-class GhostModule(timm_ghostnet.GhostModule):
-    """timm's Ghost module with its primary (1x1) and cheap (depthwise 3x3) convs built by ``conv_layer``."""
+class ParameterNetGhostModule(GhostModule):
+    """timm's Ghost module with its primary (1x1) and cheap (depthwise 3x3) convs built by ``conv_layer``.
 
-    def __init__(self, in_chs: int, out_chs: int, act_layer: Type[nn.Module], conv_layer: ConvLayer):
-        super().__init__(in_chs, out_chs, act_layer=act_layer)
+    timm's GhostModule has no conv argument: its two convs are replaced after its constructor.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            act_layer: Type[nn.Module],
+            conv_layer: ConvLayer,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(in_chs, out_chs, act_layer=act_layer, **dd)
         init_chs = self.primary_conv[0].out_channels
         new_chs = self.cheap_operation[0].out_channels
-        self.primary_conv[0] = conv_layer(in_chs, init_chs, 1)
-        self.cheap_operation[0] = conv_layer(init_chs, new_chs, 3, padding=1, groups=init_chs)
+        self.primary_conv[0] = conv_layer(in_chs, init_chs, 1, **dd)
+        self.cheap_operation[0] = conv_layer(init_chs, new_chs, 3, padding=1, groups=init_chs, **dd)
 
 
-class ConvBnAct(TimmConvBnAct):
-    """timm's ConvBnAct (``conv``, ``bn1`` with activation) with its conv built by ``conv_layer``."""
+class ParameterNetConvBnAct(ConvBnAct):
+    """timm's ConvBnAct (``conv``, ``bn1`` with activation) with its conv built by ``conv_layer``.
 
-    def __init__(self, in_chs: int, out_chs: int, act_layer: Type[nn.Module], conv_layer: ConvLayer):
-        super().__init__(in_chs, out_chs, 1, act_layer=act_layer)
-        self.conv = conv_layer(in_chs, out_chs, 1)
+    timm's ConvBnAct has no conv argument: its conv is replaced after its constructor.
+    """
+
+    def __init__(
+            self,
+            in_chs: int,
+            out_chs: int,
+            act_layer: Type[nn.Module],
+            conv_layer: ConvLayer,
+            device=None,
+            dtype=None,
+    ):
+        dd = {'device': device, 'dtype': dtype}
+        super().__init__(in_chs, out_chs, 1, act_layer=act_layer, **dd)
+        self.conv = conv_layer(in_chs, out_chs, 1, **dd)
 
 
-class GhostBottleneck(nn.Module):
+class ParameterNetBottleneck(nn.Module):
     """Ghost bottleneck (timm's layout and keys) with a conv factory, SE activation and drop-path.
 
     ghost1 -> [stride-2 depthwise conv + BN] -> [SE] -> ghost2, plus the identity or a projection
     shortcut (depthwise conv + BN + 1x1 conv + BN). The official ParameterNet passes the block
-    activation to the SE (hard-swish in ParameterNet-600M) and drops the residual branch per sample.
+    activation to the SE (hard-swish in ParameterNet-600M) and drops the residual branch per sample,
+    which timm's GhostBottleneck has no arguments for.
     """
 
     def __init__(
@@ -119,28 +150,31 @@ class GhostBottleneck(nn.Module):
             se_ratio: float = 0.,
             drop_path_rate: float = 0.,
             conv_layer: ConvLayer = nn.Conv2d,
+            device=None,
+            dtype=None,
     ):
+        dd = {'device': device, 'dtype': dtype}
         super().__init__()
         dw_padding = (dw_kernel_size - 1) // 2
         self.stride = stride
-        self.ghost1 = GhostModule(in_chs, mid_chs, act_layer, conv_layer)
+        self.ghost1 = ParameterNetGhostModule(in_chs, mid_chs, act_layer, conv_layer, **dd)
         if stride > 1:
             self.conv_dw = nn.Conv2d(
-                mid_chs, mid_chs, dw_kernel_size, stride=stride, padding=dw_padding, groups=mid_chs, bias=False)
-            self.bn_dw = nn.BatchNorm2d(mid_chs)
+                mid_chs, mid_chs, dw_kernel_size, stride=stride, padding=dw_padding, groups=mid_chs, bias=False, **dd)
+            self.bn_dw = nn.BatchNorm2d(mid_chs, **dd)
         else:
             self.conv_dw = None
             self.bn_dw = None
-        self.se = timm_ghostnet._SE_LAYER(mid_chs, rd_ratio=se_ratio, act_layer=act_layer) if se_ratio else None
-        self.ghost2 = GhostModule(mid_chs, out_chs, nn.Identity, conv_layer)
+        self.se = _SE_LAYER(mid_chs, rd_ratio=se_ratio, act_layer=act_layer, **dd) if se_ratio else None
+        self.ghost2 = ParameterNetGhostModule(mid_chs, out_chs, nn.Identity, conv_layer, **dd)
         if in_chs == out_chs and stride == 1:
             self.shortcut = nn.Sequential()
         else:
             self.shortcut = nn.Sequential(
-                conv_layer(in_chs, in_chs, dw_kernel_size, stride=stride, padding=dw_padding, groups=in_chs),
-                nn.BatchNorm2d(in_chs),
-                conv_layer(in_chs, out_chs, 1),
-                nn.BatchNorm2d(out_chs),
+                conv_layer(in_chs, in_chs, dw_kernel_size, stride=stride, padding=dw_padding, groups=in_chs, **dd),
+                nn.BatchNorm2d(in_chs, **dd),
+                conv_layer(in_chs, out_chs, 1, **dd),
+                nn.BatchNorm2d(out_chs, **dd),
             )
         self.drop_path = DropPath(drop_path_rate) if drop_path_rate > 0. else nn.Identity()
 
@@ -155,12 +189,15 @@ class GhostBottleneck(nn.Module):
         return self.drop_path(x) + shortcut
 
 
-class GhostNet(timm_ghostnet.GhostNet):
+class ParameterNet(GhostNet):
     """GhostNet with optional dynamic convolutions (ParameterNet).
 
     Subclasses timm's GhostNet for its forward, features, intermediates, pruning and classifier API;
     only the construction differs: the conv factory (``num_experts``, ``routing``), the activation
-    (``act_layer``) and stochastic depth (``drop_path_rate``, linear over stages as in the official code).
+    (``act_layer``), stochastic depth (``drop_path_rate``, linear over stages as in the official code)
+    and the head width (``head_hidden_size``). timm's constructor has no argument for any of them: it runs
+    on the meta device (no memory, no initialisation) to set the attributes its methods use (feature info,
+    stage ends, pooling), then every layer is built here.
     """
 
     def __init__(
@@ -177,56 +214,43 @@ class GhostNet(timm_ghostnet.GhostNet):
             num_experts: int = 1,
             routing: str = 'sigmoid',
             head_hidden_size: int = 1280,
+            device=None,
+            dtype=None,
     ):
-        nn.Module.__init__(self)  # timm's __init__ hard-wires static convs and ReLU; its methods are reused
         if output_stride != 32:
-            raise ValueError(f'GhostNet supports output_stride=32 only (no dilation), got {output_stride}')
+            raise ValueError(f'ParameterNet supports output_stride=32 only (no dilation), got {output_stride}')
         conv_layer = conv_factory(num_experts, routing)
-        self.cfgs = cfgs
-        self.num_classes = num_classes
-        self.in_chans = in_chans
-        self.drop_rate = drop_rate
+        super().__init__(
+            cfgs, num_classes=num_classes, width=width, in_chans=in_chans, global_pool=global_pool,
+            drop_rate=drop_rate, device='meta')
+        dd = {'device': device, 'dtype': dtype}
         self.num_experts = num_experts
-        self.grad_checkpointing = False
-        self.feature_info = []
 
         stem_chs = make_divisible(16 * width, 4)
-        self.conv_stem = conv_layer(in_chans, stem_chs, 3, stride=2, padding=1)
-        self.feature_info.append(dict(num_chs=stem_chs, reduction=2, module='conv_stem'))
-        self.bn1 = nn.BatchNorm2d(stem_chs)
+        self.conv_stem = conv_layer(in_chans, stem_chs, 3, stride=2, padding=1, **dd)
+        self.bn1 = nn.BatchNorm2d(stem_chs, **dd)
         self.act1 = act_layer(inplace=True)
         prev_chs = stem_chs
 
         stage_dpr = [drop_path_rate * i / max(len(cfgs) - 1, 1) for i in range(len(cfgs))]
         stages = []
-        net_stride = 2
         for stage_idx, cfg in enumerate(cfgs):
             layers = []
-            stride = 1
             for kernel_size, exp_size, chs, se_ratio, stride in cfg:
                 out_chs = make_divisible(chs * width, 4)
                 mid_chs = make_divisible(exp_size * width, 4)
-                layers.append(GhostBottleneck(
+                layers.append(ParameterNetBottleneck(
                     prev_chs, mid_chs, out_chs, kernel_size, stride, act_layer=act_layer, se_ratio=se_ratio,
-                    drop_path_rate=stage_dpr[stage_idx], conv_layer=conv_layer))
+                    drop_path_rate=stage_dpr[stage_idx], conv_layer=conv_layer, **dd))
                 prev_chs = out_chs
-            if stride > 1:
-                net_stride *= 2
-                self.feature_info.append(dict(num_chs=prev_chs, reduction=net_stride, module=f'blocks.{stage_idx}'))
             stages.append(nn.Sequential(*layers))
-        out_chs = make_divisible(exp_size * width, 4)
-        stages.append(nn.Sequential(ConvBnAct(prev_chs, out_chs, act_layer, conv_layer)))
-        self.pool_dim = prev_chs = out_chs
+        stages.append(nn.Sequential(ParameterNetConvBnAct(prev_chs, self.pool_dim, act_layer, conv_layer, **dd)))
         self.blocks = nn.Sequential(*stages)
-        self.stage_ends = [-1] + [int(info['module'].split('.')[-1]) for info in self.feature_info[1:]]
 
-        self.num_features = prev_chs
         self.head_hidden_size = head_hidden_size
-        self.global_pool = SelectAdaptivePool2d(pool_type=global_pool)
-        self.conv_head = nn.Conv2d(prev_chs, head_hidden_size, 1, 1, 0, bias=True)
+        self.conv_head = nn.Conv2d(self.pool_dim, head_hidden_size, 1, 1, 0, bias=True, **dd)
         self.act2 = act_layer(inplace=True)
-        self.flatten = nn.Flatten(1) if global_pool else nn.Identity()
-        self.classifier = Linear(head_hidden_size, num_classes) if num_classes > 0 else nn.Identity()
+        self.classifier = Linear(head_hidden_size, num_classes, **dd) if num_classes > 0 else nn.Identity()
 
 
 def _dynamic_convs(model: nn.Module) -> Dict[str, DynamicConv2d]:
@@ -243,7 +267,8 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
     The official ``DynamicConv`` keeps its experts in a CondConv2d child (``<conv>.cond_conv.weight``)
     beside the routing ``nn.Linear`` (``<conv>.routing.*``); ours is the CondConv2d itself, so
     ``.cond_conv.`` is dropped. ``module.`` prefixes, ``state_dict_ema`` (preferred) / ``state_dict`` /
-    ``model`` wrappers and thop's ``total_ops`` / ``total_params`` buffers are removed. Missing or
+    ``model`` wrappers and thop's ``total_ops`` / ``total_params`` buffers are removed. A dynamic stem is
+    adapted to the model's input channels here (timm's loader adapts static stems only). Missing or
     unexpected keys and shape mismatches (other than the classifier, which timm re-sizes) raise
     ``ValueError`` naming the tensors.
     """
@@ -252,18 +277,46 @@ def checkpoint_filter_fn(state_dict: Dict[str, Any], model: nn.Module) -> Dict[s
         if key.endswith(('total_ops', 'total_params')):
             continue
         out[key.replace('.cond_conv.', '.')] = value
+    if isinstance(model.conv_stem, DynamicConv2d):
+        out.update(_adapt_dynamic_stem(out, model.conv_stem))
 
     classifier = (getattr(model, 'pretrained_cfg', None) or {}).get('classifier', 'classifier')
     check_matches_model(
-        out, model, classifier=classifier, hints=lambda mismatch: _mismatch_hints(out, model, mismatch))
+        out, model, first_conv='conv_stem', classifier=classifier,
+        candidates=[*timm.list_models(module='parameternet'), 'ghostnet_100'],
+        hints=lambda mismatch, fits: _mismatch_hints(out, model, mismatch, classifier))
     return out
 
 
-def _mismatch_hints(state_dict: Dict[str, torch.Tensor], model: nn.Module, mismatch: CheckpointMismatch) -> List[str]:
-    """Explain the two usual mistakes: a plain GhostNet checkpoint, or another number of experts."""
+def _adapt_dynamic_stem(state_dict: Dict[str, torch.Tensor], stem: DynamicConv2d) -> Dict[str, torch.Tensor]:
+    """The stem's experts and routing for ``stem.in_channels`` inputs, as timm's ``adapt_input_conv`` adapts a
+    static stem (summed for one channel, else repeated and rescaled): the routing weights act on the
+    per-channel means, a 1x1 conv of them. Empty if the checkpoint's stem already fits (or is not one)."""
+    routing, experts = state_dict.get('conv_stem.routing.weight'), state_dict.get('conv_stem.weight')
+    if routing is None or experts is None or routing.ndim != 2 or routing.shape[1] == stem.in_channels:
+        return {}
+    num_experts, base_chans = routing.shape
+    out_chs, _, kh, kw = stem.weight_shape
+    if experts.shape != (num_experts, out_chs * base_chans * kh * kw):
+        return {}  # reported by the shape check
+    experts = adapt_input_conv(stem.in_channels, experts.reshape(num_experts * out_chs, base_chans, kh, kw), base_chans)
+    routing = adapt_input_conv(stem.in_channels, routing[:, :, None, None], base_chans)
+    return {'conv_stem.weight': experts.reshape(num_experts, -1), 'conv_stem.routing.weight': routing[:, :, 0, 0]}
+
+
+def _mismatch_hints(
+        state_dict: Dict[str, torch.Tensor],
+        model: nn.Module,
+        mismatch: CheckpointMismatch,
+        classifier: str,
+) -> List[str]:
+    """Explain the two usual mistakes: a plain GhostNet checkpoint of the model's layout, or another number of
+    experts."""
     hints = []
-    if any(k.endswith('.routing.weight') for k in mismatch.missing) and not any('.routing.' in k for k in state_dict):
-        hints.append('this looks like a plain GhostNet checkpoint: convert it with upcycle_state_dict()')
+    arch = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture')
+    if (arch and getattr(model, 'num_experts', 1) > 1
+            and fitting_models(state_dict, [arch], 'conv_stem', classifier, num_experts=1)):
+        hints.append(f'this is a plain GhostNet checkpoint of the {arch} layout: convert it with upcycle_state_dict()')
     if any(k == 'conv_stem.routing.weight' for k, _, _ in mismatch.mis_shaped):
         hints.append(f'model num_experts={getattr(model, "num_experts", None)}, checkpoint has '
                      f'{state_dict["conv_stem.routing.weight"].shape[0]} experts per dynamic conv')
@@ -311,19 +364,11 @@ def upcycle_state_dict(
     return out
 
 
-def _create_ghostnet(
-        variant: str,
-        cfgs: List[List[List[Union[int, float]]]],
-        width: float,
-        pretrained: bool = False,
-        **kwargs: Any,
-) -> GhostNet:
-    return build_model_with_cfg(
-        GhostNet,
+def _create_parameternet(variant: str, pretrained: bool = False, **kwargs: Any) -> ParameterNet:
+    return build_pf_model(
+        ParameterNet,
         variant,
         pretrained,
-        cfgs=cfgs,
-        width=width,
         pretrained_filter_fn=checkpoint_filter_fn,
         feature_cfg=dict(flatten_sequential=True),
         **kwargs,
@@ -371,35 +416,35 @@ default_cfgs = generate_pf_cfgs({
 
 
 @register_model
-def parameternet_600m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+def parameternet_600m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
     """ParameterNet-600M (Table 2): the official 600M GhostNet layout with 4-expert dynamic convs."""
-    model_args = {'act_layer': nn.Hardswish, 'num_experts': 4, **kwargs}
-    return _create_ghostnet('parameternet_600m', PARAMETERNET_600M_CFGS, 1.9, pretrained, **model_args)
+    model_args = dict(cfgs=PARAMETERNET_600M_CFGS, width=1.9, act_layer=nn.Hardswish, num_experts=4)
+    return _create_parameternet('parameternet_600m', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def parameternet_300m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+def parameternet_300m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
     """ParameterNet-300M (Tables 2, 4): inferred GhostNet v1 layout at width 1.45, 4-expert dynamic convs."""
-    model_args = {'act_layer': nn.Hardswish, 'num_experts': 4, **kwargs}
-    return _create_ghostnet('parameternet_300m', GHOSTNET_V1_CFGS, 1.45, pretrained, **model_args)
+    model_args = dict(cfgs=GHOSTNET_V1_CFGS, width=1.45, act_layer=nn.Hardswish, num_experts=4)
+    return _create_parameternet('parameternet_300m', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def ghostnet_600m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+def ghostnet_600m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
     """GhostNet-600M baseline (Table 2): ParameterNet-600M with static convs."""
-    model_args = {'act_layer': nn.Hardswish, **kwargs}
-    return _create_ghostnet('ghostnet_600m', PARAMETERNET_600M_CFGS, 1.9, pretrained, **model_args)
+    model_args = dict(cfgs=PARAMETERNET_600M_CFGS, width=1.9, act_layer=nn.Hardswish)
+    return _create_parameternet('ghostnet_600m', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def ghostnet_300m(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+def ghostnet_300m(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
     """GhostNet-300M baseline (Table 2): ParameterNet-300M with static convs."""
-    model_args = {'act_layer': nn.Hardswish, **kwargs}
-    return _create_ghostnet('ghostnet_300m', GHOSTNET_V1_CFGS, 1.45, pretrained, **model_args)
+    model_args = dict(cfgs=GHOSTNET_V1_CFGS, width=1.45, act_layer=nn.Hardswish)
+    return _create_parameternet('ghostnet_300m', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def ghostnet_dyn(pretrained: bool = False, **kwargs: Any) -> GhostNet:
+def ghostnet_dyn(pretrained: bool = False, **kwargs: Any) -> ParameterNet:
     """GhostNet 1.0x (timm ``ghostnet_100``, ReLU) with 4-expert dynamic convs."""
-    model_args = {'act_layer': nn.ReLU, 'num_experts': 4, **kwargs}
-    return _create_ghostnet('ghostnet_dyn', GHOSTNET_V1_CFGS, 1.0, pretrained, **model_args)
+    model_args = dict(cfgs=GHOSTNET_V1_CFGS, width=1.0, act_layer=nn.ReLU, num_experts=4)
+    return _create_parameternet('ghostnet_dyn', pretrained, **dict(model_args, **kwargs))

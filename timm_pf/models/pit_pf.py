@@ -19,20 +19,46 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import LayerNorm, get_device_dtype, trunc_normal_
-from timm.models import build_model_with_cfg, checkpoint_seq, register_model
-from timm.models._features import feature_take_indices
+import timm
+from timm.layers import LayerNorm, get_device_dtype, global_pool_nlc, trunc_normal_
+from timm.models import checkpoint_seq, register_model
 from timm.models.pit import ConvEmbedding
-from timm.models.vision_transformer import global_pool_nlc
 
-from timm_pf.layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
+from ..layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
 from ._cfg import generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
-from .vit_pf import (
-    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, pf_block, vit_pf_cfg,
+from ._pf_transformer import (
+    DEIT_EVAL_CFG, EFFICIENT_BLOCK_PATTERNS, TO_TRAIN_NOTE, check_image_batch, check_mixer_args, convert_block_keys,
+    pf_block,
 )
+from ._pretrained import build_pf_model
+from ._timm_private import feature_take_indices
 
 __all__ = ['PfPoolingVisionTransformer', 'checkpoint_filter_fn']
+
+
+@torch.jit.ignore  # and a leaf call of FX graphs, see _pf_transformer
+def _check_input(
+        x: torch.Tensor,
+        in_chans: int,
+        img_size: Tuple[int, int],
+        patch_size: Tuple[int, int],
+        dynamic_img_size: bool,
+) -> torch.Tensor:
+    """``x``, after checking it."""
+    check_image_batch(x, in_chans)
+    H, W = x.shape[-2:]
+    if not dynamic_img_size and (H, W) != tuple(img_size):
+        raise ValueError(
+            f'input size {H}x{W} does not match the model ({img_size[0]}x{img_size[1]}): '
+            f'create it with img_size=({H}, {W}) or dynamic_img_size=True')
+    ph, pw = patch_size
+    if H < ph or W < pw:
+        raise ValueError(f'input size {H}x{W} is smaller than the patch size {ph}x{pw}')
+    return x
+
+
+torch.fx.wrap('_check_input')
 
 
 class GridConvPooling(nn.Module):
@@ -222,18 +248,12 @@ class PfPoolingVisionTransformer(nn.Module):
 
     def _embed(self, x: torch.Tensor) -> torch.Tensor:
         """Patch embedding plus position embedding, as a contiguous ``(B, H, W, C)`` grid."""
-        check_image_batch(x, self.in_chans)
-        H, W = x.shape[-2:]
-        ph, pw = self.patch_embed.patch_size
-        if not self.dynamic_img_size and (H, W) != tuple(self.patch_embed.img_size):
-            raise ValueError(
-                f'input size {H}x{W} does not match the model ({self.patch_embed.img_size[0]}x'
-                f'{self.patch_embed.img_size[1]}): create it with img_size=({H}, {W}) or dynamic_img_size=True')
-        if H < ph or W < pw:
-            raise ValueError(f'input size {H}x{W} is smaller than the patch size {ph}x{pw}')
+        if not torch.jit.is_scripting():
+            x = _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
+                             self.dynamic_img_size)
         x = self.patch_embed(x)
         pos_embed = self.pos_embed
-        if pos_embed.shape[-2:] != x.shape[-2:]:
+        if self.dynamic_img_size:
             pos_embed = resample_pos_embed(pos_embed, x.shape[-2:])
         return self.pos_drop((x + pos_embed).permute(0, 2, 3, 1).contiguous())
 
@@ -299,9 +319,9 @@ class PfPoolingVisionTransformer(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-def resample_pos_embed(pos_embed: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+def resample_pos_embed(pos_embed: torch.Tensor, size: List[int]) -> torch.Tensor:
     """Bicubic resampling of a ``(1, C, H, W)`` position embedding, as the authors' PiT forward does."""
-    return F.interpolate(pos_embed.float(), size=tuple(size), mode='bicubic', align_corners=False).to(pos_embed.dtype)
+    return F.interpolate(pos_embed.float(), size=size, mode='bicubic', align_corners=False).to(pos_embed.dtype)
 
 
 def checkpoint_filter_fn(
@@ -338,13 +358,13 @@ def checkpoint_filter_fn(
                              f'{tuple(model.pos_embed.shape)}')
         converted['pos_embed'] = resample_pos_embed(pos_embed, model.pos_embed.shape[-2:])
 
-    check_matches_model(converted, model, first_conv='patch_embed.conv')
+    check_matches_model(converted, model, first_conv='patch_embed.conv', candidates=timm.list_models(module='pit_pf'))
     return converted
 
 
 def _create_pit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTransformer:
     out_indices = kwargs.pop('out_indices', (0, 1, 2))
-    return build_model_with_cfg(
+    return build_pf_model(
         PfPoolingVisionTransformer,
         variant,
         pretrained,
@@ -354,32 +374,26 @@ def _create_pit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfP
     )
 
 
-def _pit_cfg(**kwargs: Any) -> Dict[str, Any]:
-    return vit_pf_cfg(first_conv='patch_embed.conv', **kwargs)
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {**DEIT_EVAL_CFG, 'first_conv': 'patch_embed.conv', **kwargs}
 
 
 default_cfgs = generate_pf_cfgs({
-    'pit_s_maxpool.pf_in1k': _pit_cfg(notes=(
+    'pit_s_maxpool.pf_in1k': _cfg(notes=(
         "The authors' released PiT-S-max checkpoint (pit_pf.py 'pit_s_max'), converted: "
         'https://drive.google.com/file/d/1S9JJM2WGtDtpo-6Me7Ak74nJOlOeBKeH/view',
         'Reported ImageNet-1k top-1 (Table 6 / PfLayer README): 75.7 Vanilla, 78.1 +CutMix, 80.8 +DeiT recipe; '
         'the README does not say which recipe the released file was trained with.',
     )),
+    'pit_ti_maxpool.in1k': _cfg(notes=(
+        'PiT-Ti with alternating max-pool blocks (pit_pf.py pit_ti_max); no released weights.', TO_TRAIN_NOTE)),
+    'pit_b_maxpool.in1k': _cfg(notes=(
+        'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.', TO_TRAIN_NOTE)),
+    'pit_s_dwconv.in1k': _cfg(notes=(
+        'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
+    'pit_s_maxpool_all.in1k': _cfg(notes=(
+        'PiT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
 })
-# Architectures of the paper without released weights: their tags name where weights trained with
-# train_configs/<model>.yaml will be published.
-default_cfgs.update(generate_pf_cfgs({
-    f'{name}.in1k': _pit_cfg(notes=(note, 'Weights to be trained with the timm-pf DeiT recipe.')) for name, note in {
-        'pit_ti_maxpool': 'PiT-Ti with alternating max-pool blocks (pit_pf.py pit_ti_max); no released weights.',
-        'pit_b_maxpool': 'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.',
-        'pit_s_dwconv': 'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.',
-        'pit_s_maxpool_all': 'PiT-S with every block efficient (Appendix A); no released weights.',
-    }.items()
-}))
-
-
-def _pit_s(**kwargs: Any) -> Dict[str, Any]:
-    return dict(patch_size=16, stride=8, base_dims=(48, 48, 48), depth=(2, 6, 4), heads=(3, 6, 12), **kwargs)
 
 
 @register_model
@@ -392,7 +406,8 @@ def pit_ti_maxpool(pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTr
 @register_model
 def pit_s_maxpool(pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTransformer:
     """PiT-S (max-pool) of Table 6: odd blocks of each stage use the 3x3 max-pool token mixer, GAP head."""
-    return _create_pit_pf('pit_s_maxpool', pretrained, **dict(_pit_s(), **kwargs))
+    model_args = dict(patch_size=16, stride=8, base_dims=(48, 48, 48), depth=(2, 6, 4), heads=(3, 6, 12))
+    return _create_pit_pf('pit_s_maxpool', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -405,10 +420,14 @@ def pit_b_maxpool(pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTra
 @register_model
 def pit_s_dwconv(pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTransformer:
     """PiT-S (dw-conv) of Table 6: odd blocks of each stage mix tokens with a 5x5 depthwise conv instead."""
-    return _create_pit_pf('pit_s_dwconv', pretrained, **dict(_pit_s(token_mixer='dwconv'), **kwargs))
+    model_args = dict(
+        patch_size=16, stride=8, base_dims=(48, 48, 48), depth=(2, 6, 4), heads=(3, 6, 12), token_mixer='dwconv')
+    return _create_pit_pf('pit_s_dwconv', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def pit_s_maxpool_all(pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTransformer:
     """PiT-S with the max-pool token mixer in every block (Appendix A, the faster, less accurate variant)."""
-    return _create_pit_pf('pit_s_maxpool_all', pretrained, **dict(_pit_s(efficient_blocks='all'), **kwargs))
+    model_args = dict(
+        patch_size=16, stride=8, base_dims=(48, 48, 48), depth=(2, 6, 4), heads=(3, 6, 12), efficient_blocks='all')
+    return _create_pit_pf('pit_s_maxpool_all', pretrained, **dict(model_args, **kwargs))

@@ -31,14 +31,18 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
+
+import timm
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.layers import BatchNormAct2d, create_attn, create_conv2d
-from timm.models import build_model_with_cfg, register_model
+from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import ResNet
 
 from ..layers.deform_pool import LearnedDeformPool2d
 from ..layers.pf_pool import PfMaxPool2d
-from ._cfg import generate_pf_cfgs
+from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
+from ._pretrained import build_pf_model
 
 __all__ = [
     'SPATIAL_OPS', 'BLOCK_LETTERS', 'NAMED_BLOCK_PATTERNS', 'PfBottleneck', 'PfResNet',
@@ -46,31 +50,51 @@ __all__ = [
 ]
 
 
-def _conv_bn_act(channels: int, kernel_size: int, stride: int, groups: int = 1, pre_pool: bool = False) -> nn.Module:
+def _conv_bn_act(
+        channels: int,
+        kernel_size: int,
+        stride: int,
+        groups: int = 1,
+        pre_pool: bool = False,
+        device=None,
+        dtype=None,
+) -> nn.Module:
     """Conv + BN + ReLU on ``channels`` (keys ``conv``/``bn``), optionally after a 2x2 average pool."""
+    dd = {'device': device, 'dtype': dtype}
     layers = OrderedDict()
     if pre_pool and stride > 1:
         # Official code: nn.AvgPool2d(2, 2). ceil_mode/count_include_pad only matter for odd sizes,
         # where the official block fails (its shortcut output is one pixel larger); here it matches it.
         layers['pool'] = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
         stride = 1
-    layers['conv'] = create_conv2d(channels, channels, kernel_size, stride=stride, groups=groups)
-    layers['bn'] = BatchNormAct2d(channels, act_layer=nn.ReLU)
+    layers['conv'] = create_conv2d(channels, channels, kernel_size, stride=stride, groups=groups, **dd)
+    layers['bn'] = BatchNormAct2d(channels, act_layer=nn.ReLU, **dd)
     return nn.Sequential(layers)
 
 
-# Spatial operation of a bottleneck, by name: ``factory(channels, stride) -> nn.Module``. The module
-# replaces the 3x3 conv + BN + ReLU of a regular bottleneck (input and output have ``channels``
+def _learned_deform_pool(channels: int, stride: int, reduction: str, device=None, dtype=None) -> nn.Module:
+    # LearnedDeformPool2d takes no device / dtype yet: built on the CPU, then moved
+    return LearnedDeformPool2d(channels, stride=stride, reduction=reduction).to(device=device, dtype=dtype)
+
+
+# Spatial operation of a bottleneck, by name: ``factory(channels, stride, device=None, dtype=None) -> nn.Module``.
+# The module replaces the 3x3 conv + BN + ReLU of a regular bottleneck (input and output have ``channels``
 # channels; ``stride`` is 1 or 2). Extend it to add operations; ``spatial_op=<name>`` then selects them.
-SPATIAL_OPS: Dict[str, Callable[[int, int], nn.Module]] = {
+SPATIAL_OPS: Dict[str, Callable[..., nn.Module]] = {
     # the paper's eff-layer: 3x3 max-pool, no BN / ReLU after it (§4.1 footnote 3)
-    'max': lambda channels, stride: PfMaxPool2d(3, stride),
+    'max': lambda channels, stride, **dd: PfMaxPool2d(3, stride),
     # Table 2 competitors: the 3x3 conv replaced by a 1x1 conv or a 3x3 depthwise conv (BN + ReLU kept)
-    'conv1x1': lambda channels, stride: _conv_bn_act(channels, 1, stride),
-    'dwconv3x3': lambda channels, stride: _conv_bn_act(channels, 3, stride, groups=channels),
+    'conv1x1': lambda channels, stride, **dd: _conv_bn_act(channels, 1, stride, **dd),
+    'dwconv3x3': lambda channels, stride, **dd: _conv_bn_act(channels, 3, stride, groups=channels, **dd),
     # regular bottleneck ('B') and the hybrid's downsampling block ('H' with stride 2, Appendix A)
-    'conv3x3': lambda channels, stride: _conv_bn_act(channels, 3, stride),
-    'avg_conv3x3': lambda channels, stride: _conv_bn_act(channels, 3, stride, pre_pool=True),
+    'conv3x3': lambda channels, stride, **dd: _conv_bn_act(channels, 3, stride, **dd),
+    'avg_conv3x3': lambda channels, stride, **dd: _conv_bn_act(channels, 3, stride, pre_pool=True, **dd),
+    # Deformable pooling (§5.1 "Deformable Max-pool Operation", App. B "Deformable Avg-pool Operation"): the
+    # max-pool pools at points moved by a zero-initialised 3x3 conv predicting 18 offsets + 9 sigmoid masks
+    # (DCNv2-style, built on DCNv2 per §5.1 footnote 5). With the 13 efficient blocks of the hybrid R50:
+    # 18.03M params and 2.88 GMACs, as Table 3 / Table B.1 (18.0M, 2.9G).
+    'deform_max': lambda channels, stride, **dd: _learned_deform_pool(channels, stride, 'max', **dd),
+    'deform_avg': lambda channels, stride, **dd: _learned_deform_pool(channels, stride, 'avg', **dd),
 }
 
 BLOCK_LETTERS: Dict[str, str] = {
@@ -180,7 +204,7 @@ class PfBottleneck(nn.Module):
         self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False, **dd)
         self.bn1 = norm_layer(width, **dd)
         self.act1 = act_layer(inplace=True)
-        self.spatial = SPATIAL_OPS[spatial_op](width, stride).to(**dd)
+        self.spatial = SPATIAL_OPS[spatial_op](width, stride, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
         self.bn3 = norm_layer(outplanes, **dd)
@@ -253,23 +277,38 @@ class PfResNet(ResNet):
         self.maxpool = PfMaxPool2d(3, stride=2)
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dim() != 4 or x.shape[1] != self.in_chans:
-            raise ValueError(
-                f'{type(self).__name__} expects images of shape (N, {self.in_chans}, H, W), got {tuple(x.shape)}')
-        min_size = self.feature_info[-1]['reduction']
-        if x.shape[-2] < min_size or x.shape[-1] < min_size:
-            raise ValueError(
-                f'input of {x.shape[-2]}x{x.shape[-1]} px is smaller than the network stride {min_size}; '
-                f'use images of at least {min_size}x{min_size}')
-        if x.device.type == 'cpu':
-            x = x.contiguous(memory_format=torch.channels_last)
+        if not torch.jit.is_scripting():
+            x = _prepare_input(x, self.in_chans, self.feature_info[-1]['reduction'], type(self).__name__)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward_features(self._prepare_input(x))
+        """timm's ResNet steps after the input check, written out: TorchScript has no ``super()``."""
+        x = self._prepare_input(x)
+        x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         return super().forward_intermediates(self._prepare_input(x), *args, **kwargs)
+
+
+@torch.jit.ignore  # TorchScript skips it (see PfResNet._prepare_input), FX graphs scripted later call it
+def _prepare_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> torch.Tensor:
+    """Check the input's shape and, on CPU, lay it out channels-last."""
+    if x.dim() != 4 or x.shape[1] != in_chans:
+        raise ValueError(f'{model_name} expects images of shape (N, {in_chans}, H, W), got {tuple(x.shape)}')
+    if x.shape[-2] < min_size or x.shape[-1] < min_size:
+        raise ValueError(
+            f'input of {x.shape[-2]}x{x.shape[-1]} px is smaller than the network stride {min_size}; '
+            f'use images of at least {min_size}x{min_size}')
+    if x.device.type == 'cpu':
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+# a leaf call of FX graphs: the checks and the layout choice need the concrete input
+torch.fx.wrap('_prepare_input')
 
 
 # Official (naver-ai/PfLayer resnet_pf.py) parameter names -> ours.
@@ -301,17 +340,6 @@ def _block_layout(keys) -> str:
     return '-'.join(''.join(v) for _, v in sorted(stages.items()))
 
 
-def _describe_layout(layout: str) -> str:
-    stages = layout.split('-')
-    if 'C' not in layout:
-        return 'an all-efficient model like ours_r50_max'
-    if 'P' not in layout:
-        return 'a model with parameters in every spatial op (regular, conv1x1 or dwconv)'
-    if stages[0] == 'P' * len(stages[0]) and all(s == 'C' + 'P' * (len(s) - 1) for s in stages[1:]):
-        return 'a hybrid model like ours_r50_hybrid'
-    return 'a mixed block pattern'
-
-
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Convert an official PfLayer checkpoint to this model's keys; our own format passes through unchanged.
 
@@ -330,54 +358,45 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: nn.Module) -> Dic
                     break
             converted[key] = value
         state_dict = converted
-    check_matches_model(state_dict, model, first_conv='conv1', classifier='fc',
-                        hints=lambda mismatch: _layout_hint(state_dict, model))
+    check_matches_model(
+        state_dict, model, first_conv='conv1', classifier='fc', candidates=timm.list_models(module='resnet_pf'),
+        hints=lambda mismatch, fits: _layout_hint(state_dict, model))
     return state_dict
 
 
 def _layout_hint(state_dict: Mapping[str, torch.Tensor], model: nn.Module) -> List[str]:
-    """Name the kind of model the checkpoint was trained for when its block layout differs from ``model``'s."""
+    """The block layouts of checkpoint and model, when the checkpoint has ResNet blocks laid out otherwise."""
     ckpt_layout, model_layout = _block_layout(state_dict), _block_layout(model.state_dict())
-    if ckpt_layout == model_layout:
+    if not ckpt_layout or ckpt_layout == model_layout:
         return []
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
-    return [f'checkpoint is for {_describe_layout(ckpt_layout)}, not {name}? Block layout (C = spatial op '
-            f'with parameters, P = parameter-free): checkpoint {ckpt_layout}, model {model_layout}']
+    return [f'block layout (C = spatial op with parameters, P = parameter-free): checkpoint {ckpt_layout}, '
+            f'model {model_layout}']
 
 
-def _create_resnet_pf(variant: str, pretrained: bool, kwargs: Dict[str, Any], **defaults) -> PfResNet:
-    """Build ``variant``; the entrypoint's ``defaults`` (layers, block_pattern, ...) yield to user ``kwargs``."""
-    return build_model_with_cfg(
-        PfResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **dict(defaults, **kwargs))
+def _create_resnet_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    return build_pf_model(PfResNet, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
 
 
-_PAPER = dict(
-    license='apache-2.0',
-    paper_ids='arXiv:2202.02777',
-    paper_name='Learning Features with Parameter-Free Layers',
-    origin_url='https://github.com/naver-ai/PfLayer',
-)
-
-
-def _cfg(*notes: str, **kwargs) -> Dict[str, Any]:
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
     return {
         'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': (7, 7),
         'crop_pct': 0.875, 'interpolation': 'bilinear',
-        'mean': (0.485, 0.456, 0.406), 'std': (0.229, 0.224, 0.225),
-        'first_conv': 'conv1', 'classifier': 'fc', 'notes': notes, **_PAPER, **kwargs,
+        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
+        'first_conv': 'conv1', 'classifier': 'fc',
+        **PF_LAYERS_PAPER, **kwargs,
     }
 
 
 def _official(top1: float, top5: float, drive_id: str, recipe: str) -> Dict[str, Any]:
-    return _cfg(
+    return _cfg(notes=(
         f'ImageNet-1k top-1 {top1} / top-5 {top5} (paper Table 3 and PfLayer README; {recipe})',
         f"authors' weights: https://drive.google.com/file/d/{drive_id}/view "
         f'(convert with timm_pf.models.resnet_pf.checkpoint_filter_fn)',
-    )
+    ))
 
 
 def _to_train(note: str) -> Dict[str, Any]:
-    return _cfg(note, 'weights to be trained with the timm-pf recipes; none released by the authors')
+    return _cfg(notes=(note, 'weights to be trained with the timm-pf recipes; none released by the authors'))
 
 
 _LONG = 'further training recipe of Appendix C, 600 epochs'
@@ -395,94 +414,86 @@ default_cfgs = generate_pf_cfgs({
     'ours_wrn50_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN50-2): top-1 78.1 / top-5 93.8'),
     'ours_wrn101_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN101-2): top-1 78.9 / top-5 94.2'),
     'ours_r50se_hybrid.in1k': _to_train('paper Table 4 (Ours-R50-SE): top-1 78.2 / top-5 93.9'),
-})
-
-
-@register_model
-def ours_r50_max(pretrained: bool = False, **kwargs) -> PfResNet:
-    """R50-max: efficient bottlenecks everywhere (Table 2 E→E→E→E, Table 3 Ours-R50 (max))."""
-    return _create_resnet_pf('ours_r50_max', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='efficient')
-
-
-@register_model
-def ours_r50_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
-    """R50-hybrid: regular bottlenecks (with 2x2 avg-pool) only where downsampling (§4.1, Tables 2-4)."""
-    return _create_resnet_pf('ours_r50_hybrid', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='hybrid')
-
-
-@register_model
-def ours_r50_eb(pretrained: bool = False, **kwargs) -> PfResNet:
-    """R50 E/B: efficient and regular bottlenecks alternate block by block (Table 2)."""
-    return _create_resnet_pf('ours_r50_eb', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='eb')
-
-
-@register_model
-def ours_r50_conv1x1(pretrained: bool = False, **kwargs) -> PfResNet:
-    """R50 with every 3x3 conv replaced by a 1x1 conv (Table 2 competitor)."""
-    return _create_resnet_pf(
-        'ours_r50_conv1x1', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='efficient', spatial_op='conv1x1')
-
-
-@register_model
-def ours_r50_dwconv(pretrained: bool = False, **kwargs) -> PfResNet:
-    """R50 with every 3x3 conv replaced by a 3x3 depthwise conv (Table 2 competitor)."""
-    return _create_resnet_pf(
-        'ours_r50_dwconv', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='efficient', spatial_op='dwconv3x3')
-
-
-@register_model
-def ours_r101_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
-    """ResNet-101 with the hybrid design (Table 4 Ours-R101)."""
-    return _create_resnet_pf('ours_r101_hybrid', pretrained, kwargs, layers=(3, 4, 23, 3), block_pattern='hybrid')
-
-
-@register_model
-def ours_wrn50_2_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
-    """Wide ResNet-50-2 with the hybrid design (Table 4 Ours-WRN50-2)."""
-    return _create_resnet_pf(
-        'ours_wrn50_2_hybrid', pretrained, kwargs, layers=(3, 4, 6, 3), base_width=128, block_pattern='hybrid')
-
-
-@register_model
-def ours_wrn101_2_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
-    """Wide ResNet-101-2 with the hybrid design (Table 4 Ours-WRN101-2)."""
-    return _create_resnet_pf(
-        'ours_wrn101_2_hybrid', pretrained, kwargs, layers=(3, 4, 23, 3), base_width=128, block_pattern='hybrid')
-
-
-@register_model
-def ours_r50se_hybrid(pretrained: bool = False, **kwargs) -> PfResNet:
-    """SE-ResNet-50 with the hybrid design, SE kept in every block (Table 4 Ours-R50-SE, Appendix A)."""
-    return _create_resnet_pf(
-        'ours_r50se_hybrid', pretrained, kwargs,
-        layers=(3, 4, 6, 3), block_pattern='hybrid', block_args=dict(attn_layer='se'))
-
-
-# Deformable pooling (§5.1 "Deformable Max-pool Operation", App. B "Deformable Avg-pool Operation"): in the
-# hybrid R50 each of the 13 max-pool blocks pools at points moved by a zero-initialised 3x3 conv predicting
-# 18 offsets + 9 sigmoid masks (DCNv2-style, built on DCNv2 per §5.1 footnote 5). 18.03M params and
-# 2.88 GMACs, as Table 3 / Table B.1 (18.0M, 2.9G).
-SPATIAL_OPS['deform_max'] = lambda channels, stride: LearnedDeformPool2d(channels, stride=stride, reduction='max')
-SPATIAL_OPS['deform_avg'] = lambda channels, stride: LearnedDeformPool2d(channels, stride=stride, reduction='avg')
-
-default_cfgs.update(generate_pf_cfgs({
     'ours_r50_deform_max.in1k': _to_train(
         'paper Table 3 / Table B.1 (Ours-R50 (deform_max)): top-1 75.3 / top-5 92.5 (90 epochs), '
         '78.3 / 94.0 (Appendix C recipe, 400 epochs); COCO Faster R-CNN FPN box AP 33.2 (Table 5)'),
     'ours_r50_deform_avg.in1k': _to_train(
         'paper Table B.1 (Ours-R50 (deform_avg)): top-1 78.3 / top-5 93.9 (Appendix C recipe, 400 epochs)'),
-}))
+})
 
 
 @register_model
-def ours_r50_deform_max(pretrained: bool = False, **kwargs) -> PfResNet:
+def ours_r50_max(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """R50-max: efficient bottlenecks everywhere (Table 2 E→E→E→E, Table 3 Ours-R50 (max))."""
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='efficient')
+    return _create_resnet_pf('ours_r50_max', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r50_hybrid(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """R50-hybrid: regular bottlenecks (with 2x2 avg-pool) only where downsampling (§4.1, Tables 2-4)."""
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='hybrid')
+    return _create_resnet_pf('ours_r50_hybrid', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r50_eb(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """R50 E/B: efficient and regular bottlenecks alternate block by block (Table 2)."""
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='eb')
+    return _create_resnet_pf('ours_r50_eb', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r50_conv1x1(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """R50 with every 3x3 conv replaced by a 1x1 conv (Table 2 competitor)."""
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='efficient', spatial_op='conv1x1')
+    return _create_resnet_pf('ours_r50_conv1x1', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r50_dwconv(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """R50 with every 3x3 conv replaced by a 3x3 depthwise conv (Table 2 competitor)."""
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='efficient', spatial_op='dwconv3x3')
+    return _create_resnet_pf('ours_r50_dwconv', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r101_hybrid(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """ResNet-101 with the hybrid design (Table 4 Ours-R101)."""
+    model_args = dict(layers=(3, 4, 23, 3), block_pattern='hybrid')
+    return _create_resnet_pf('ours_r101_hybrid', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_wrn50_2_hybrid(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """Wide ResNet-50-2 with the hybrid design (Table 4 Ours-WRN50-2)."""
+    model_args = dict(layers=(3, 4, 6, 3), base_width=128, block_pattern='hybrid')
+    return _create_resnet_pf('ours_wrn50_2_hybrid', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_wrn101_2_hybrid(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """Wide ResNet-101-2 with the hybrid design (Table 4 Ours-WRN101-2)."""
+    model_args = dict(layers=(3, 4, 23, 3), base_width=128, block_pattern='hybrid')
+    return _create_resnet_pf('ours_wrn101_2_hybrid', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r50se_hybrid(pretrained: bool = False, **kwargs: Any) -> PfResNet:
+    """SE-ResNet-50 with the hybrid design, SE kept in every block (Table 4 Ours-R50-SE, Appendix A)."""
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='hybrid', block_args=dict(attn_layer='se'))
+    return _create_resnet_pf('ours_r50se_hybrid', pretrained, **dict(model_args, **kwargs))
+
+
+@register_model
+def ours_r50_deform_max(pretrained: bool = False, **kwargs: Any) -> PfResNet:
     """R50-hybrid with deformable max-pools in its 13 efficient blocks (§5.1, Table 3, Table 5)."""
-    return _create_resnet_pf(
-        'ours_r50_deform_max', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='hybrid', spatial_op='deform_max')
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='hybrid', spatial_op='deform_max')
+    return _create_resnet_pf('ours_r50_deform_max', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
-def ours_r50_deform_avg(pretrained: bool = False, **kwargs) -> PfResNet:
+def ours_r50_deform_avg(pretrained: bool = False, **kwargs: Any) -> PfResNet:
     """R50-hybrid with deformable avg-pools in its 13 efficient blocks (Appendix B, Table B.1)."""
-    return _create_resnet_pf(
-        'ours_r50_deform_avg', pretrained, kwargs, layers=(3, 4, 6, 3), block_pattern='hybrid', spatial_op='deform_avg')
+    model_args = dict(layers=(3, 4, 6, 3), block_pattern='hybrid', spatial_op='deform_avg')
+    return _create_resnet_pf('ours_r50_deform_avg', pretrained, **dict(model_args, **kwargs))

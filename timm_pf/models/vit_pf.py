@@ -18,77 +18,60 @@ in timm.
 """
 import math
 from functools import partial
-from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple, Union
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 import torch
-from torch import nn
 
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+import timm
 from timm.layers import PatchEmbed, resample_abs_pos_embed
-from timm.models import build_model_with_cfg, register_model
-from timm.models.vision_transformer import Block, VisionTransformer
+from timm.models import checkpoint_seq, register_model
+from timm.models.vision_transformer import VisionTransformer
 
-from timm_pf.layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
+from ..layers.token_mixers import EfficientTokenMixer, GridAttention
 from ._cfg import generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
+from ._pf_transformer import (
+    DEIT_EVAL_CFG, EFFICIENT_BLOCK_PATTERNS, TO_TRAIN_NOTE, check_image_batch, check_mixer_args, convert_block_keys,
+    pf_block, reject_masks,
+)
+from ._pretrained import build_pf_model
 
-__all__ = ['PfVisionTransformer', 'checkpoint_filter_fn', 'EFFICIENT_BLOCK_PATTERNS']
-
-# Which blocks (index within the stack; within each stage for PiT) get the efficient token mixer.
-EFFICIENT_BLOCK_PATTERNS: Dict[str, Callable[[int], bool]] = {
-    'alternate': lambda index: index % 2 == 1,  # attention, efficient, attention, ... (authors' code, Appendix A)
-    'all': lambda index: True,  # "fully equipped with the efficient transformer" (Appendix A)
-}
+__all__ = ['PfVisionTransformer', 'checkpoint_filter_fn']
 
 # VisionTransformer options that presuppose prefix tokens or a flat token sequence.
 _SEQUENCE_ONLY_KWARGS = ('class_token', 'reg_tokens', 'no_embed_class', 'patch_drop_rate', 'embed_layer',
                          'block_fn', 'attn_layer')
 
 
-def check_mixer_args(token_mixer: str, efficient_blocks: str) -> None:
-    if token_mixer not in SPATIAL_OPS:
-        raise ValueError(f'unknown token_mixer {token_mixer!r}, choose one of {sorted(SPATIAL_OPS)}')
-    if efficient_blocks not in EFFICIENT_BLOCK_PATTERNS:
-        raise ValueError(
-            f'unknown efficient_blocks {efficient_blocks!r}, choose one of {sorted(EFFICIENT_BLOCK_PATTERNS)}')
+@torch.jit.ignore  # and a leaf call of FX graphs, see _pf_transformer
+def _check_input(
+        x: torch.Tensor,
+        in_chans: int,
+        img_size: Tuple[int, int],
+        patch_size: Tuple[int, int],
+        dynamic_img_size: bool,
+        dynamic_img_pad: bool,
+        attn_mask: Optional[torch.Tensor] = None,
+        is_causal: bool = False,
+) -> torch.Tensor:
+    """``x``, after checking it and the (unsupported) attention masks."""
+    reject_masks(attn_mask, is_causal)
+    check_image_batch(x, in_chans)
+    H, W = x.shape[-2:]
+    if not dynamic_img_size:
+        if (H, W) != tuple(img_size):
+            raise ValueError(
+                f'input size {H}x{W} does not match the model ({img_size[0]}x{img_size[1]}): '
+                f'create it with img_size=({H}, {W}) or dynamic_img_size=True')
+    elif not dynamic_img_pad:
+        ph, pw = patch_size
+        if H % ph or W % pw:
+            raise ValueError(f'input size {H}x{W} is not divisible by the patch size {ph}x{pw} '
+                             f'(or create the model with dynamic_img_pad=True)')
+    return x
 
 
-def pf_block(
-        *,
-        dim: int,
-        depth: int,
-        is_efficient: Callable[[int], bool],
-        mixer_layer: Callable[..., nn.Module],
-        attn_layer: Callable[..., nn.Module] = GridAttention,
-        **block_kwargs: Any,
-) -> Block:
-    """timm's pre-norm ``Block`` on a token grid, with the efficient token mixer if ``is_efficient(depth)``.
-
-    ``depth`` is the block index, as timm's ``VisionTransformer`` passes it to ``block_fn``.
-    """
-    if not is_efficient(depth):
-        return Block(dim=dim, attn_layer=attn_layer, depth=depth, **block_kwargs)
-    # the mixer is configured here, so the block is built without an attention layer and then given it
-    block = Block(dim=dim, attn_layer=nn.Identity, depth=depth, **block_kwargs)
-    block.attn = mixer_layer(
-        dim,
-        bias=block_kwargs.get('qkv_bias', True),
-        proj_drop=block_kwargs.get('proj_drop', 0.),
-        device=block_kwargs.get('device'),
-        dtype=block_kwargs.get('dtype'),
-    )
-    return block
-
-
-def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
-    if x.ndim != 4 or x.shape[1] != in_chans:
-        raise ValueError(f'expected a batch of {in_chans}-channel images (B, {in_chans}, H, W), '
-                         f'got shape {tuple(x.shape)}')
-
-
-def reject_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:
-    if attn_mask is not None or is_causal:
-        raise ValueError('attn_mask / is_causal are not supported: the efficient blocks mix the full token grid')
+torch.fx.wrap('_check_input')
 
 
 class PfVisionTransformer(VisionTransformer):
@@ -150,30 +133,34 @@ class PfVisionTransformer(VisionTransformer):
             **kwargs,
         )
 
-    def _check_input(self, x: torch.Tensor) -> None:
-        check_image_batch(x, self.in_chans)
-        H, W = x.shape[-2:]
-        if not self.dynamic_img_size:
-            if (H, W) != tuple(self.patch_embed.img_size):
-                raise ValueError(
-                    f'input size {H}x{W} does not match the model ({self.patch_embed.img_size[0]}x'
-                    f'{self.patch_embed.img_size[1]}): create it with img_size=({H}, {W}) or dynamic_img_size=True')
-        elif not self.patch_embed.dynamic_img_pad:
-            ph, pw = self.patch_embed.patch_size
-            if H % ph or W % pw:
-                raise ValueError(f'input size {H}x{W} is not divisible by the patch size {ph}x{pw} '
-                                 f'(or create the model with dynamic_img_pad=True)')
+    def _check_input(
+            self,
+            x: torch.Tensor,
+            attn_mask: Optional[torch.Tensor],
+            is_causal: bool,
+    ) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            reject_masks(attn_mask, is_causal)
+        else:
+            x = _check_input(x, self.in_chans, self.patch_embed.img_size, self.patch_embed.patch_size,
+                             self.dynamic_img_size, self.patch_embed.dynamic_img_pad, attn_mask, is_causal)
+        return x
 
     def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
-        """Add the (resampled if needed) position embedding to the ``(B, H, W, C)`` patch grid."""
+        """Add the (resampled if needed) position embedding to the ``(B, H, W, C)`` patch grid.
+
+        Overrides timm's private step: VisionTransformer has no hook for a position embedding on a 2-D grid.
+        """
         x = x.contiguous()  # the patch embedding's NHWC output is a permuted NCHW tensor
         if self.pos_embed is not None:
-            B, H, W, C = x.shape
-            pos_embed = self.pos_embed
             if self.dynamic_img_size:
+                B, H, W, C = x.shape
                 pos_embed = resample_abs_pos_embed(
-                    pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size, num_prefix_tokens=0)
-            x = x + pos_embed.reshape(1, H, W, C)
+                    self.pos_embed, new_size=(H, W), old_size=self.patch_embed.grid_size, num_prefix_tokens=0)
+                x = x + pos_embed.reshape(1, H, W, C)
+            else:
+                gh, gw = self.patch_embed.grid_size
+                x = x + self.pos_embed.reshape(1, gh, gw, -1)
         return self.pos_drop(x)
 
     def forward_features(
@@ -182,10 +169,15 @@ class PfVisionTransformer(VisionTransformer):
             attn_mask: Optional[torch.Tensor] = None,
             is_causal: bool = False,
     ) -> torch.Tensor:
-        """Normalized tokens, ``(B, H*W, C)`` as in timm's ViT."""
-        reject_masks(attn_mask, is_causal)
-        self._check_input(x)
-        return super().forward_features(x).flatten(1, 2)
+        """Normalized tokens, ``(B, H*W, C)`` as in timm's ViT (its steps written out: TorchScript has no
+        ``super()``)."""
+        x = self._check_input(x, attn_mask, is_causal)
+        x = self.norm_pre(self.patch_drop(self._pos_embed(self.patch_embed(x))))
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            x = checkpoint_seq(self.blocks, x)
+        else:
+            x = self.blocks(x)
+        return self.norm(x).flatten(1, 2)
 
     def forward_intermediates(
             self,
@@ -201,8 +193,7 @@ class PfVisionTransformer(VisionTransformer):
             is_causal: bool = False,
     ) -> Union[List[torch.Tensor], Tuple[torch.Tensor, List[torch.Tensor]], Dict[str, Any]]:
         """timm's ``forward_intermediates``: block outputs as NCHW maps or NLC tokens (no prefix tokens)."""
-        reject_masks(attn_mask, is_causal)
-        self._check_input(x)
+        x = self._check_input(x, attn_mask, is_causal)
         out = super().forward_intermediates(
             x, indices, norm=norm, stop_early=stop_early, output_fmt=output_fmt,
             intermediates_only=intermediates_only, output_dict=output_dict)
@@ -221,35 +212,6 @@ class PfVisionTransformer(VisionTransformer):
 
 # ---------------------------------------------------------------------------------------------------------
 # Checkpoints: the authors' format and ours
-
-
-def convert_block_keys(
-        state_dict: Dict[str, torch.Tensor],
-        blocks: Mapping[str, nn.Module],
-) -> Dict[str, torch.Tensor]:
-    """Rename the authors' ``attn.qkv`` of efficient blocks to ``attn.expand``; check each block's kind.
-
-    ``blocks`` maps key prefixes (``'blocks.3.'``) to the model's blocks. A block of the checkpoint is
-    efficient when its output projection is wider than it is tall (``3d -> d``).
-    """
-    out = dict(state_dict)
-    for prefix, block in blocks.items():
-        model_efficient = isinstance(block.attn, EfficientTokenMixer)
-        proj = state_dict.get(f'{prefix}attn.proj.weight')
-        if proj is None or proj.ndim != 2:
-            continue  # reported with the other missing keys
-        ckpt_efficient = proj.shape[1] != proj.shape[0]
-        if ckpt_efficient != model_efficient:
-            kinds = ('self-attention', 'an efficient token mixer')
-            raise ValueError(
-                f'{prefix[:-1]} is {kinds[ckpt_efficient]} in the checkpoint but {kinds[model_efficient]} in the '
-                f'model: the checkpoint was trained with another block pattern (efficient_blocks)')
-        if model_efficient:
-            for suffix in ('weight', 'bias'):
-                old = f'{prefix}attn.qkv.{suffix}'
-                if old in out:
-                    out[f'{prefix}attn.expand.{suffix}'] = out.pop(old)
-    return out
 
 
 def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PfVisionTransformer) -> Dict[str, torch.Tensor]:
@@ -278,7 +240,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PfVisionTransform
         state_dict['pos_embed'] = resample_abs_pos_embed(
             pos_embed, new_size=model.patch_embed.grid_size, old_size=(side, side), num_prefix_tokens=0)
 
-    check_matches_model(state_dict, model, first_conv='patch_embed.proj')
+    check_matches_model(state_dict, model, first_conv='patch_embed.proj', candidates=timm.list_models(module='vit_pf'))
     return state_dict
 
 
@@ -288,7 +250,7 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PfVisionTransform
 
 def _create_vit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
     out_indices = kwargs.pop('out_indices', 3)
-    return build_model_with_cfg(
+    return build_pf_model(
         PfVisionTransformer,
         variant,
         pretrained,
@@ -298,45 +260,26 @@ def _create_vit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfV
     )
 
 
-PAPER_ID = 'arXiv:2202.02777'
-PAPER_NAME = 'Learning Features with Parameter-Free Layers'
-ORIGIN_URL = 'https://github.com/naver-ai/PfLayer'
-
-
-def vit_pf_cfg(**kwargs: Any) -> Dict[str, Any]:
-    """Pretrained cfg of the DeiT-style evaluation the authors' ViT/PiT training code uses."""
-    return {
-        'num_classes': 1000, 'input_size': (3, 224, 224), 'pool_size': None, 'fixed_input_size': True,
-        'crop_pct': 0.875, 'interpolation': 'bicubic',
-        'mean': IMAGENET_DEFAULT_MEAN, 'std': IMAGENET_DEFAULT_STD,
-        'first_conv': 'patch_embed.proj', 'classifier': 'head',
-        'license': 'apache-2.0', 'paper_ids': PAPER_ID, 'paper_name': PAPER_NAME, 'origin_url': ORIGIN_URL,
-        **kwargs,
-    }
+def _cfg(**kwargs: Any) -> Dict[str, Any]:
+    return {**DEIT_EVAL_CFG, 'first_conv': 'patch_embed.proj', **kwargs}
 
 
 default_cfgs = generate_pf_cfgs({
-    'vit_s_maxpool.pf_in1k': vit_pf_cfg(notes=(
+    'vit_s_maxpool.pf_in1k': _cfg(notes=(
         "The authors' released ViT-S-max checkpoint (vit_pf.py 'vit_s_max'), converted: "
         'https://drive.google.com/file/d/19lfagLJDXWvVHcb8Qm_U4_A_Kr7qYLv7/view',
         'Reported ImageNet-1k top-1 (Table 6 / PfLayer README): 74.2 Vanilla, 77.3 +CutMix, 80.0 +DeiT recipe; '
         'the README does not say which recipe the released file was trained with.',
     )),
+    'vit_ti_maxpool.in1k': _cfg(notes=(
+        'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.', TO_TRAIN_NOTE)),
+    'vit_b_maxpool.in1k': _cfg(notes=(
+        'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.', TO_TRAIN_NOTE)),
+    'vit_s_dwconv.in1k': _cfg(notes=(
+        'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
+    'vit_s_maxpool_all.in1k': _cfg(notes=(
+        'ViT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
 })
-# Architectures of the paper without released weights: their tags name where weights trained with
-# train_configs/<model>.yaml will be published.
-default_cfgs.update(generate_pf_cfgs({
-    f'{name}.in1k': vit_pf_cfg(notes=(note, 'Weights to be trained with the timm-pf DeiT recipe.')) for name, note in {
-        'vit_ti_maxpool': 'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.',
-        'vit_b_maxpool': 'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.',
-        'vit_s_dwconv': 'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.',
-        'vit_s_maxpool_all': 'ViT-S with every block efficient (Appendix A); no released weights.',
-    }.items()
-}))
-
-
-def _vit_s(**kwargs: Any) -> Dict[str, Any]:
-    return dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, **kwargs)
 
 
 @register_model
@@ -349,7 +292,8 @@ def vit_ti_maxpool(pretrained: bool = False, **kwargs: Any) -> PfVisionTransform
 @register_model
 def vit_s_maxpool(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
     """ViT-S/16 (max-pool) of Table 6: odd blocks use the 3x3 max-pool token mixer, GAP head."""
-    return _create_vit_pf('vit_s_maxpool', pretrained, **dict(_vit_s(), **kwargs))
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6)
+    return _create_vit_pf('vit_s_maxpool', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
@@ -362,10 +306,12 @@ def vit_b_maxpool(pretrained: bool = False, **kwargs: Any) -> PfVisionTransforme
 @register_model
 def vit_s_dwconv(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
     """ViT-S/16 (dw-conv) of Table 6: odd blocks mix tokens with a 5x5 depthwise conv instead."""
-    return _create_vit_pf('vit_s_dwconv', pretrained, **dict(_vit_s(token_mixer='dwconv'), **kwargs))
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, token_mixer='dwconv')
+    return _create_vit_pf('vit_s_dwconv', pretrained, **dict(model_args, **kwargs))
 
 
 @register_model
 def vit_s_maxpool_all(pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
     """ViT-S/16 with the max-pool token mixer in every block (Appendix A, the faster, less accurate variant)."""
-    return _create_vit_pf('vit_s_maxpool_all', pretrained, **dict(_vit_s(efficient_blocks='all'), **kwargs))
+    model_args = dict(patch_size=16, embed_dim=384, depth=12, num_heads=6, efficient_blocks='all')
+    return _create_vit_pf('vit_s_maxpool_all', pretrained, **dict(model_args, **kwargs))

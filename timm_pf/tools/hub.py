@@ -3,11 +3,9 @@
 Fetching: every pretrained tag of our models lives in its own repository of :data:`HF_HUB_ORG`
 (``timm-pf/<model>.<tag>``) and holds ``model.safetensors`` + ``config.json`` in timm's layout, so
 ``timm.create_model(name, pretrained=True)``, ``name.tag`` and ``hf-hub:timm-pf/<model>.<tag>[@revision]``
-all load through timm's own builder. :func:`install_pretrained_loader` routes the one download step of
-timm's builder for repositories of our organisation (and only those) through :func:`load_pf_state_dict`,
-which loads nothing but safetensors, checks the file against the sha256 the Hub recorded for it, and turns
-"not cached while offline", "no such repository/revision/file" into errors that say what is missing and
-how to get it.
+all load through our model builders (:mod:`timm_pf.models._pretrained`), which fetch nothing but
+safetensors, check the file against the sha256 the Hub recorded for it, and turn "not cached while
+offline", "no such repository/revision/file" into errors that say what is missing and how to get it.
 
 Converting and publishing: :func:`convert_checkpoint` turns an authors' checkpoint, a timm ``train.py``
 checkpoint or a safetensors file into a folder made by timm's ``save_for_hf`` after passing the family's
@@ -18,40 +16,31 @@ repository; both check that the weights load strictly and add a model card, and 
 the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
-import hashlib
-import os
-import re
 import shutil
-import socket
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
-from urllib.parse import urlsplit
 
 import safetensors.torch
 import torch
 from torch import nn
 
 import timm
-from huggingface_hub import HfApi, get_token, hf_hub_download
+from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
-from huggingface_hub.errors import (
-    HfHubHTTPError,
-    HFValidationError,
-    LocalEntryNotFoundError,
-    RemoteEntryNotFoundError,
-    RepositoryNotFoundError,
-    RevisionNotFoundError,
-)
+from huggingface_hub.errors import HFValidationError
 from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 from timm.models._helpers import clean_state_dict
-from timm.models._hub import HF_WEIGHTS_NAME, hf_split, load_model_config_from_path
+from timm.models._hub import load_model_config_from_path
 
 from ..methods.stats import count_params
 from ..models._cfg import HF_HUB_ORG, hub_repo_id
 from ..models._checkpoint import CheckpointMismatch
+from ..models._pretrained import (
+    CONFIG_NAME, WEIGHTS_NAME, PretrainedWeightsError, download_weights, fetch_file, hub_unreachable, sha256_file,
+)
 from ..models._registry import UnknownTagError, is_pf_repo, pf_model_names, pf_pretrained_tags, resolve_name_tag
 from ..version import __version__
 
@@ -59,20 +48,12 @@ __all__ = [
     'WEIGHTS_NAME', 'PretrainedWeightsError', 'CheckpointError', 'PushError', 'HubRefusedError', 'UnknownTagError',
     'ModelArgsError', 'ConvertResult', 'PushPlan', 'PushResult', 'pf_model_names', 'pf_pretrained_tags',
     'resolve_name_tag', 'is_pf_repo', 'hub_unreachable', 'fetch_file', 'download_weights', 'create_model',
-    'load_pf_state_dict', 'install_pretrained_loader', 'read_checkpoint', 'checkpoint_filter_for',
+    'read_checkpoint', 'checkpoint_filter_for',
     'convert_checkpoint', 'verify_folder', 'load_folder_model', 'prepare_push', 'prepare_folder_push',
     'require_token', 'push_to_hub',
 ]
 
-WEIGHTS_NAME = 'model.safetensors'
-CONFIG_NAME = 'config.json'
 CARD_NAME = 'README.md'
-_SHA256_RE = re.compile(r'[0-9a-f]{64}')
-
-
-class PretrainedWeightsError(RuntimeError):
-    """Pretrained weights of a timm-pf tag cannot be fetched (not published, not cached offline, corrupted)."""
-
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be read, does not fit the named model, or holds non-finite values."""
@@ -91,112 +72,7 @@ class HubRefusedError(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Fetching
-
-def _sha256(path: Union[str, Path]) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 22), b''):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _verify_cached_blob(path: str, where: str) -> None:
-    """Compare a cached LFS file with the sha256 the Hub reported (the cache names the blob by it)."""
-    blob = Path(path).resolve()
-    if not _SHA256_RE.fullmatch(blob.name):
-        return  # a cache without symlinks (e.g. some Windows setups) keeps no hash to compare with
-    actual = _sha256(blob)
-    if actual != blob.name:
-        blob.unlink()  # let the next attempt download it again
-        raise PretrainedWeightsError(
-            f'{where}: the downloaded file is corrupted (sha256 {actual}, the Hub says {blob.name}). '
-            f'It was removed from the cache; try again.')
-
-
-def _push_command(repo_id: str) -> str:
-    """How weights get into ``repo_id``: ``push -m`` for a pretrained tag's repository, else ``push --repo-id``."""
-    name = repo_id.split('/', 1)[-1]
-    if name in pf_pretrained_tags():
-        return f'`timm-pf convert` and `timm-pf push --model {name}`'
-    return f'`timm-pf push <folder> --repo-id {repo_id}`'
-
-
-def _transport_errors() -> Tuple[type, ...]:
-    """Errors of the HTTP client ``huggingface_hub`` uses (httpx2 or httpx; requests' are OSErrors)."""
-    return tuple(sys.modules[m].HTTPError for m in ('httpx2', 'httpx') if m in sys.modules)
-
-
-def hub_unreachable() -> Optional[str]:
-    """Why the Hub cannot be reached, when that is known at once: ``HF_HUB_OFFLINE``, or the endpoint's host
-    refuses connections or does not resolve. None when it may be reachable (also behind a proxy, not probed)."""
-    if hf_constants.is_offline_mode():
-        return 'HF_HUB_OFFLINE is set'
-    if any(os.environ.get(v) for v in ('HTTPS_PROXY', 'https_proxy', 'HTTP_PROXY', 'http_proxy', 'ALL_PROXY',
-                                        'all_proxy')):
-        return None
-    url = urlsplit(hf_constants.ENDPOINT)
-    try:
-        port = url.port or (443 if url.scheme == 'https' else 80)
-        socket.create_connection((url.hostname, port), timeout=5).close()
-    except ConnectionRefusedError:
-        return f'{url.netloc} refuses connections'
-    except socket.gaierror:
-        return f'{url.hostname} does not resolve'
-    except (OSError, ValueError):  # a timeout or the like: let the client try, with its retries
-        return None
-    return None
-
-
-def fetch_file(hub_id: str, filename: str = WEIGHTS_NAME, cache_dir: Optional[Union[str, Path]] = None) -> str:
-    """Local path of ``filename`` of ``hub_id`` (``org/name[@revision]``), downloaded if needed.
-
-    When :func:`hub_unreachable` says the Hub cannot be reached, only the cache is read (no retries, no
-    waiting). Raises :class:`PretrainedWeightsError` that names the missing piece and the way to get it, with
-    the same wording for every file of a repository and every way of naming the model.
-    """
-    repo_id, revision = hf_split(hub_id)
-    name_tag = repo_id.split('/', 1)[-1]
-    at_rev = f' at revision {revision!r}' if revision else ''
-    where = f'pretrained weights of {name_tag} ({hf_constants.ENDPOINT}/{repo_id}{at_rev})'
-    offline = hub_unreachable()
-    try:
-        path = hf_hub_download(
-            repo_id, filename, revision=revision, cache_dir=cache_dir, local_files_only=offline is not None,
-            library_name='timm-pf', library_version=__version__,
-        )
-    except LocalEntryNotFoundError as e:
-        cache = cache_dir or hf_constants.HF_HUB_CACHE
-        rev_arg = f' --revision {revision}' if revision else ''
-        raise PretrainedWeightsError(
-            f'The {where} are not in the local cache ({cache}) and {offline or "the Hub cannot be reached"}. '
-            f'Fetch them once with network access: `hf download {repo_id} {WEIGHTS_NAME} {CONFIG_NAME}{rev_arg}` '
-            f'(or create the model online), or use pretrained=False.') from e
-    except RevisionNotFoundError as e:
-        raise PretrainedWeightsError(
-            f'Revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of that repository '
-            f'(`huggingface_hub.HfApi().list_repo_refs({repo_id!r})`).') from e
-    except RepositoryNotFoundError as e:
-        raise PretrainedWeightsError(
-            f'No {where} are published: the Hub has no repository {repo_id} (or it is private and your token '
-            f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with {_push_command(repo_id)}, '
-            f'or use pretrained=False.') from e
-    except RemoteEntryNotFoundError as e:
-        only = ': timm-pf loads only safetensors weights' if filename == WEIGHTS_NAME else ''
-        raise PretrainedWeightsError(
-            f'{repo_id}{at_rev} has no {filename}{only}. Publish them with {_push_command(repo_id)}.') from e
-    except (HfHubHTTPError, OSError, *_transport_errors()) as e:  # refused, cut off mid-download, timed out
-        raise PretrainedWeightsError(
-            f'The {where} could not be fetched: {type(e).__name__}: {e}. Try again later.') from e
-    if filename == WEIGHTS_NAME:
-        _verify_cached_blob(path, where)
-    return path
-
-
-def download_weights(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> str:
-    """Local path of ``model.safetensors`` of ``hub_id`` (``org/name[@revision]``); see :func:`fetch_file`."""
-    return fetch_file(hub_id, WEIGHTS_NAME, cache_dir=cache_dir)
-
+# Models named by users
 
 def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
     """``timm.create_model`` for names and kwargs a user typed, with named errors.
@@ -216,34 +92,6 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
         given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
         raise ModelArgsError(f'cannot build {name}' + (f' with {given}' if given else '') +
                              f': {type(e).__name__}: {e}') from e
-
-
-def load_pf_state_dict(hub_id: str, cache_dir: Optional[Union[str, Path]] = None) -> Dict[str, torch.Tensor]:
-    """State dict of ``model.safetensors`` of one of our Hub repositories (``org/name[@revision]``)."""
-    return safetensors.torch.load_file(download_weights(hub_id, cache_dir=cache_dir), device='cpu')
-
-
-_timm_load_state_dict_from_hf: Optional[Callable] = None
-
-
-def _load_state_dict_from_hf(model_id: str, filename: str = HF_WEIGHTS_NAME, weights_only: bool = True,
-                             cache_dir: Optional[Union[str, Path]] = None):
-    """timm's download step (same signature), routed to :func:`load_pf_state_dict` for our repositories."""
-    if is_pf_repo(model_id):
-        return load_pf_state_dict(model_id, cache_dir=cache_dir)
-    return _timm_load_state_dict_from_hf(model_id, filename, weights_only=weights_only, cache_dir=cache_dir)
-
-
-def install_pretrained_loader() -> None:
-    """Route timm's Hub download for our organisation's repositories through :func:`load_pf_state_dict`.
-
-    Every other repository keeps timm's own loader. Idempotent.
-    """
-    global _timm_load_state_dict_from_hf
-    from timm.models import _builder
-    if _builder.load_state_dict_from_hf is not _load_state_dict_from_hf:
-        _timm_load_state_dict_from_hf = _builder.load_state_dict_from_hf
-        _builder.load_state_dict_from_hf = _load_state_dict_from_hf
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -516,7 +364,7 @@ def _plan(label: str, repo_id: str, staging_dir: Path, card_text: str, revision:
           private: bool) -> PushPlan:
     """Write the card next to the staged weights and config and list the three files."""
     (staging_dir / CARD_NAME).write_text(card_text, encoding='utf-8')
-    files = [(f, (staging_dir / f).stat().st_size, _sha256(staging_dir / f))
+    files = [(f, (staging_dir / f).stat().st_size, sha256_file(staging_dir / f))
              for f in (WEIGHTS_NAME, CONFIG_NAME, CARD_NAME)]
     return PushPlan(label=label, repo_id=repo_id, revision=revision, private=private, folder=staging_dir,
                     files=files)

@@ -18,9 +18,11 @@ from typing import Any, Dict, List, Optional, Tuple
 
 import timm
 
+from .._data import TRAIN_CONFIGS, data_dir
+
 __all__ = ['Recipe', 'RECIPES', 'FAMILY_RECIPES', 'MODEL_RECIPES', 'recipes_for', 'render_config', 'expected_configs']
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / 'train_configs'
+CONFIG_DIR = data_dir(TRAIN_CONFIGS)
 
 
 @dataclass(frozen=True)

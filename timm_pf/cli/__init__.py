@@ -7,7 +7,7 @@ import sys
 from typing import List, Optional
 
 # Subcommand modules, in the order ``timm-pf --help`` lists them.
-_COMMAND_MODULES = ('bench', 'build-kernels', 'digits', 'run', 'hub', 'rba', 'deform_points')
+_COMMAND_MODULES = ('bench', 'build-kernels', 'digits', 'train-config', 'run', 'hub', 'rba', 'deform_points')
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -7,6 +7,9 @@ further recipes of a family go to ``train_configs/<recipe>/<variant>.yaml``. The
     python -m timm_pf.tools.recipes --write      # rewrite train_configs/
     python -m timm_pf.tools.recipes --check      # exit 1 if a file is missing or out of date
 
+The folder ships inside the package (:mod:`timm_pf._data`), so an installed package has it too: ``timm-pf
+train-config MODEL [RECIPE]`` prints a config (:func:`find_config`).
+
 Batch sizes are the papers' global batch: timm's ``--batch-size`` is per process, so divide it by the number
 of processes (and keep ``lr``) when training on several GPUs.
 """
@@ -225,8 +228,8 @@ def shipped_configs(config_dir: Path = CONFIG_DIR) -> Dict[str, Dict[str, Path]]
         else:
             recipe = (rel.parent if rel.name == model else rel).as_posix()
         configs.setdefault(model, {})[recipe] = path
-    main_first = lambda item: (item[1].parent != config_dir, item[0])  # noqa: E731
-    return {model: dict(sorted(found.items(), key=main_first)) for model, found in sorted(configs.items())}
+    return {model: dict(sorted(found.items(), key=lambda item: (item[1].parent != config_dir, item[0])))
+            for model, found in sorted(configs.items())}
 
 
 def find_config(model: str, recipe: Optional[str] = None, config_dir: Path = CONFIG_DIR) -> Path:

@@ -11,6 +11,7 @@ import timm
 import torch
 import yaml
 
+from timm_pf.cli import main as cli_main
 from timm_pf.tools import recipes
 
 REPO = Path(__file__).resolve().parents[1]
@@ -89,3 +90,69 @@ def test_recipes_match_the_papers():
     assert (pn['opt'], pn['batch_size'], pn['lr'], pn['sched'], pn['warmup_epochs'], pn['weight_decay'],
             pn['smoothing'], pn['reprob'], pn['model_ema_decay'], pn['epochs']) == (
         'adamw', 1024, 1e-3, 'cosine', 20, 0.05, 0.1, 0.25, 0.9999, 300)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# timm-pf train-config: the shipped configs, for users without a clone
+
+def test_shipped_configs_name_every_file_once():
+    configs = recipes.shipped_configs(CONFIG_DIR)
+    files = sorted(p for by_recipe in configs.values() for p in by_recipe.values())
+    assert files == ALL_CONFIGS
+    assert list(configs['ours_r50_hybrid']) == ['pflayer_standard', 'pflayer_improved', 'quickstart/digits']
+    assert list(configs['parameternet_600m']) == ['parameternet_in1k', 'parameternet_in22k', 'parameternet_in22k_ft']
+    assert list(configs['resnet50_replace']) == ['replacement_deep_resnet']
+    for model, by_recipe in configs.items():
+        for path in by_recipe.values():
+            assert yaml.safe_load(path.read_text())['model'] == model
+
+
+def test_the_package_ships_the_repository_configs():
+    assert recipes.CONFIG_DIR.samefile(CONFIG_DIR)
+
+
+@pytest.mark.parametrize('argv, rel', [
+    (['ours_r50_hybrid'], 'ours_r50_hybrid.yaml'),
+    (['ours_r50_hybrid', 'pflayer_standard'], 'ours_r50_hybrid.yaml'),
+    (['ours_r50_hybrid', 'pflayer_improved'], 'pflayer_improved/ours_r50_hybrid.yaml'),
+    (['ours_r50_hybrid', 'quickstart/digits'], 'quickstart/digits.yaml'),
+    (['ghostnet_dyn', 'parameternet_in22k_ft'], 'parameternet_in22k_ft/ghostnet_dyn.yaml'),
+])
+def test_train_config_prints_and_writes_the_config(argv, rel, capsys, tmp_path):
+    assert cli_main(['train-config', *argv]) == 0
+    expected = (CONFIG_DIR / rel).read_text()
+    assert capsys.readouterr().out == expected
+    out = tmp_path / 'cfg.yaml'
+    assert cli_main(['train-config', *argv, '-o', str(out)]) == 0
+    assert out.read_text() == expected
+    assert str(out) in capsys.readouterr().out
+
+
+def test_train_config_list(capsys):
+    assert cli_main(['train-config', '--list']) == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = {line.split()[0]: line.split(None, 1)[1] for line in lines[1:]}
+    assert set(rows) == set(recipes.our_models())
+    assert rows['ours_r50_max'] == 'pflayer_standard, pflayer_improved'
+    assert rows['vit_s_replace'] == 'replacement'
+    assert cli_main(['train-config', 'pit_s_maxpool', '--list']) == 0
+    assert capsys.readouterr().out.splitlines()[1].split() == ['pit_s_maxpool', 'deit']
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['ours_r50_hybri'], "no training config for 'ours_r50_hybri' (did you mean ours_r50_hybrid"),
+    (['resnet50'], "no training config for 'resnet50'"),
+    (['ours_r50_max', 'deit'], "ours_r50_max has no recipe 'deit'; its recipes: pflayer_standard, pflayer_improved"),
+    (['ours_r50_max', '-o', '{missing}/cfg.yaml'], 'cannot write {missing}/cfg.yaml: No such file or directory'),
+    (['ours_r50_max', '-o', '{tmp}'], 'cannot write {tmp}: Is a directory'),
+    (['nope', '--list'], "no training config for 'nope'"),
+    (['ours_r50_max', 'deit', '--list'], '--list takes at most a MODEL'),
+    ([], 'name a MODEL'),
+])
+def test_train_config_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path):
+    fill = dict(missing=tmp_path / 'missing', tmp=tmp_path)
+    assert cli_main(['train-config', *[a.format(**fill) for a in argv]]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ''
+    assert captured.err.startswith('error: ' + message.format(**fill)) and captured.err.count('\n') == 1
+    assert not (tmp_path / 'missing').exists()

@@ -10,7 +10,7 @@ from typing import List, Optional
 from ._errors import EXIT_BAD_INPUT, EXIT_CODES_HELP, run_command
 
 # Subcommand modules, in the order ``timm-pf --help`` lists them.
-_COMMAND_MODULES = ('bench', 'build-kernels', 'digits', 'run', 'hub', 'rba', 'deform_points')
+_COMMAND_MODULES = ('bench', 'build-kernels', 'digits', 'train-config', 'run', 'hub', 'rba', 'deform_points')
 
 
 class _Parser(argparse.ArgumentParser):

@@ -29,6 +29,7 @@ from torch import nn
 import timm
 from timm.models import get_pretrained_cfg, model_entrypoint, split_model_name_tag
 
+from .._data import HUB_CARDS, TRAIN_CONFIGS, data_dir
 from ..methods.replacement import finalize
 from ..methods.stats import ModelStats, count_params, model_stats
 from ..models._cfg import hub_repo_id
@@ -41,8 +42,8 @@ __all__ = [
     'render_folder_card', 'card_path', 'write_cards', 'orphan_cards',
 ]
 
-CARDS_DIR = Path(__file__).resolve().parents[2] / 'hub_cards'
-TRAIN_CONFIGS_DIR = Path(__file__).resolve().parents[2] / 'train_configs'
+CARDS_DIR = data_dir(HUB_CARDS)
+TRAIN_CONFIGS_DIR = data_dir(TRAIN_CONFIGS)
 
 _FAMILY_KEYS = ('title', 'paper', 'license', 'datasets', 'tags', 'architecture', 'differences', 'results',
                 'citation', 'variants')

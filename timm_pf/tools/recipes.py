@@ -7,20 +7,30 @@ further recipes of a family go to ``train_configs/<recipe>/<variant>.yaml``. The
     python -m timm_pf.tools.recipes --write      # rewrite train_configs/
     python -m timm_pf.tools.recipes --check      # exit 1 if a file is missing or out of date
 
+The folder ships inside the package (:mod:`timm_pf._data`), so an installed package has it too: ``timm-pf
+train-config MODEL [RECIPE]`` prints a config (:func:`find_config`).
+
 Batch sizes are the papers' global batch: timm's ``--batch-size`` is per process, so divide it by the number
 of processes (and keep ``lr``) when training on several GPUs.
 """
 import argparse
+import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
 import timm
+import yaml
 
-__all__ = ['Recipe', 'RECIPES', 'FAMILY_RECIPES', 'MODEL_RECIPES', 'recipes_for', 'render_config', 'expected_configs']
+from .._data import TRAIN_CONFIGS, data_dir
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / 'train_configs'
+__all__ = [
+    'Recipe', 'RECIPES', 'FAMILY_RECIPES', 'MODEL_RECIPES', 'RecipeError', 'recipes_for', 'render_config',
+    'expected_configs', 'shipped_configs', 'find_config',
+]
+
+CONFIG_DIR = data_dir(TRAIN_CONFIGS)
 
 
 @dataclass(frozen=True)
@@ -196,6 +206,45 @@ def expected_configs() -> Dict[Path, str]:
             rel = Path(f'{model_name}.yaml') if i == 0 else Path(recipe.name) / f'{model_name}.yaml'
             configs[rel] = render_config(model_name, recipe)
     return configs
+
+
+class RecipeError(ValueError):
+    """No shipped training config for the model or recipe asked for."""
+
+
+def shipped_configs(config_dir: Path = CONFIG_DIR) -> Dict[str, Dict[str, Path]]:
+    """Model -> recipe name -> its config file in ``config_dir``, the model's main recipe first.
+
+    ``<model>.yaml`` holds the main recipe (named as in :data:`RECIPES`), ``<folder>/<model>.yaml`` the recipe
+    ``<folder>``; any other file ``<folder>/<name>.yaml`` (the CPU quickstart) is the recipe ``<folder>/<name>``
+    of the model it trains.
+    """
+    configs: Dict[str, Dict[str, Path]] = {}
+    for path in sorted(config_dir.rglob('*.yaml')):
+        model = yaml.safe_load(path.read_text(encoding='utf-8'))['model']
+        rel = path.relative_to(config_dir).with_suffix('')
+        if rel.parent == Path('.'):
+            recipe = recipes_for(model)[0].name
+        else:
+            recipe = (rel.parent if rel.name == model else rel).as_posix()
+        configs.setdefault(model, {})[recipe] = path
+    return {model: dict(sorted(found.items(), key=lambda item: (item[1].parent != config_dir, item[0])))
+            for model, found in sorted(configs.items())}
+
+
+def find_config(model: str, recipe: Optional[str] = None, config_dir: Path = CONFIG_DIR) -> Path:
+    """The shipped ``train.py`` config of ``model`` for ``recipe`` (default: the model's main recipe)."""
+    configs = shipped_configs(config_dir)
+    if model not in configs:
+        close = difflib.get_close_matches(model, configs, n=3, cutoff=0.6)
+        hint = f' (did you mean {", ".join(close)}?)' if close else ''
+        raise RecipeError(f'no training config for {model!r}{hint}; `timm-pf train-config --list` shows them')
+    recipes = configs[model]
+    if recipe is None:
+        return next(iter(recipes.values()))
+    if recipe not in recipes:
+        raise RecipeError(f'{model} has no recipe {recipe!r}; its recipes: {", ".join(recipes)}')
+    return recipes[recipe]
 
 
 def main(argv: Optional[List[str]] = None) -> int:

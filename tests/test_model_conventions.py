@@ -4,7 +4,7 @@ import torch
 
 import timm
 import timm_pf  # noqa: F401
-from timm_pf.models._pretrained import pf_model_names
+from timm_pf.models._registry import pf_model_names
 
 # the variants of the model families (the 'rba' architecture wraps a base model given at run time)
 VARIANTS = [n for n in pf_model_names() if timm.models.model_entrypoint(n).__module__.startswith('timm_pf.models.')]

@@ -4,10 +4,10 @@ import torch
 
 import timm
 import timm_pf  # noqa: F401
-from timm_pf.models._pretrained import pf_model_names
+from timm_pf.models._registry import pf_model_names
 
 # the variants of the model families (the 'rba' architecture wraps a base model given at run time)
-VARIANTS = [n for n in pf_model_names() if timm.models.model_entrypoint(n).__module__.startswith('timm_pf.models.')]
+VARIANTS = [n for n in pf_model_names() if timm.models.model_entrypoint(n).__module__ != 'timm_pf.models.rba']
 
 
 def test_every_family_registers_variants():
@@ -30,3 +30,49 @@ def test_device_and_dtype_at_construction(name):
     assert all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in meta.parameters())
     first = next(iter(bf16.state_dict()))
     assert torch.equal(meta.state_dict()[first].to(torch.bfloat16), bf16.state_dict()[first])
+
+
+@pytest.mark.parametrize('name, kwargs, error, match', [
+    ('ours_r50_hybrid', dict(block_pattern=123), TypeError, r'block_pattern must be a str .*got 123 \(int\)'),
+    ('ours_r50_hybrid', dict(block_pattern='XYZ'), ValueError, r"block_pattern 'XYZ': unknown letter 'X'"),
+    ('ours_r50_hybrid', dict(spatial_op='bad'), ValueError, r"unknown spatial_op 'bad'; registered: max"),
+    ('parameternet_600m', dict(num_experts=1.5), TypeError, r'num_experts must be a whole number >= 1, got 1.5'),
+    ('parameternet_600m', dict(num_experts='4'), TypeError, r"num_experts must be a whole number >= 1, got '4'"),
+    ('parameternet_600m', dict(num_experts=0), ValueError, r'num_experts must be >= 1, got 0'),
+    ('ghostnet_dyn', dict(num_experts=True), TypeError, r'num_experts must be a whole number'),
+    ('vit_ti_maxpool', dict(mixer_act_layer='foo'), ValueError, r"mixer_act_layer='foo': expected an activation"),
+    ('pit_ti_maxpool', dict(mixer_act_layer=3), ValueError, r'mixer_act_layer=3: expected an activation'),
+    ('vit_ti_maxpool', dict(token_mixer=['max']), ValueError, r"unknown token_mixer \['max'\]"),
+])
+def test_wrongly_typed_kwargs_are_named(name, kwargs, error, match):
+    """Our own checks name the kwarg and what it takes, before timm or torch fail on it somewhere deeper."""
+    with pytest.raises(error, match=match):
+        timm.create_model(name, device='meta', **kwargs)
+
+
+def _conv_weights_channels_last(model):
+    weights = [p for p in model.parameters() if p.dim() == 4]
+    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
+
+
+@pytest.mark.parametrize('name', ['ours_r50_hybrid', 'ours_r50_deform_max'])
+def test_resnet_conv_weights_stay_channels_last_on_cpu(name, tmp_path):
+    """The CPU forward runs channels-last; NCHW weights would make oneDNN reorder every kernel in every call."""
+    from safetensors.torch import save_file
+    model = timm.create_model(name)
+    assert _conv_weights_channels_last(model)
+    nchw = {k: v.contiguous() for k, v in model.state_dict().items()}
+    assert not all(v.is_contiguous(memory_format=torch.channels_last) for v in nchw.values() if v.dim() == 4)
+    for step in (lambda m: m.load_state_dict(nchw), lambda m: m.load_state_dict(nchw, assign=True),
+                 lambda m: m.to('cpu'), lambda m: m.float(), lambda m: m.double().float(),
+                 lambda m: m.reset_classifier(10)):
+        step(model)
+        assert _conv_weights_channels_last(model)
+    save_file(nchw, tmp_path / 'weights.safetensors')
+    loaded = timm.create_model(name, pretrained=True, num_classes=7,
+                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'weights.safetensors')))
+    assert _conv_weights_channels_last(loaded)
+    built_later = timm.create_model(name, device='meta').to_empty(device='cpu')
+    assert _conv_weights_channels_last(built_later)
+    elsewhere = model.to('meta')  # any other device keeps timm's plain NCHW weights (GPU behaviour unchanged)
+    assert all(p.is_contiguous() for p in elsewhere.parameters()) and not _conv_weights_channels_last(elsewhere)

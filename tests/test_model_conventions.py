@@ -49,30 +49,3 @@ def test_wrongly_typed_kwargs_are_named(name, kwargs, error, match):
     with pytest.raises(error, match=match):
         timm.create_model(name, device='meta', **kwargs)
 
-
-def _conv_weights_channels_last(model):
-    weights = [p for p in model.parameters() if p.dim() == 4]
-    return bool(weights) and all(w.is_contiguous(memory_format=torch.channels_last) for w in weights)
-
-
-@pytest.mark.parametrize('name', ['ours_r50_hybrid', 'ours_r50_deform_max'])
-def test_resnet_conv_weights_stay_channels_last_on_cpu(name, tmp_path):
-    """The CPU forward runs channels-last; NCHW weights would make oneDNN reorder every kernel in every call."""
-    from safetensors.torch import save_file
-    model = timm.create_model(name)
-    assert _conv_weights_channels_last(model)
-    nchw = {k: v.contiguous() for k, v in model.state_dict().items()}
-    assert not all(v.is_contiguous(memory_format=torch.channels_last) for v in nchw.values() if v.dim() == 4)
-    for step in (lambda m: m.load_state_dict(nchw), lambda m: m.load_state_dict(nchw, assign=True),
-                 lambda m: m.to('cpu'), lambda m: m.float(), lambda m: m.double().float(),
-                 lambda m: m.reset_classifier(10)):
-        step(model)
-        assert _conv_weights_channels_last(model)
-    save_file(nchw, tmp_path / 'weights.safetensors')
-    loaded = timm.create_model(name, pretrained=True, num_classes=7,
-                               pretrained_cfg_overlay=dict(file=str(tmp_path / 'weights.safetensors')))
-    assert _conv_weights_channels_last(loaded)
-    built_later = timm.create_model(name, device='meta').to_empty(device='cpu')
-    assert _conv_weights_channels_last(built_later)
-    elsewhere = model.to('meta')  # any other device keeps timm's plain NCHW weights (GPU behaviour unchanged)
-    assert all(p.is_contiguous() for p in elsewhere.parameters()) and not _conv_weights_channels_last(elsewhere)

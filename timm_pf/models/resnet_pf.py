@@ -258,10 +258,7 @@ class PfResNet(ResNet):
 
     The stem max-pool uses the fast parameter-free pool too (same result as ``nn.MaxPool2d``). On CPU
     the network runs in channels-last memory format whatever the input's layout: PyTorch's CPU pooling
-    and 1x1 convolutions are fastest there (same values; features come out channels-last). Its conv weights
-    are kept channels-last on CPU too (plain NCHW on other devices, as timm's ResNet): with NCHW weights
-    oneDNN would reorder every kernel in every call. The layout is re-applied after ``.to()`` / ``.float()``
-    / ``.cuda()`` and after ``load_state_dict`` (also ``assign=True`` and pretrained loading). Inputs are
+    and 1x1 convolutions are fastest there (same values; features come out channels-last). Inputs are
     checked: ``in_chans`` channels and at least the network stride (32) pixels per side.
     """
 
@@ -281,16 +278,6 @@ class PfResNet(ResNet):
         self.block_pattern = '-'.join(stages)
         self.spatial_op = spatial_op
         self.maxpool = PfMaxPool2d(3, stride=2)
-        self._apply(_device_layout)
-        self.register_load_state_dict_post_hook(_relayout_after_load)
-
-    def _apply(self, fn, recurse: bool = True):
-        # nn.Module has no public hook that runs after .to() / .float() / .cuda() / to_empty(): the conv weights
-        # get the layout of the device they landed on right after the conversion itself
-        return super()._apply(fn, recurse)._apply_device_layout(recurse)
-
-    def _apply_device_layout(self, recurse: bool) -> 'PfResNet':
-        return super()._apply(_device_layout, recurse)
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
@@ -307,19 +294,6 @@ class PfResNet(ResNet):
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
         return super().forward_intermediates(self._prepare_input(x), *args, **kwargs)
-
-
-def _device_layout(t: torch.Tensor) -> torch.Tensor:
-    """Conv weights (4-D) channels-last on CPU, where the forward runs channels-last; contiguous NCHW elsewhere."""
-    if t.dim() != 4:
-        return t
-    layout = torch.channels_last if t.device.type == 'cpu' else torch.contiguous_format
-    return t if t.is_contiguous(memory_format=layout) else t.contiguous(memory_format=layout)
-
-
-def _relayout_after_load(model: 'PfResNet', incompatible_keys) -> None:
-    """``load_state_dict(assign=True)`` puts the checkpoint's own tensors in place: lay them out again."""
-    model._apply_device_layout(recurse=True)
 
 
 @torch.jit.ignore  # TorchScript skips it (see PfResNet._prepare_input), FX graphs scripted later call it

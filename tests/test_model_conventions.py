@@ -7,7 +7,7 @@ import timm_pf  # noqa: F401
 from timm_pf.models._registry import pf_model_names
 
 # the variants of the model families (the 'rba' architecture wraps a base model given at run time)
-VARIANTS = [n for n in pf_model_names() if timm.models.model_entrypoint(n).__module__.startswith('timm_pf.models.')]
+VARIANTS = [n for n in pf_model_names() if timm.models.model_entrypoint(n).__module__ != 'timm_pf.models.rba']
 
 
 def test_every_family_registers_variants():
@@ -30,3 +30,22 @@ def test_device_and_dtype_at_construction(name):
     assert all(p.device.type == 'cpu' and p.dtype == torch.float32 for p in meta.parameters())
     first = next(iter(bf16.state_dict()))
     assert torch.equal(meta.state_dict()[first].to(torch.bfloat16), bf16.state_dict()[first])
+
+
+@pytest.mark.parametrize('name, kwargs, error, match', [
+    ('ours_r50_hybrid', dict(block_pattern=123), TypeError, r'block_pattern must be a str .*got 123 \(int\)'),
+    ('ours_r50_hybrid', dict(block_pattern='XYZ'), ValueError, r"block_pattern 'XYZ': unknown letter 'X'"),
+    ('ours_r50_hybrid', dict(spatial_op='bad'), ValueError, r"unknown spatial_op 'bad'; registered: max"),
+    ('parameternet_600m', dict(num_experts=1.5), TypeError, r'num_experts must be a whole number >= 1, got 1.5'),
+    ('parameternet_600m', dict(num_experts='4'), TypeError, r"num_experts must be a whole number >= 1, got '4'"),
+    ('parameternet_600m', dict(num_experts=0), ValueError, r'num_experts must be >= 1, got 0'),
+    ('ghostnet_dyn', dict(num_experts=True), TypeError, r'num_experts must be a whole number'),
+    ('vit_ti_maxpool', dict(mixer_act_layer='foo'), ValueError, r"mixer_act_layer='foo': expected an activation"),
+    ('pit_ti_maxpool', dict(mixer_act_layer=3), ValueError, r'mixer_act_layer=3: expected an activation'),
+    ('vit_ti_maxpool', dict(token_mixer=['max']), ValueError, r"unknown token_mixer \['max'\]"),
+])
+def test_wrongly_typed_kwargs_are_named(name, kwargs, error, match):
+    """Our own checks name the kwarg and what it takes, before timm or torch fail on it somewhere deeper."""
+    with pytest.raises(error, match=match):
+        timm.create_model(name, device='meta', **kwargs)
+

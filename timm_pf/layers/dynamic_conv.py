@@ -20,7 +20,7 @@ is built (pool, routing and mixing in one call). The layer is an FX leaf (timm's
 and TorchScript compiles only the plain mixing and the batch-folded grouped convolution.
 """
 import math
-from typing import Dict, List, NamedTuple, Optional, Tuple, Union
+from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from timm.layers import CondConv2d, Mlp, pad_same, register_notrace_module
 
 from .cpu_kernels import cpu_kernels
 
-__all__ = ['DynamicConv2d', 'per_sample_conv2d', 'ROUTING_TYPES']
+__all__ = ['DynamicConv2d', 'per_sample_conv2d', 'check_num_experts', 'ROUTING_TYPES']
 
 ROUTING_TYPES = ('sigmoid', 'softmax')
 
@@ -265,6 +265,14 @@ class _MixedConvRecomputed(torch.autograd.Function):
 
 
 @register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs
+def check_num_experts(num_experts: Any) -> None:
+    """``num_experts`` must be a whole number >= 1 (a TypeError or ValueError that names it otherwise)."""
+    if isinstance(num_experts, bool) or not isinstance(num_experts, int):
+        raise TypeError(f'num_experts must be a whole number >= 1, got {num_experts!r} ({type(num_experts).__name__})')
+    if num_experts < 1:
+        raise ValueError(f'num_experts must be >= 1, got {num_experts}')
+
+
 class DynamicConv2d(CondConv2d):
     """Convolution whose kernel is a per-sample mixture of ``num_experts`` expert kernels.
 
@@ -292,8 +300,7 @@ class DynamicConv2d(CondConv2d):
             dtype=None,
     ):
         dd = {'device': device, 'dtype': dtype}
-        if num_experts < 1:
-            raise ValueError(f'num_experts must be >= 1, got {num_experts}')
+        check_num_experts(num_experts)
         if routing not in ROUTING_TYPES:
             raise ValueError(f'unknown routing {routing!r}, expected one of {ROUTING_TYPES}')
         super().__init__(

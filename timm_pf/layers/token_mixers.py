@@ -18,7 +18,8 @@ from timm.layers import GELU, Attention, get_act_layer, is_exporting, register_n
 
 from .pf_pool import running_max
 
-__all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS']
+__all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS',
+           'resolve_activation']
 
 
 def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False) -> torch.Tensor:
@@ -132,6 +133,18 @@ SPATIAL_OPS = {
 
 
 @register_notrace_module  # an FX leaf: its input checks and in-place choices stay out of traced graphs
+def resolve_activation(act_layer: Union[str, Type[nn.Module]], arg_name: str = 'act_layer') -> Type[nn.Module]:
+    """``act_layer`` as timm's ``get_act_layer`` resolves it, or a ValueError naming ``arg_name`` and what it takes."""
+    try:
+        act = get_act_layer(act_layer)
+    except (KeyError, TypeError):
+        act = None
+    if not callable(act):
+        raise ValueError(f"{arg_name}={act_layer!r}: expected an activation name timm knows ('gelu', 'relu', "
+                         f"'silu', 'hard_swish', ...) or an nn.Module class")
+    return act
+
+
 class EfficientTokenMixer(nn.Module):
     """The eff-layer that takes the place of self-attention in the efficient transformer block.
 
@@ -158,9 +171,7 @@ class EfficientTokenMixer(nn.Module):
         super().__init__()
         if spatial not in SPATIAL_OPS:
             raise ValueError(f'unknown spatial operation {spatial!r}, choose one of {sorted(SPATIAL_OPS)}')
-        act = get_act_layer(act_layer)
-        if act is None:
-            raise ValueError(f'unknown activation {act_layer!r}')
+        act = resolve_activation(act_layer)
         build_spatial, default_kernel = SPATIAL_OPS[spatial]
         dd = {'device': device, 'dtype': dtype}
         hidden = dim * expand_ratio

@@ -11,7 +11,7 @@ from torch import nn
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import Block
 
-from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention
+from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention, resolve_activation
 from ._cfg import PF_LAYERS_PAPER
 
 __all__ = [
@@ -37,10 +37,12 @@ EFFICIENT_BLOCK_PATTERNS: Dict[str, Callable[[int], bool]] = {
 }
 
 
-def check_mixer_args(token_mixer: str, efficient_blocks: str) -> None:
-    if token_mixer not in SPATIAL_OPS:
+def check_mixer_args(token_mixer: str, efficient_blocks: str, mixer_act_layer: Any) -> None:
+    """Named errors for the mixer kwargs of the ViT / PiT entrypoints, before anything is built."""
+    resolve_activation(mixer_act_layer, 'mixer_act_layer')
+    if not isinstance(token_mixer, str) or token_mixer not in SPATIAL_OPS:
         raise ValueError(f'unknown token_mixer {token_mixer!r}, choose one of {sorted(SPATIAL_OPS)}')
-    if efficient_blocks not in EFFICIENT_BLOCK_PATTERNS:
+    if not isinstance(efficient_blocks, str) or efficient_blocks not in EFFICIENT_BLOCK_PATTERNS:
         raise ValueError(
             f'unknown efficient_blocks {efficient_blocks!r}, choose one of {sorted(EFFICIENT_BLOCK_PATTERNS)}')
 

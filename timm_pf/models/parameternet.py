@@ -34,7 +34,7 @@ from timm.layers import DropPath, Linear, make_divisible
 from timm.models import GhostNet, adapt_input_conv, register_model
 from timm.models.ghostnet import GhostModule
 
-from ..layers.dynamic_conv import DynamicConv2d
+from ..layers.dynamic_conv import DynamicConv2d, check_num_experts
 from ._cfg import generate_pf_cfgs
 from ._checkpoint import CheckpointMismatch, check_matches_model, fitting_models, unwrap_checkpoint
 from ._pretrained import build_pf_model
@@ -80,8 +80,7 @@ def conv_factory(num_experts: int = 1, routing: str = 'sigmoid') -> ConvLayer:
     """``conv(in_chs, out_chs, kernel_size, stride=1, padding=0, groups=1, device=None, dtype=None)`` for the
     convs ParameterNet makes dynamic: a plain ``nn.Conv2d`` for one expert (the GhostNet baseline, Table 4's
     first row), else a :class:`DynamicConv2d` with ``num_experts`` experts."""
-    if num_experts < 1:
-        raise ValueError(f'num_experts must be >= 1, got {num_experts}')
+    check_num_experts(num_experts)
     if num_experts == 1:
         return partial(nn.Conv2d, bias=False)
     return partial(DynamicConv2d, bias=False, num_experts=num_experts, routing=routing)

@@ -166,7 +166,7 @@ class PfPoolingVisionTransformer(nn.Module):
         if global_pool not in ('avg', 'max', 'avgmax', ''):
             raise ValueError(f"global_pool must be 'avg', 'max', 'avgmax' or '' (there is no class token), "
                              f"got {global_pool!r}")
-        check_mixer_args(token_mixer, efficient_blocks)
+        check_mixer_args(token_mixer, efficient_blocks, mixer_act_layer)
         dd = {'device': device, 'dtype': dtype}
         dims = [b * h for b, h in zip(base_dims, heads)]
         self.num_classes = num_classes

@@ -121,6 +121,9 @@ def parse_block_pattern(pattern: str, layers: Sequence[int]) -> List[str]:
     >>> parse_block_pattern('EEBB', (3, 4, 6, 3))
     ['EEE', 'EEEE', 'BBBBBB', 'BBB']
     """
+    if not isinstance(pattern, str):
+        raise TypeError(f'block_pattern must be a str (letters E/B/H per stage or block, or hybrid, efficient, '
+                        f'regular, eb), got {pattern!r} ({type(pattern).__name__})')
     name = pattern.strip().lower()
     if name in ('hybrid', 'efficient', 'regular'):
         letter = {'hybrid': 'H', 'efficient': 'E', 'regular': 'B'}[name]

@@ -112,7 +112,7 @@ class PfVisionTransformer(VisionTransformer):
         if global_pool not in ('avg', 'max', 'avgmax', ''):
             raise ValueError(f"global_pool must be 'avg', 'max', 'avgmax' or '' (there is no class token), "
                              f"got {global_pool!r}")
-        check_mixer_args(token_mixer, efficient_blocks)
+        check_mixer_args(token_mixer, efficient_blocks, mixer_act_layer)
         mixer_layer = partial(
             EfficientTokenMixer,
             spatial=token_mixer,

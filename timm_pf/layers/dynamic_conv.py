@@ -264,7 +264,6 @@ class _MixedConvRecomputed(torch.autograd.Function):
                 torch.cat(grad_routing).to(routing_weights.dtype), grad_experts.to(experts.dtype), None)
 
 
-@register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs
 def check_num_experts(num_experts: Any) -> None:
     """``num_experts`` must be a whole number >= 1 (a TypeError or ValueError that names it otherwise)."""
     if isinstance(num_experts, bool) or not isinstance(num_experts, int):
@@ -273,6 +272,7 @@ def check_num_experts(num_experts: Any) -> None:
         raise ValueError(f'num_experts must be >= 1, got {num_experts}')
 
 
+@register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs
 class DynamicConv2d(CondConv2d):
     """Convolution whose kernel is a per-sample mixture of ``num_experts`` expert kernels.
 
@@ -319,13 +319,16 @@ class DynamicConv2d(CondConv2d):
 
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
-        if isinstance(self.routing, nn.Linear):  # sigmoid routing (a static type check in TorchScript)
-            # one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its scale: this runs once
-            # per conv, so its op count matters at batch 1
-            logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
-                                 alpha=1.0 / (x.shape[2] * x.shape[3]))
-            return logits.sigmoid_()
-        return self.routing(x.mean((2, 3))).softmax(dim=-1)
+        if not torch.jit.is_scripting():
+            if isinstance(self.routing, nn.Linear):
+                # sigmoid routing as one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its
+                # scale: this runs once per conv, so its op count matters at batch 1. (Not in TorchScript: its
+                # type check of a submodule goes wrong once any module of the class has been traced.)
+                logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
+                                     alpha=1.0 / (x.shape[2] * x.shape[3]))
+                return logits.sigmoid_()
+        logits = self.routing(x.mean((2, 3)))
+        return logits.sigmoid() if self.routing_type == 'sigmoid' else logits.softmax(dim=-1)
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting():

@@ -132,7 +132,6 @@ SPATIAL_OPS = {
 }
 
 
-@register_notrace_module  # an FX leaf: its input checks and in-place choices stay out of traced graphs
 def resolve_activation(act_layer: Union[str, Type[nn.Module]], arg_name: str = 'act_layer') -> Type[nn.Module]:
     """``act_layer`` as timm's ``get_act_layer`` resolves it, or a ValueError naming ``arg_name`` and what it takes."""
     try:
@@ -145,6 +144,7 @@ def resolve_activation(act_layer: Union[str, Type[nn.Module]], arg_name: str = '
     return act
 
 
+@register_notrace_module  # an FX leaf: its input checks and in-place choices stay out of traced graphs
 class EfficientTokenMixer(nn.Module):
     """The eff-layer that takes the place of self-attention in the efficient transformer block.
 

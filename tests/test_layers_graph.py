@@ -10,8 +10,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from _hosts import hosted
 from timm_pf.layers import (
-    Conv2dNhwc, DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, GridAttention,
-    LearnedDeformPool2d, MaxPool2dNhwc, PfMaxPool2d)
+    ChannelsLastKernelConv2d, Conv2dNhwc, DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, GridAttention,
+    LearnedDeformPool2d, MaxPool2dNhwc, PfMaxPool2d, use_channels_last_kernels)
 
 
 def _layer(name: str):
@@ -34,6 +34,8 @@ def _layer(name: str):
         'mixer_dwconv_relu': (EfficientTokenMixer(12, spatial='dwconv', act_layer='relu'), (grid,)),
         'max_pool_nhwc': (MaxPool2dNhwc(3, inplace=True), (grid,)),
         'conv_nhwc': (Conv2dNhwc(12, 6, 3, stride=2, padding=1), (grid,)),
+        'channels_last_kernel_conv': (
+            use_channels_last_kernels(nn.Conv2d(8, 6, 3, padding=1)), (nchw.contiguous(memory_format=torch.channels_last),)),
         'grid_attention': (
             GridAttention(12, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm), (grid,)),
     }
@@ -43,7 +45,7 @@ def _layer(name: str):
 
 LAYERS = [
     'pf_max', 'pf_max_s2', 'deform_max', 'deform_avg', 'learned_deform', 'dynamic_conv', 'dynamic_conv_softmax_bias',
-    'dynamic_conv_same_dw', 'mixer_max', 'mixer_dwconv_relu', 'max_pool_nhwc', 'conv_nhwc', 'grid_attention']
+    'dynamic_conv_same_dw', 'mixer_max', 'mixer_dwconv_relu', 'max_pool_nhwc', 'conv_nhwc', 'channels_last_kernel_conv', 'grid_attention']
 
 
 def _fx(model: nn.Module) -> nn.Module:
@@ -103,7 +105,7 @@ def test_device_and_dtype_reach_the_parameters(name):
     args = {
         PfMaxPool2d: (), DeformMaxPool2d: (), DeformAvgPool2d: (), LearnedDeformPool2d: (8,),
         DynamicConv2d: (8, 16), EfficientTokenMixer: (12,), MaxPool2dNhwc: (), Conv2dNhwc: (12, 6, 3),
-        GridAttention: (16,)}[layer]
+        ChannelsLastKernelConv2d: (8, 6, 3), GridAttention: (16,)}[layer]
     module = layer(*args, device='meta', dtype=torch.float64)
     assert all(p.device.type == 'meta' and p.dtype == torch.float64 for p in module.parameters())
 

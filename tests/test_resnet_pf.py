@@ -2,11 +2,13 @@
 import pytest
 import timm
 import torch
+from safetensors.torch import save_file
 from timm.models import ResNet
 from torch import nn
 
 from _official import load_official_fixture
-from timm_pf.layers import PfMaxPool2d
+from timm_pf.layers import ChannelsLastKernelConv2d, PfMaxPool2d
+from timm_pf.layers.cpu_layout import _channels_last_kernel
 from timm_pf.models.resnet_pf import SPATIAL_OPS, checkpoint_filter_fn, parse_block_pattern
 from timm_pf.methods.stats import count_macs, count_params
 
@@ -184,6 +186,56 @@ def test_channels_last_execution_matches_nchw(hybrid):
         reference = hybrid.forward_head(ResNet.forward_features(hybrid, x))  # plain timm path, NCHW
         from_cl = hybrid(x.contiguous(memory_format=torch.channels_last))
     assert torch.allclose(ours, reference, atol=1e-5) and torch.equal(ours, from_cl)
+
+
+def _reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The model's output through nn.Conv2d's own path (autograd on: the cached kernels are never read)."""
+    with torch.enable_grad():
+        return model(x).detach()
+
+
+def _check_cpu_kernels(model: nn.Module, x: torch.Tensor) -> None:
+    """Inference reads channels-last copies equal to the current kxk kernels and gives nn.Conv2d's output."""
+    with torch.no_grad():
+        out = model(x)
+    torch.testing.assert_close(out, _reference_logits(model, x), rtol=1e-5, atol=1e-5)
+    convs = [m for m in model.modules() if isinstance(m, ChannelsLastKernelConv2d)]
+    assert convs
+    for conv in convs:
+        assert conv.weight.is_contiguous()  # the parameter itself stays NCHW (safetensors, timm's EMA)
+        kernel = _channels_last_kernel(conv)
+        assert kernel.is_contiguous(memory_format=torch.channels_last) and torch.equal(kernel, conv.weight)
+
+
+def test_cpu_inference_reads_channels_last_kernels_of_the_current_weights(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model('ours_r50_hybrid', num_classes=10).eval()
+    assert isinstance(model.conv1, ChannelsLastKernelConv2d) and type(model.layer1[0].conv1) is nn.Conv2d  # 1x1
+    x = torch.randn(2, 3, 64, 64)
+    _check_cpu_kernels(model, x)
+
+    other = timm.create_model('ours_r50_hybrid', num_classes=10).eval()
+    model.load_state_dict(other.state_dict())  # copied in place: same tensors, new versions
+    _check_cpu_kernels(model, x)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), other(x))
+    with torch.no_grad():
+        model.conv1.weight.mul_(0.5)  # any in-place write
+    _check_cpu_kernels(model, x)
+    model.load_state_dict({k: v.clone() for k, v in other.state_dict().items()}, assign=True)
+    _check_cpu_kernels(model, x)
+    model = model.to(torch.float64).float()
+    _check_cpu_kernels(model, x)
+    model.reset_classifier(3)
+    _check_cpu_kernels(model, x)
+
+    path = tmp_path / 'model.safetensors'
+    save_file(other.state_dict(), str(path))  # contiguous parameters: safetensors takes them as they are
+    loaded = timm.create_model('ours_r50_hybrid', pretrained=True, num_classes=10,
+                               pretrained_cfg_overlay=dict(file=str(path))).eval()
+    _check_cpu_kernels(loaded, x)
+    with torch.no_grad():  # (timm re-initialises the classifier: 10 classes are not the tag's 1000)
+        torch.testing.assert_close(loaded.forward_features(x), other.forward_features(x))
 
 
 def test_odd_feature_sizes(hybrid):

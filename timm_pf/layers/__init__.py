@@ -4,3 +4,4 @@ from .dynamic_conv import DynamicConv2d, per_sample_conv2d
 from .token_mixers import EfficientTokenMixer, GridAttention, MaxPool2dNhwc, Conv2dNhwc
 from .deform_pool import (
     DeformAvgPool2d, DeformMaxPool2d, DeformPool2d, LearnedDeformPool2d, deform_pool2d, sampled_deform_pool2d)
+from .cpu_layout import ChannelsLastKernelConv2d, use_channels_last_kernels

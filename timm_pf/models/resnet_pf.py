@@ -38,6 +38,7 @@ from timm.layers import BatchNormAct2d, create_attn, create_conv2d
 from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import ResNet
 
+from ..layers.cpu_layout import use_channels_last_kernels
 from ..layers.deform_pool import LearnedDeformPool2d
 from ..layers.pf_pool import PfMaxPool2d
 from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
@@ -258,7 +259,9 @@ class PfResNet(ResNet):
 
     The stem max-pool uses the fast parameter-free pool too (same result as ``nn.MaxPool2d``). On CPU
     the network runs in channels-last memory format whatever the input's layout: PyTorch's CPU pooling
-    and 1x1 convolutions are fastest there (same values; features come out channels-last). Inputs are
+    and 1x1 convolutions are fastest there (same values; features come out channels-last), and CPU inference
+    reads its kxk kernels from channels-last copies (``ChannelsLastKernelConv2d``: the parameters stay
+    NCHW for safetensors and timm's EMA). Inputs are
     checked: ``in_chans`` channels and at least the network stride (32) pixels per side.
     """
 
@@ -278,6 +281,7 @@ class PfResNet(ResNet):
         self.block_pattern = '-'.join(stages)
         self.spatial_op = spatial_op
         self.maxpool = PfMaxPool2d(3, stride=2)
+        use_channels_last_kernels(self)
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():

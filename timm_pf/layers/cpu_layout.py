@@ -1,0 +1,72 @@
+"""Convolutions whose CPU inference reads a channels-last copy of their kernels.
+
+On CPU the ResNet family runs channels-last (see ``PfResNet``). oneDNN then wants the kxk kernels channels-last
+too, and an NCHW parameter is reordered inside every call. The parameters themselves must stay contiguous
+NCHW: safetensors refuses to save other strides (timm's ``save_for_hf``, our Hub tooling) and timm's
+``ModelEma`` updates ``state_dict()`` tensors in place, so a copy made at save time would break it. So the
+channels-last kernel is a cached copy used only where nothing can differ: CPU inference (no autograd, no
+tracing, compiling or exporting) on channels-last input. It is rebuilt when the parameter changes (another
+tensor after ``.to()`` / ``.float()`` / ``load_state_dict(assign=True)``, or a new version after an in-place
+write such as ``load_state_dict`` or an optimizer step) and lives outside the module (a weak map), so copies,
+pickles and state dicts of the model never see it.
+"""
+import weakref
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from timm.layers import register_notrace_module
+
+__all__ = ['ChannelsLastKernelConv2d', 'use_channels_last_kernels']
+
+# conv -> (identity of the parameter it was made from, the channels-last kernel)
+_KERNELS: 'weakref.WeakKeyDictionary[nn.Conv2d, Tuple[tuple, torch.Tensor]]' = weakref.WeakKeyDictionary()
+
+
+def _parameter_identity(weight: torch.Tensor) -> tuple:
+    # ``_version`` counts in-place writes to the tensor (torch has no public name for it); with the data pointer
+    # it tells whether the parameter is still the one the cached kernel was copied from.
+    return weight.data_ptr(), weight._version, weight.dtype, weight.shape
+
+
+def _channels_last_kernel(conv: nn.Conv2d) -> torch.Tensor:
+    identity = _parameter_identity(conv.weight)
+    cached = _KERNELS.get(conv)
+    if cached is None or cached[0] != identity:
+        cached = identity, conv.weight.detach().contiguous(memory_format=torch.channels_last)
+        _KERNELS[conv] = cached
+    return cached[1]
+
+
+def _reads_cached_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:
+    """CPU inference on channels-last input with an NCHW kxk kernel, outside any tracer, compiler or exporter
+    (and no kernel made in inference mode: such tensors count no versions)."""
+    weight = conv.weight
+    return (x.device.type == 'cpu' and x.dim() == 4 and not torch.is_grad_enabled() and not weight.is_inference()
+            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and weight.shape[-2] * weight.shape[-1] > 1  # a 1x1 kernel is laid out the same in both formats
+            and x.is_contiguous(memory_format=torch.channels_last)
+            and not weight.is_contiguous(memory_format=torch.channels_last))
+
+
+@register_notrace_module  # an FX leaf: the cache lookup stays out of traced graphs
+class ChannelsLastKernelConv2d(nn.Conv2d):
+    """``nn.Conv2d`` (same parameters, keys and gradients) whose CPU inference on channels-last input convolves
+    with a cached channels-last copy of the kernel (see the module docstring); every other call is
+    ``nn.Conv2d``'s."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.jit.is_scripting():
+            if _reads_cached_kernel(self, x):
+                return self._conv_forward(x, _channels_last_kernel(self), self.bias)
+        return self._conv_forward(x, self.weight, self.bias)
+
+
+def use_channels_last_kernels(module: nn.Module) -> nn.Module:
+    """Make every plain ``nn.Conv2d`` with a kxk kernel (k > 1) in ``module`` a :class:`ChannelsLastKernelConv2d`
+    in place (the subclass adds no state, so parameters, keys and hooks stay as they are); returns ``module``."""
+    for conv in module.modules():
+        if type(conv) is nn.Conv2d and conv.kernel_size != (1, 1):
+            conv.__class__ = ChannelsLastKernelConv2d
+    return module

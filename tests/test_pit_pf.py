@@ -129,8 +129,10 @@ def test_filter_errors_name_the_problem(pit_s_official):
     cases = [
         ({**ours, 'cls_token': torch.zeros(1, 1, 144)}, 'class token'),
         ({**ours, 'blocks.0.norm1.weight': torch.ones(384)}, 'ViT'),
-        ({k: v for k, v in ours.items() if not k.startswith('transformers.2.pool.')}, 'missing: transformers.2.pool'),
-        ({**ours, 'transformers.1.pool.fc.weight': torch.zeros(288, 144)}, 'unexpected: transformers.1.pool.fc'),
+        ({k: v for k, v in ours.items() if not k.startswith('transformers.2.pool.')},
+         r'missing keys \(\d+\): transformers.2.pool'),
+        ({**ours, 'transformers.1.pool.fc.weight': torch.zeros(288, 144)},
+         r'unexpected keys \(1\): transformers.1.pool.fc'),
         ({**ours, 'pos_embed': torch.zeros(1, 96, 27, 27)}, 'pos_embed'),
         ({**ours, 'head.bias': torch.full((1000,), float('inf'))}, 'NaN or Inf'),
     ]

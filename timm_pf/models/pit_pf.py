@@ -382,7 +382,7 @@ default_cfgs = generate_pf_cfgs({
     'pit_s_maxpool.pf_in1k': _cfg(notes=(
         "The authors' released PiT-S-max checkpoint (pit_pf.py 'pit_s_max'), converted: "
         'https://drive.google.com/file/d/1S9JJM2WGtDtpo-6Me7Ak74nJOlOeBKeH/view',
-        'Reported ImageNet-1k top-1 (Table 6 / PfLayer README): 75.7 Vanilla, 78.1 +CutMix, 80.8 +DeiT recipe; '
+        'ImageNet-1k top-1 reported in Table 6 and the PfLayer README for the Vanilla, +CutMix and +DeiT recipes; '
         'the README does not say which recipe the released file was trained with.',
     )),
     'pit_ti_maxpool.in1k': _cfg(notes=(
@@ -390,7 +390,7 @@ default_cfgs = generate_pf_cfgs({
     'pit_b_maxpool.in1k': _cfg(notes=(
         'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.', TO_TRAIN_NOTE)),
     'pit_s_dwconv.in1k': _cfg(notes=(
-        'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
+        'PiT-S (dw-conv), the competitor of Table 6; no released weights.', TO_TRAIN_NOTE)),
     'pit_s_maxpool_all.in1k': _cfg(notes=(
         'PiT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
 })

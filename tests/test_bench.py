@@ -2,6 +2,7 @@ import csv
 import io
 import json
 import math
+import shutil
 import statistics
 from dataclasses import replace
 
@@ -13,8 +14,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from timm_pf.cli import main
 from timm_pf.tools import bench
-from timm_pf.tools.bench import BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget, measure, runner
+from timm_pf.tools.bench import (
+    BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget, measure, paper, runner,
+)
 from timm_pf.tools.bench.ratio import quantiles
+from timm_pf.tools.cards import CARDS_DIR
 
 SMALL_PAIR = ('resnet18', 'resnet10t')
 SMALL_SETTINGS = (Setting('infer', 1, 64), Setting('infer', 2, 64), Setting('train', 2, 64))
@@ -252,6 +256,26 @@ def test_paper_latency_ratio_prefers_the_same_batch():
     assert ratio == pytest.approx(86 / 96) and basis == 'GPU b1'
     ratio, basis = bench.paper_latency_ratio('pit_s_maxpool', 'pit_s_224', 32)
     assert ratio == pytest.approx(952 / 1000) and basis == 'GPU b256'
+
+
+def test_paper_numbers_are_read_from_the_card_tables(tmp_path):
+    assert [str(s) for s in bench.PAPER_REPORTS['resnet50'].speeds] == ['8.7 ms V100', '45.4 ms CPU']
+    cards_dir = tmp_path / 'hub_cards'
+    shutil.copytree(CARDS_DIR, cards_dir)
+    family = cards_dir / 'families' / 'parameternet.yaml'
+    text = family.read_text(encoding='utf-8')
+    family.write_text(text.replace('| ParameterNet-600M | ImageNet-1K | 34.5M | 599M |',
+                                   '| ParameterNet-600M | ImageNet-1K | 35.5M | 1.2G |'), encoding='utf-8')
+    reports = paper._paper_reports(cards_dir)
+    assert (reports['parameternet_600m'].params_m, reports['parameternet_600m'].gmacs) == (35.5, 1.2)
+    assert {k: v for k, v in reports.items() if k != 'parameternet_600m'} == {
+        k: v for k, v in bench.PAPER_REPORTS.items() if k != 'parameternet_600m'}
+    family.write_text(text.replace('| GhostNet-600M |', '| GhostNet 600M |'), encoding='utf-8')
+    with pytest.raises(ValueError, match="no row 'GhostNet-600M' \\(for ghostnet_600m\\)"):
+        paper._paper_reports(cards_dir)
+    family.write_text(text.replace('| 19.8M | 579M |', '| 19.8 | 579M |', 1), encoding='utf-8')
+    with pytest.raises(ValueError, match="cell '19.8' of column 'Params' is not a count"):
+        paper._paper_reports(cards_dir)
 
 
 def test_targets_preset_settings():

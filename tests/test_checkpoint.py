@@ -1,10 +1,13 @@
-"""The families' checkpoint filters: hints that name a model only when the checkpoint fits it, integer weights."""
+"""Reading checkpoints and the one mismatch report: the families' checkpoint filters (hints that name a model only
+when the checkpoint fits it, integer weights) and the strict load of the Hub tooling."""
+import argparse
+
 import pytest
 import torch
 
 import timm
 import timm_pf  # noqa: F401
-from timm_pf.models._checkpoint import CheckpointDtypeError
+from timm_pf.models._checkpoint import CheckpointDtypeError, CheckpointError, load_strict, read_checkpoint
 from timm_pf.models.parameternet import checkpoint_filter_fn as parameternet_filter
 from timm_pf.models.resnet_pf import checkpoint_filter_fn as resnet_filter
 from timm_pf.models.vit_pf import checkpoint_filter_fn as vit_filter
@@ -67,3 +70,39 @@ def test_dynamic_stem_is_adapted_to_other_input_channels(models):
     with torch.no_grad():  # one channel: the sum over the source channels, i.e. the grey image given as RGB
         torch.testing.assert_close(grey.forward_features(x), source.forward_features(x.expand(-1, 3, -1, -1)),
                                    rtol=1e-4, atol=1e-4)
+
+
+def test_filters_and_strict_loads_report_mismatches_alike(models):
+    model = models['vit_ti_maxpool']
+    state_dict = {k: v for k, v in model.state_dict().items() if k != 'blocks.3.mlp.fc1.weight'}
+    state_dict['blocks.0.mlp.fc1.bias'] = torch.zeros(7)
+    reports = []
+    for check in (lambda: vit_filter(state_dict, model), lambda: load_strict(model, state_dict, 'weights.pth')):
+        with pytest.raises(CheckpointError) as info:
+            check()
+        reports.append(str(info.value))
+    assert reports[1].startswith('weights.pth does not fit vit_ti_maxpool.in1k: ')
+    for report in reports:
+        assert 'missing keys (1): blocks.3.mlp.fc1.weight' in report
+        assert 'shape mismatches (1): blocks.0.mlp.fc1.bias has shape (7,), model expects (768,)' in report
+
+
+def test_read_checkpoint_unwraps_training_checkpoints(models, tmp_path):
+    weights = models['vit_ti_maxpool'].state_dict()
+    ema = {k: v + 1 if v.is_floating_point() else v for k, v in weights.items()}
+    path = tmp_path / 'last.pth.tar'  # as timm's train.py saves it: arguments, weights, EMA weights
+    torch.save({'args': argparse.Namespace(lr=0.1), 'state_dict': {f'module.{k}': v for k, v in weights.items()},
+                'state_dict_ema': ema, 'epoch': 3}, path)
+    for use_ema, expected in ((False, weights), (True, ema)):
+        got = read_checkpoint(path, use_ema=use_ema)
+        assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in got)
+    torch.save({'model': weights}, path)
+    with pytest.raises(CheckpointError, match='has no EMA weights'):
+        read_checkpoint(path, use_ema=True)
+    torch.save({'state_dict': weights, 'optimizer': argparse.Namespace()}, path)  # not unwrapped: no weights
+    assert read_checkpoint(path).keys() == weights.keys()
+    torch.save({'weights': [1.0]}, path)
+    with pytest.raises(CheckpointError, match=r"'weights' is a list, not a tensor"):
+        read_checkpoint(path)
+    with pytest.raises(CheckpointError, match='does not exist'):
+        read_checkpoint(tmp_path / 'missing.safetensors')

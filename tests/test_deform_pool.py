@@ -273,6 +273,22 @@ def test_deform_points_cli_writes_png(tmp_path):
     assert main(['deform-points', '--img-size', '64', '--blocks', 'layer9.spatial', '--output', str(out)]) == 2
 
 
+def test_deform_points_cli_loads_checkpoints_strictly(tmp_path, capsys):
+    pytest.importorskip('matplotlib', reason='the picture needs matplotlib')
+    import safetensors.torch
+    import timm
+    from timm_pf.cli import main
+    state_dict = timm.create_model('ours_r50_deform_max').state_dict()
+    out, checkpoint = tmp_path / 'points.png', tmp_path / 'weights.safetensors'
+    args = ['deform-points', '--img-size', '64', '--checkpoint', str(checkpoint), '--output', str(out)]
+    safetensors.torch.save_file(state_dict, str(checkpoint))
+    assert main(args) == 0 and out.is_file()
+    dropped = sorted(state_dict)[-1]
+    safetensors.torch.save_file({k: v for k, v in state_dict.items() if k != dropped}, str(checkpoint))
+    assert main(args) == 2
+    assert f'does not fit the model: missing keys (1): {dropped}' in capsys.readouterr().err
+
+
 @pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
 def test_low_precision_matches_float32(dtype):
     torch.manual_seed(4)

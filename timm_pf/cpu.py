@@ -12,7 +12,7 @@ from typing import Callable
 
 import torch
 
-FLUSH_DENORMAL_SUPPORTED = torch.set_flush_denormal(True)
+torch.set_flush_denormal(True)
 
 
 def _is_cpu(device) -> bool:

@@ -44,7 +44,8 @@ def classify(err: BaseException) -> Tuple[int, str]:
     bad_input = (
         BadInput, ImportError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError,
         FileExistsError,
-        *_loaded('timm_pf.tools.hub', 'CheckpointError', 'PushError', 'ModelArgsError'),
+        *_loaded('timm_pf.models._checkpoint', 'CheckpointError'),
+        *_loaded('timm_pf.tools.hub', 'PushError', 'ModelArgsError'),
         *_loaded('timm_pf.models._registry', 'UnknownTagError'),
         *_loaded('timm_pf.tools.cards', 'CardError'),
         *_loaded('timm_pf.methods.rba.blocks', 'RbaError'),

@@ -2,7 +2,7 @@
 import argparse
 import fnmatch
 import sys
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence
 
 from ._args import output_file, positive_float
 

@@ -95,12 +95,8 @@ def _load_image(path: Optional[Path], size: int):
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:
-    from timm_pf.tools.hub import CheckpointError, read_checkpoint
-    state_dict = read_checkpoint(path)
-    missing, unexpected = model.load_state_dict(state_dict, strict=False)
-    if missing or unexpected:
-        raise CheckpointError(f'checkpoint {path} does not fit the model: {len(missing)} missing keys '
-                         f'(e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})')
+    from timm_pf.models._checkpoint import load_strict, read_checkpoint
+    load_strict(model, read_checkpoint(path), f'checkpoint {path}', 'the model')
 
 
 def _parse_centre(text: str) -> Tuple[float, float]:

@@ -256,7 +256,7 @@ def build_cpu_kernels(verbose: bool = False) -> ModuleType:
 
 def cpu_kernels() -> Optional[ModuleType]:
     """The loaded kernel module, or None when the eager path is to be used (see the module docstring)."""
-    global _loaded, _resolved, _unavailable_reason
+    global _resolved, _unavailable_reason
     if _resolved:
         return _loaded
     policy = _policy()

@@ -6,8 +6,8 @@ ops are free). Activations follow "Fast and Accurate Model Scaling" (Dollar et a
 elements written by convolutions and matrix products.
 """
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Dict, Optional, Sequence
+from dataclasses import dataclass
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -45,9 +45,6 @@ class ModelStats:
     macs: int
     activations: int
     input_size: Sequence[int]
-
-    def as_dict(self) -> Dict[str, object]:
-        return asdict(self)
 
 
 def count_params(model: nn.Module, trainable_only: bool = False) -> int:

@@ -1,48 +1,110 @@
-""" Checkpoint helpers shared by the model families' ``checkpoint_filter_fn``
+""" Reading checkpoints and reporting how they differ from a model: the one place for both
 
-``unwrap_checkpoint`` takes the tensors out of a training checkpoint; ``check_matches_model`` raises a
-ValueError naming the missing, unexpected and mis-shaped tensors when a (converted) checkpoint does not
-fit a model, with a hint naming the registered models the checkpoint does fit (or, when none does, the
-family its keys look like), and a :class:`CheckpointDtypeError` for integer tensors where the model has
-float ones. Each family keeps its own key conversion and its own hints about what went wrong.
+:func:`read_checkpoint` reads a checkpoint file (safetensors, or ``.pth`` / ``.pt`` / ``.bin`` through
+``torch.load(weights_only=True)``) and :func:`unwrap_checkpoint` takes the tensors out of its container
+(``state_dict`` / ``model`` wrappers of training scripts, the EMA weights on request, DDP / compile
+prefixes), refusing anything but finite tensors. :class:`CheckpointMismatch` is the one report of missing,
+unexpected and mis-shaped keys: the model families' ``checkpoint_filter_fn`` raise it through
+:func:`check_matches_model` (which leaves the classifier and the first conv's input channels to timm's
+pretrained loader and names the registered models the checkpoint does fit), the Hub tooling through
+:func:`load_strict`. Every problem raises a :class:`CheckpointError` (a ``ValueError``).
 """
-from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+import argparse
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
+import safetensors.torch
 import torch
 from torch import nn
 
 import timm
 from timm.models import clean_state_dict
 
-__all__ = ['CheckpointDtypeError', 'CheckpointMismatch', 'check_matches_model', 'fitting_models', 'unwrap_checkpoint']
+__all__ = [
+    'CheckpointError', 'CheckpointDtypeError', 'CheckpointMismatch', 'read_checkpoint', 'load_checkpoint_file',
+    'unwrap_checkpoint', 'check_matches_model', 'fitting_models', 'load_strict',
+]
+
+_WRAPPERS = ('state_dict', 'model')  # timm train.py / DeiT-style training scripts
+_EMA_WRAPPERS = ('state_dict_ema', 'model_ema')
 
 
-class CheckpointDtypeError(ValueError):
+class CheckpointError(ValueError):
+    """A checkpoint cannot be read, does not fit the named model, or holds non-finite values."""
+
+
+class CheckpointDtypeError(CheckpointError):
     """A checkpoint holds integer (or bool) tensors where the model has floating-point ones."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+
+def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
+    """The top-level dict of a checkpoint file: safetensors, else ``torch.load(weights_only=True)``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} does not exist')
+    try:
+        if path.suffix == '.safetensors':
+            checkpoint = safetensors.torch.load_file(str(path), device='cpu')
+        else:
+            # timm train.py checkpoints also store their argparse.Namespace of arguments: a plain attribute
+            # container, allowed next to tensors; anything else still refuses to unpickle
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+    except Exception as e:  # torch/safetensors raise many types for truncated or foreign files
+        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
+    return checkpoint
 
 
 def unwrap_checkpoint(
         checkpoint: Mapping[str, Any],
-        wrappers: Sequence[str] = ('state_dict', 'model'),
+        wrappers: Sequence[str] = _WRAPPERS,
+        use_ema: bool = False,
+        source: str = 'checkpoint',
 ) -> Dict[str, torch.Tensor]:
     """The tensors of a checkpoint: out of the first ``wrappers`` entry present, without DDP / compile prefixes.
 
-    Raises a ValueError for anything but a mapping of names to finite tensors (a corrupted checkpoint).
+    ``use_ema`` takes the EMA weights (``state_dict_ema`` / ``model_ema``) instead and fails if there are
+    none. Anything but a mapping of names to finite tensors (a corrupted checkpoint) raises a
+    :class:`CheckpointError`; ``source`` names the checkpoint in its message.
     """
     if not isinstance(checkpoint, Mapping):
-        raise ValueError(f'a checkpoint must be a mapping of names to tensors, got {type(checkpoint).__name__}')
-    for key in wrappers:
-        if isinstance(checkpoint.get(key), Mapping):
-            checkpoint = checkpoint[key]
-            break
-    for k, v in checkpoint.items():
-        if not isinstance(v, torch.Tensor):
-            raise ValueError(f'checkpoint entry {k!r} is a {type(v).__name__}, not a tensor: corrupted checkpoint?')
-        if v.is_floating_point() and v.numel() and not torch.isfinite(torch.stack(torch.aminmax(v))).all():
-            # min / max propagate NaN and Inf: one pass, no tensor-sized temporaries
-            raise ValueError(f'checkpoint tensor {k!r} holds NaN or Inf values: corrupted checkpoint')
-    return clean_state_dict(checkpoint)
+        raise CheckpointError(f'{source} holds a {type(checkpoint).__name__}, not a mapping of names to tensors')
+    key = next((k for k in (_EMA_WRAPPERS if use_ema else wrappers) if isinstance(checkpoint.get(k), Mapping)), None)
+    if use_ema and key is None:
+        raise CheckpointError(f'{source} has no EMA weights (no "state_dict_ema" or "model_ema" entry)')
+    state_dict = checkpoint[key] if key else checkpoint
+    not_tensors = [f'{k!r} is a {type(v).__name__}, not a tensor' for k, v in state_dict.items()
+                   if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(
+            f'{source} is not a state dict: {"; ".join(not_tensors[:5])} (a training checkpoint keeps its '
+            f'weights under {" / ".join(repr(w) for w in wrappers)})')
+    # min / max propagate NaN and Inf: one pass per tensor, no tensor-sized temporaries
+    non_finite = [k for k, v in state_dict.items() if v.is_floating_point() and v.numel()
+                  and not torch.isfinite(torch.stack(torch.aminmax(v))).all()]
+    if non_finite:
+        raise CheckpointError(f'{source} holds non-finite values (NaN or Inf) in {", ".join(non_finite[:8])}: '
+                              f'corrupted checkpoint')
+    return clean_state_dict(state_dict)
 
+
+def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
+
+    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
+    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
+    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
+    """
+    return unwrap_checkpoint(load_checkpoint_file(path), use_ema=use_ema, source=f'checkpoint {path}')
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Comparing with a model
 
 class CheckpointMismatch:
     """How a state dict differs from a model's: missing and unexpected keys, (key, checkpoint, model) shapes."""
@@ -71,14 +133,19 @@ class CheckpointMismatch:
         return bool(self.missing or self.unexpected or self.mis_shaped)
 
     def describe(self, shown: int = 5) -> List[str]:
-        """One line per kind of problem, listing the first ``shown`` keys."""
+        """One line per kind of problem, e.g. ``missing keys (2): a; b``, listing the first ``shown`` keys."""
         shapes = [f'{k} has shape {ckpt}, model expects {want}' for k, ckpt, want in self.mis_shaped]
         lines = []
-        for label, items in (('missing', self.missing), ('unexpected', self.unexpected), ('shape mismatch', shapes)):
+        for label, items in (('missing keys', self.missing), ('unexpected keys', self.unexpected),
+                             ('shape mismatches', shapes)):
             if items:
                 more = f'; ... ({len(items) - shown} more)' if len(items) > shown else ''
-                lines.append(f'{len(items)} {label}: ' + '; '.join(items[:shown]) + more)
+                lines.append(f'{label} ({len(items)}): ' + '; '.join(items[:shown]) + more)
         return lines
+
+    def error(self, subject: str, problems: Iterable[str] = ()) -> CheckpointError:
+        """The error for ``subject`` (``'<checkpoint> does not fit <model>'``): ``problems`` first, then the keys."""
+        return CheckpointError(f'{subject}: ' + ' | '.join([*problems, *self.describe()]))
 
 
 def _mismatch(
@@ -124,15 +191,19 @@ def _family(keys: Iterable[str]) -> Optional[str]:
     return None
 
 
-def _check_dtypes(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], name: str) -> None:
+def _model_name(model: nn.Module) -> str:
+    return (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+
+
+def _check_dtypes(state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], subject: str) -> None:
     """Refuse integer tensors for float parameters: loading would silently turn them into floats."""
     wrong = [f'{k} is {v.dtype}, the model\'s {expected[k].dtype}' for k, v in state_dict.items()
              if k in expected and expected[k].is_floating_point() and not (v.is_floating_point() or v.is_complex())]
     if wrong:
         more = f'; ... ({len(wrong) - 5} more)' if len(wrong) > 5 else ''
         raise CheckpointDtypeError(
-            f'checkpoint does not fit {name}: {len(wrong)} integer tensors for float parameters (a corrupted or '
-            f'quantized checkpoint?): ' + '; '.join(wrong[:5]) + more)
+            f'{subject}: {len(wrong)} integer tensors for float parameters (a corrupted or quantized checkpoint?): '
+            + '; '.join(wrong[:5]) + more)
 
 
 def check_matches_model(
@@ -143,7 +214,7 @@ def check_matches_model(
         candidates: Sequence[str] = (),
         hints: Callable[[CheckpointMismatch, List[str]], Iterable[str]] = lambda mismatch, fits: (),
 ) -> None:
-    """Raise a ValueError naming missing, unexpected and mis-shaped keys of ``state_dict`` for ``model``.
+    """Raise a :class:`CheckpointError` naming missing, unexpected and mis-shaped keys of ``state_dict`` for ``model``.
 
     The ``classifier`` and the input channels of the ``first_conv`` weight may differ: timm's pretrained
     loader drops or adapts them after the filter (``num_classes`` / ``in_chans`` other than the
@@ -152,7 +223,7 @@ def check_matches_model(
     family-specific explanations. Integer tensors for float parameters raise :class:`CheckpointDtypeError`.
     """
     expected = model.state_dict()
-    name = (getattr(model, 'pretrained_cfg', None) or {}).get('architecture') or type(model).__name__
+    name = _model_name(model)
     mismatch = _mismatch(state_dict, expected, first_conv, classifier)
     if mismatch:
         fits = fitting_models(state_dict, [c for c in candidates if c != name], first_conv, classifier)
@@ -161,5 +232,26 @@ def check_matches_model(
             problems.insert(0, f'the checkpoint fits {", ".join(fits)}')
         elif _family(state_dict) and _family(state_dict) != _family(expected):
             problems.insert(0, f'its keys look like {_family(state_dict)} checkpoint')
-        raise ValueError(f'checkpoint does not fit {name}: ' + ' | '.join([*problems, *mismatch.describe()]))
-    _check_dtypes(state_dict, expected, name)
+        raise mismatch.error(f'checkpoint does not fit {name}', problems)
+    _check_dtypes(state_dict, expected, f'checkpoint does not fit {name}')
+
+
+def load_strict(
+        model: nn.Module,
+        state_dict: Mapping[str, torch.Tensor],
+        source: str,
+        target: Optional[str] = None,
+        hints: Callable[[CheckpointMismatch], Iterable[str]] = lambda mismatch: (),
+) -> None:
+    """Load every tensor of ``state_dict`` (read from ``source``) into ``model``, else raise a
+    :class:`CheckpointError` naming the differing keys and shapes (``target`` names the model in it, by
+    default its architecture and tag; ``hints(mismatch)`` add explanations)."""
+    expected = model.state_dict()
+    if target is None:
+        cfg = getattr(model, 'pretrained_cfg', None) or {}
+        target = f'{_model_name(model)}.{cfg.get("tag") or ""}'.rstrip('.')
+    mismatch = CheckpointMismatch.between(state_dict, expected)
+    if mismatch:
+        raise mismatch.error(f'{source} does not fit {target}', hints(mismatch))
+    _check_dtypes(state_dict, expected, f'{source} does not fit {target}')
+    model.load_state_dict(state_dict, strict=True)

@@ -1,9 +1,10 @@
-"""Pieces the ViT and PiT families share: block pattern, block factory, input checks, checkpoint key conversion.
+"""Pieces the ViT and PiT families share: block pattern, block factory, input checks, checkpoint key conversion,
+pretrained cfgs and model creation.
 
 "Learning Features with Parameter-Free Layers", Han et al., ICLR 2022 (arXiv:2202.02777), §4.2 and Appendix A:
 the efficient transformer block replaces self-attention by the max-pool token mixer.
 """
-from typing import Any, Callable, Dict, Mapping, Optional
+from typing import Any, Callable, Dict, Mapping, Optional, Type
 
 import torch
 from torch import nn
@@ -12,23 +13,62 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models.vision_transformer import Block
 
 from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention, resolve_activation
-from ._cfg import PF_LAYERS_PAPER
+from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
+from ._pretrained import build_pf_model
 
 __all__ = [
-    'DEIT_EVAL_CFG', 'TO_TRAIN_NOTE', 'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block', 'check_image_batch',
+    'pf_transformer_cfgs', 'create_pf_transformer', 'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block', 'check_image_batch',
     'reject_masks',
     'convert_block_keys',
 ]
 
 # Pretrained-cfg entries of the DeiT-style evaluation the authors' ViT and PiT training code uses.
-DEIT_EVAL_CFG = dict(
+_DEIT_EVAL_CFG = dict(
     num_classes=1000, input_size=(3, 224, 224), pool_size=None, fixed_input_size=True,
     crop_pct=0.875, interpolation='bicubic', mean=IMAGENET_DEFAULT_MEAN, std=IMAGENET_DEFAULT_STD,
     classifier='head', **PF_LAYERS_PAPER,
 )
 # The note of the tags of architectures without released weights: they name where weights trained with
 # train_configs/<model>.yaml will be published.
-TO_TRAIN_NOTE = 'Weights to be trained with the timm-pf DeiT recipe.'
+_TO_TRAIN_NOTE = 'Weights to be trained with the timm-pf DeiT recipe.'
+
+
+def pf_transformer_cfgs(prefix: str, label: str, first_conv: str, released_url: str):
+    """The pretrained cfgs of the ViT (``prefix='vit'``, ``label='ViT'``) or the PiT family, which have the same
+    variants: the authors' released S-max checkpoint (``released_url``), converted, and tags where weights that
+    timm-pf trains for the other variants of Table 6 and Appendix A will be published."""
+    def cfg(*notes: str) -> Dict[str, Any]:
+        return {**_DEIT_EVAL_CFG, 'first_conv': first_conv, 'notes': notes}
+
+    return generate_pf_cfgs({
+        f'{prefix}_s_maxpool.pf_in1k': cfg(
+            f"The authors' released {label}-S-max checkpoint ({prefix}_pf.py '{prefix}_s_max'), converted: "
+            f'{released_url}',
+            'ImageNet-1k top-1 reported in Table 6 and the PfLayer README for the Vanilla, +CutMix and +DeiT '
+            'recipes; the README does not say which recipe the released file was trained with.'),
+        **{f'{prefix}_{size}_maxpool.in1k': cfg(
+            f'{label}-{size.capitalize()} with alternating max-pool blocks ({prefix}_pf.py {prefix}_{size}_max); '
+            f'no released weights.', _TO_TRAIN_NOTE) for size in ('ti', 'b')},
+        f'{prefix}_s_dwconv.in1k': cfg(
+            f'{label}-S (dw-conv), the competitor of Table 6; no released weights.', _TO_TRAIN_NOTE),
+        f'{prefix}_s_maxpool_all.in1k': cfg(
+            f'{label}-S with every block efficient (Appendix A); no released weights.', _TO_TRAIN_NOTE),
+    })
+
+
+def create_pf_transformer(
+        model_cls: Type[nn.Module],
+        variant: str,
+        pretrained: bool,
+        filter_fn: Callable[[Mapping[str, Any], nn.Module], Dict[str, torch.Tensor]],
+        default_out_indices: Any,
+        **kwargs: Any,
+) -> nn.Module:
+    """``build_pf_model`` for a ViT / PiT variant: pretrained weights through the family's ``filter_fn``,
+    feature extraction through ``forward_intermediates`` (``default_out_indices`` unless ``out_indices`` is given)."""
+    feature_cfg = dict(out_indices=kwargs.pop('out_indices', default_out_indices), feature_cls='getter')
+    return build_pf_model(
+        model_cls, variant, pretrained, pretrained_filter_fn=filter_fn, feature_cfg=feature_cfg, **kwargs)
 
 # Which blocks (index within the stack; within each stage for PiT) get the efficient token mixer.
 EFFICIENT_BLOCK_PATTERNS: Dict[str, Callable[[int], bool]] = {

@@ -14,10 +14,10 @@ conv, squeeze-excite, ``conv_head`` and classifier stay static.
 
 Variants:
 * ``parameternet_600m`` / ``ghostnet_600m``: the official 600M layout (19 bottlenecks, width 1.9,
-  hard-swish), 34.5M / 19.8M params (Table 2).
+  hard-swish) of Table 2.
 * ``parameternet_300m`` / ``ghostnet_300m``: not published by the authors; inferred as the GhostNet v1
-  layout at width 1.45 with hard-swish, which reproduces every count the paper gives (8.6M plain and
-  11.0 / 15.7 / 25.2M params with 2 / 4 / 8 experts, Tables 2 and 4).
+  layout at width 1.45 with hard-swish, which reproduces every parameter count of Tables 2 and 4 (plain and
+  with 2 / 4 / 8 experts).
 * ``ghostnet_dyn``: timm's ``ghostnet_100`` (ReLU) with the same dynamic convs, key-compatible with it
   apart from the expert and routing tensors; :func:`upcycle_state_dict` turns a trained GhostNet into a
   dynamic one with identical outputs.
@@ -396,18 +396,12 @@ def _cfg(notes: str, **kwargs) -> Dict[str, Any]:
 
 
 default_cfgs = generate_pf_cfgs({
-    'parameternet_600m.in1k': _cfg(
-        'ParameterNet-600M, official layout; paper Table 2: 34.5M params, 599M FLOPs, top-1 79.0 (IN-1k) '
-        'and 81.6 (IN-22k pretrained, IN-1k finetuned).'),
+    'parameternet_600m.in1k': _cfg('ParameterNet-600M, official layout (paper Table 2).'),
     'parameternet_300m.in1k': _cfg(
-        'ParameterNet-300M; layout inferred (GhostNet v1 at width 1.45, hard-swish) from the paper counts; '
-        'paper Table 2: 15.7M params, 298M FLOPs, top-1 77.2 (IN-1k) and 79.1 (IN-22k pretrained).'),
-    'ghostnet_600m.in1k': _cfg(
-        'GhostNet-600M baseline (ParameterNet-600M with static convs); paper Table 2: 19.8M params, '
-        '579M FLOPs, top-1 78.6 (IN-1k) and 78.3 (IN-22k pretrained).'),
-    'ghostnet_300m.in1k': _cfg(
-        'GhostNet-300M baseline (inferred layout, static convs); paper Table 2: 8.6M params, 289M FLOPs, '
-        'top-1 76.3 (IN-1k) and 75.7 (IN-22k pretrained).'),
+        'ParameterNet-300M; layout inferred (GhostNet v1 at width 1.45, hard-swish) from the paper counts '
+        '(Tables 2 and 4).'),
+    'ghostnet_600m.in1k': _cfg('GhostNet-600M baseline (ParameterNet-600M with static convs, paper Table 2).'),
+    'ghostnet_300m.in1k': _cfg('GhostNet-300M baseline (inferred layout, static convs, paper Table 2).'),
     'ghostnet_dyn.in1k': _cfg(
         'GhostNet 1.0x (timm ghostnet_100) with 4-expert dynamic convs; upcycle a trained ghostnet_100 '
         'with upcycle_state_dict(). Not a model of the paper\'s tables.'),

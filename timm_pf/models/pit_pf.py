@@ -25,13 +25,11 @@ from timm.models import checkpoint_seq, register_model
 from timm.models.pit import ConvEmbedding
 
 from ..layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
-from ._cfg import generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
 from ._pf_transformer import (
-    DEIT_EVAL_CFG, EFFICIENT_BLOCK_PATTERNS, TO_TRAIN_NOTE, check_image_batch, check_mixer_args, convert_block_keys,
-    pf_block,
+    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, create_pf_transformer, pf_block,
+    pf_transformer_cfgs,
 )
-from ._pretrained import build_pf_model
 from ._timm_private import feature_take_indices
 
 __all__ = ['PfPoolingVisionTransformer', 'checkpoint_filter_fn']
@@ -363,37 +361,12 @@ def checkpoint_filter_fn(
 
 
 def _create_pit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfPoolingVisionTransformer:
-    out_indices = kwargs.pop('out_indices', (0, 1, 2))
-    return build_pf_model(
-        PfPoolingVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return create_pf_transformer(PfPoolingVisionTransformer, variant, pretrained, checkpoint_filter_fn, (0, 1, 2),
+                                 **kwargs)
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {**DEIT_EVAL_CFG, 'first_conv': 'patch_embed.conv', **kwargs}
-
-
-default_cfgs = generate_pf_cfgs({
-    'pit_s_maxpool.pf_in1k': _cfg(notes=(
-        "The authors' released PiT-S-max checkpoint (pit_pf.py 'pit_s_max'), converted: "
-        'https://drive.google.com/file/d/1S9JJM2WGtDtpo-6Me7Ak74nJOlOeBKeH/view',
-        'Reported ImageNet-1k top-1 (Table 6 / PfLayer README): 75.7 Vanilla, 78.1 +CutMix, 80.8 +DeiT recipe; '
-        'the README does not say which recipe the released file was trained with.',
-    )),
-    'pit_ti_maxpool.in1k': _cfg(notes=(
-        'PiT-Ti with alternating max-pool blocks (pit_pf.py pit_ti_max); no released weights.', TO_TRAIN_NOTE)),
-    'pit_b_maxpool.in1k': _cfg(notes=(
-        'PiT-B with alternating max-pool blocks (pit_pf.py pit_b_max); no released weights.', TO_TRAIN_NOTE)),
-    'pit_s_dwconv.in1k': _cfg(notes=(
-        'PiT-S (dw-conv), Table 6: 76.1 Vanilla, 78.6 +CutMix, 81.0 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
-    'pit_s_maxpool_all.in1k': _cfg(notes=(
-        'PiT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
-})
+default_cfgs = pf_transformer_cfgs(
+    'pit', 'PiT', 'patch_embed.conv', 'https://drive.google.com/file/d/1S9JJM2WGtDtpo-6Me7Ak74nJOlOeBKeH/view')
 
 
 @register_model

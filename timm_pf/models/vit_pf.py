@@ -28,13 +28,11 @@ from timm.models import checkpoint_seq, register_model
 from timm.models.vision_transformer import VisionTransformer
 
 from ..layers.token_mixers import EfficientTokenMixer, GridAttention
-from ._cfg import generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
 from ._pf_transformer import (
-    DEIT_EVAL_CFG, EFFICIENT_BLOCK_PATTERNS, TO_TRAIN_NOTE, check_image_batch, check_mixer_args, convert_block_keys,
-    pf_block, reject_masks,
+    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, create_pf_transformer, pf_block,
+    pf_transformer_cfgs, reject_masks,
 )
-from ._pretrained import build_pf_model
 
 __all__ = ['PfVisionTransformer', 'checkpoint_filter_fn']
 
@@ -249,37 +247,11 @@ def checkpoint_filter_fn(state_dict: Mapping[str, Any], model: PfVisionTransform
 
 
 def _create_vit_pf(variant: str, pretrained: bool = False, **kwargs: Any) -> PfVisionTransformer:
-    out_indices = kwargs.pop('out_indices', 3)
-    return build_pf_model(
-        PfVisionTransformer,
-        variant,
-        pretrained,
-        pretrained_filter_fn=checkpoint_filter_fn,
-        feature_cfg=dict(out_indices=out_indices, feature_cls='getter'),
-        **kwargs,
-    )
+    return create_pf_transformer(PfVisionTransformer, variant, pretrained, checkpoint_filter_fn, 3, **kwargs)
 
 
-def _cfg(**kwargs: Any) -> Dict[str, Any]:
-    return {**DEIT_EVAL_CFG, 'first_conv': 'patch_embed.proj', **kwargs}
-
-
-default_cfgs = generate_pf_cfgs({
-    'vit_s_maxpool.pf_in1k': _cfg(notes=(
-        "The authors' released ViT-S-max checkpoint (vit_pf.py 'vit_s_max'), converted: "
-        'https://drive.google.com/file/d/19lfagLJDXWvVHcb8Qm_U4_A_Kr7qYLv7/view',
-        'Reported ImageNet-1k top-1 (Table 6 / PfLayer README): 74.2 Vanilla, 77.3 +CutMix, 80.0 +DeiT recipe; '
-        'the README does not say which recipe the released file was trained with.',
-    )),
-    'vit_ti_maxpool.in1k': _cfg(notes=(
-        'ViT-Ti with alternating max-pool blocks (vit_pf.py vit_ti_max); no released weights.', TO_TRAIN_NOTE)),
-    'vit_b_maxpool.in1k': _cfg(notes=(
-        'ViT-B with alternating max-pool blocks (vit_pf.py vit_b_max); no released weights.', TO_TRAIN_NOTE)),
-    'vit_s_dwconv.in1k': _cfg(notes=(
-        'ViT-S (dw-conv), Table 6: 76.1 Vanilla, 78.7 +CutMix, 81.2 +DeiT top-1; no released weights.', TO_TRAIN_NOTE)),
-    'vit_s_maxpool_all.in1k': _cfg(notes=(
-        'ViT-S with every block efficient (Appendix A); no released weights.', TO_TRAIN_NOTE)),
-})
+default_cfgs = pf_transformer_cfgs(
+    'vit', 'ViT', 'patch_embed.proj', 'https://drive.google.com/file/d/19lfagLJDXWvVHcb8Qm_U4_A_Kr7qYLv7/view')
 
 
 @register_model

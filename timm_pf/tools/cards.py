@@ -37,7 +37,8 @@ from ..models._registry import pf_pretrained_tags, resolve_name_tag
 from ..models.replace import PLAIN_MODELS
 
 __all__ = [
-    'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'weights_provenance', 'measure_cells',
+    'CARDS_DIR', 'CardError', 'CardSpec', 'family_of', 'load_family', 'results_rows', 'weights_provenance',
+    'measure_cells',
     'format_stats', 'stats_table', 'parse_stats', 'card_names', 'resolve_card_name', 'render', 'render_card',
     'render_folder_card', 'card_path', 'write_cards', 'orphan_cards',
 ]
@@ -70,6 +71,15 @@ def load_family(family: str, cards_dir: Union[str, Path] = CARDS_DIR) -> Dict:
     if missing:
         raise CardError(f'{path} lacks {", ".join(missing)}')
     return data
+
+
+def results_rows(family: str, cards_dir: Union[str, Path] = CARDS_DIR) -> List[Dict[str, str]]:
+    """The rows of a family's results table (the paper's numbers, ``results.table``), each ``{column: cell}``."""
+    lines = [line.strip() for line in load_family(family, cards_dir)['results']['table'].strip().splitlines()]
+    if len(lines) < 2 or not all(line.startswith('|') and line.endswith('|') for line in lines):
+        raise CardError(f'the results table of the {family} family is not a markdown table')
+    header, *rows = ([cell.strip() for cell in line[1:-1].split('|')] for line in lines[:1] + lines[2:])
+    return [dict(zip(header, row)) for row in rows]
 
 
 # ---------------------------------------------------------------------------------------------------------------

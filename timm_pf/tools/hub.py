@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple, Union
 
-import safetensors.torch
 import torch
 from torch import nn
 
@@ -32,12 +31,13 @@ from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
 from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
-from timm.models._helpers import clean_state_dict
 from timm.models._hub import load_model_config_from_path
 
 from ..methods.stats import count_params
 from ..models._cfg import HF_HUB_ORG, hub_repo_id
-from ..models._checkpoint import CheckpointMismatch
+from ..models._checkpoint import (
+    CheckpointError, CheckpointMismatch, load_checkpoint_file, load_strict, read_checkpoint, unwrap_checkpoint,
+)
 from ..models._pretrained import (
     CONFIG_NAME, WEIGHTS_NAME, PretrainedWeightsError, download_weights, fetch_file, hub_unreachable, sha256_file,
 )
@@ -54,10 +54,6 @@ __all__ = [
 ]
 
 CARD_NAME = 'README.md'
-
-class CheckpointError(ValueError):
-    """A checkpoint cannot be read, does not fit the named model, or holds non-finite values."""
-
 
 class ModelArgsError(ValueError):
     """A model name or model kwargs that timm cannot build."""
@@ -97,90 +93,20 @@ def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
 # ---------------------------------------------------------------------------------------------------------------
 # Converting
 
-def _load_checkpoint(path: Union[str, Path]) -> Dict[str, Any]:
-    """The top-level dict of a checkpoint file (safetensors, or ``torch.load(weights_only=True)``)."""
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f'checkpoint {path} does not exist')
-    try:
-        if path.suffix == '.safetensors':
-            checkpoint = safetensors.torch.load_file(str(path), device='cpu')
-        else:
-            # timm train.py checkpoints also store their argparse.Namespace of arguments: a plain attribute
-            # container, allowed next to tensors; anything else still refuses to unpickle
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
-    except Exception as e:  # torch/safetensors raise many types for truncated or foreign files
-        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
-    if not isinstance(checkpoint, dict):
-        raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
-    return checkpoint
-
-
-def _state_dict_of(checkpoint: Dict[str, Any], path: Union[str, Path], use_ema: bool) -> Dict[str, torch.Tensor]:
-    wrappers = ('state_dict_ema', 'model_ema') if use_ema else ('state_dict', 'model')
-    key = next((k for k in wrappers if isinstance(checkpoint.get(k), dict)), None)
-    if use_ema and key is None:
-        raise CheckpointError(f'checkpoint {path} has no EMA weights (no "state_dict_ema" or "model_ema" entry)')
-    state_dict = checkpoint[key] if key else checkpoint
-    not_tensors = [k for k, v in state_dict.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(
-            f'checkpoint {path} is not a state dict: entries {not_tensors[:5]} are not tensors '
-            f'(a training checkpoint keeps its weights under "state_dict"/"model")')
-    return clean_state_dict(state_dict)
-
-
-def read_checkpoint(path: Union[str, Path], use_ema: bool = False) -> Dict[str, torch.Tensor]:
-    """Tensors of a checkpoint: safetensors, an authors' ``.pth``/``.pth.tar`` or a timm ``train.py`` file.
-
-    ``.pth`` files go through ``torch.load(weights_only=True)``. A dict with ``state_dict`` /
-    ``state_dict_ema`` (timm ``train.py``) or ``model`` / ``model_ema`` (DeiT-style) is unwrapped;
-    ``use_ema`` picks the EMA weights and fails if there are none. ``module.`` prefixes are removed.
-    """
-    return _state_dict_of(_load_checkpoint(path), path, use_ema)
-
-
 def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
     """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` (None if it has none)."""
     module = sys.modules[model_entrypoint(split_model_name_tag(model_name)[0]).__module__]
     return getattr(module, 'checkpoint_filter_fn', None)
 
 
-def _load_strict(model: nn.Module, state_dict: Dict[str, torch.Tensor], source: str,
-                 target: Optional[str] = None) -> None:
-    """Load every tensor into ``model`` (``target`` names it in errors) and fail with the differing keys/shapes
-    otherwise."""
-    own = model.state_dict()
-    mismatch = CheckpointMismatch.between(state_dict, own)
-    missing, unexpected = sorted(mismatch.missing), sorted(mismatch.unexpected)
-    shapes = [f'{k}: checkpoint {shape} vs model {want}' for k, shape, want in mismatch.mis_shaped]
-    if mismatch:
-        lines = []
-        for title, items in (('missing keys', missing), ('unexpected keys', unexpected), ('shape mismatches', shapes)):
-            if items:
-                more = f' ... (+{len(items) - 8} more)' if len(items) > 8 else ''
-                lines.append(f'  {title} ({len(items)}): {", ".join(items[:8])}{more}')
-        hint = ''
-        classifier = getattr(model, 'pretrained_cfg', {}).get('classifier')
-        if classifier and f'{classifier}.weight' in state_dict and f'{classifier}.weight' in own:
-            n_ckpt, n_model = state_dict[f'{classifier}.weight'].shape[0], own[f'{classifier}.weight'].shape[0]
-            if n_ckpt != n_model:
-                hint = f'\nThe checkpoint has {n_ckpt} classes and the model {n_model}: pass --num-classes {n_ckpt}.'
-        raise CheckpointError(f'{source} does not fit {target or _model_label(model)}:\n' + '\n'.join(lines) + hint)
-    model.load_state_dict(state_dict, strict=True)
+def _num_classes_hint(model: nn.Module) -> Callable[[CheckpointMismatch], List[str]]:
+    """For a strict-load report: the classes of a checkpoint whose classifier differs from the model's."""
+    classifier = f'{model.pretrained_cfg.get("classifier")}.weight'
 
-
-def _check_finite(state_dict: Dict[str, torch.Tensor], source: str) -> None:
-    """Refuse weights with NaN or inf values; run once, where a checkpoint or folder is read."""
-    bad = [k for k, v in state_dict.items() if v.is_floating_point() and not torch.isfinite(v).all()]
-    if bad:
-        raise CheckpointError(f'{source} holds non-finite values (NaN/inf) in {", ".join(bad[:8])}')
-
-
-def _model_label(model: nn.Module) -> str:
-    cfg = getattr(model, 'pretrained_cfg', {})
-    return f'{cfg.get("architecture", type(model).__name__)}.{cfg.get("tag", "")}'.rstrip('.')
+    def hints(mismatch: CheckpointMismatch) -> List[str]:
+        return [f'the checkpoint has {shape[0]} classes and the model {want[0]}: pass --num-classes {shape[0]}'
+                for key, shape, want in mismatch.mis_shaped if key == classifier and shape[0] != want[0]]
+    return hints
 
 
 @dataclass
@@ -234,9 +160,8 @@ def convert_checkpoint(
     """
     arch, tag = split_model_name_tag(model_name)
     name_tag = resolve_name_tag(model_name)  # checks it is one of our models
-    raw = _load_checkpoint(checkpoint)
-    state_dict = _state_dict_of(raw, checkpoint, use_ema)
-    _check_finite(state_dict, str(checkpoint))
+    raw = load_checkpoint_file(checkpoint)
+    state_dict = unwrap_checkpoint(raw, use_ema=use_ema, source=f'checkpoint {checkpoint}')
     model_kwargs = dict(model_kwargs or {})
     train_args = _train_args(raw)
     if tag:
@@ -262,7 +187,7 @@ def convert_checkpoint(
             raise CheckpointError(
                 f'{checkpoint} cannot be converted for {name_tag} by its checkpoint filter: '
                 f'{type(e).__name__}: {e}') from e
-    _load_strict(model, state_dict, str(checkpoint))
+    load_strict(model, state_dict, str(checkpoint), hints=_num_classes_hint(model))
     if not tag:
         model.pretrained_cfg = _described_cfg(model, img_size, train_args)
         described_by = f'the checkpoint ({model.num_classes} classes, {img_size} px from {size_source})'
@@ -296,12 +221,8 @@ def _read_folder(folder: Path, make_it: str) -> Tuple[str, Dict[str, Any], Dict[
         _, arch, model_args = load_model_config_from_path(folder)
     except Exception as e:
         raise CheckpointError(f'{folder / CONFIG_NAME} is not a timm config: {type(e).__name__}: {e}') from e
-    try:
-        state_dict = safetensors.torch.load_file(str(folder / WEIGHTS_NAME), device='cpu')
-    except Exception as e:
-        raise CheckpointError(f'cannot read {folder / WEIGHTS_NAME}: {type(e).__name__}: {e}') from e
-    _check_finite(state_dict, str(folder / WEIGHTS_NAME))
-    return arch, {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}, state_dict
+    model_args = {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}
+    return arch, model_args, read_checkpoint(folder / WEIGHTS_NAME)
 
 
 def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
@@ -312,7 +233,7 @@ def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
     if arch != expected_arch:
         raise CheckpointError(f'{folder} holds weights of {arch}, not of {expected_arch}')
     model = timm.create_model(name_tag, pretrained=False, **model_args)
-    _load_strict(model, state_dict, str(folder / WEIGHTS_NAME))
+    load_strict(model, state_dict, str(folder / WEIGHTS_NAME))
     return model
 
 
@@ -335,7 +256,7 @@ def load_folder_model(folder: Union[str, Path]) -> Tuple[nn.Module, Dict[str, An
         model = timm.create_model(f'local-dir:{folder}', pretrained=False)
     except Exception as e:  # model_args the architecture does not take, or values it refuses
         raise CheckpointError(f'cannot build {described}: {type(e).__name__}: {e}') from e
-    _load_strict(model, state_dict, str(folder / WEIGHTS_NAME), target=described)
+    load_strict(model, state_dict, str(folder / WEIGHTS_NAME), target=described)
     return model.eval(), model_args
 
 

@@ -1,10 +1,15 @@
 """The data that ties the benchmark to the papers: which baseline each variant is compared with
 (:data:`BASELINE_RULES`), the params, MACs and speeds the papers report with the table they come from
-(:data:`PAPER_REPORTS`) and the ratios the package promises (:data:`SPEED_TARGETS`)."""
+(:data:`PAPER_REPORTS`, read from the papers' results tables of ``hub_cards/families/``) and the ratios the
+package promises (:data:`SPEED_TARGETS`)."""
 import fnmatch
 import math
+import re
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Optional, Tuple
+from pathlib import Path
+from typing import Dict, Iterable, List, Optional, Tuple, Union
+
+from ..cards import CARDS_DIR, results_rows
 
 __all__ = [
     'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_SIZES', 'SCALING_PAIRS',
@@ -56,47 +61,85 @@ class PaperReport:
 
 _PF = 'Han et al., ICLR 2022'
 _PN = 'Han et al., ParameterNet'
-_V100 = 'V100'
-_CPU = 'CPU'  # Table 4 does not name the processor
-_GPU = 'GPU'  # Table 6 does not name the GPU
 
-
-def _ms(value: float, device: str, batch_size: Optional[int] = None) -> ReportedSpeed:
-    return ReportedSpeed(value, 'ms', device, batch_size)
-
-
-def _ips(value: float, batch_size: int) -> ReportedSpeed:
-    return ReportedSpeed(value, 'img/s', _GPU, batch_size)
-
-
-PAPER_REPORTS: Dict[str, PaperReport] = {
-    'resnet50': PaperReport(f'{_PF}, Tables 3-4', 25.6, 4.1, (_ms(8.7, _V100), _ms(45.4, _CPU))),
-    'ours_r50_max': PaperReport(f'{_PF}, Table 3', 14.2, 2.2, (_ms(6.8, _V100),)),
-    'ours_r50_hybrid': PaperReport(f'{_PF}, Tables 3-4', 17.3, 2.6, (_ms(7.3, _V100), _ms(39.8, _CPU))),
-    'ours_r50_eb': PaperReport(f'{_PF}, Table 2', speeds=(_ms(7.7, _V100),)),
-    'ours_r50_conv1x1': PaperReport(f'{_PF}, Table 2', speeds=(_ms(6.2, _V100),)),
-    'ours_r50_dwconv': PaperReport(f'{_PF}, Table 2', speeds=(_ms(8.3, _V100),)),
-    'ours_r50_deform_max': PaperReport(f'{_PF}, Table 3', 18.0, 2.9, (_ms(10.3, _V100),)),
-    'ours_r50_deform_avg': PaperReport(f'{_PF}, Table B.1', 18.0, 2.9, (_ms(10.3, _V100),)),
-    'seresnet50': PaperReport(f'{_PF}, Table 4', 28.1, 4.1, (_ms(13.9, _V100), _ms(98.0, _CPU))),
-    'ours_r50se_hybrid': PaperReport(f'{_PF}, Table 4', 19.9, 2.6, (_ms(12.5, _V100), _ms(92.6, _CPU))),
-    'resnet101': PaperReport(f'{_PF}, Table 4', 44.6, 7.8, (_ms(16.7, _V100), _ms(80.5, _CPU))),
-    'ours_r101_hybrid': PaperReport(f'{_PF}, Table 4', 26.3, 4.3, (_ms(13.5, _V100), _ms(65.7, _CPU))),
-    'wide_resnet50_2': PaperReport(f'{_PF}, Table 4', 68.9, 11.4, (_ms(9.0, _V100), _ms(84.0, _CPU))),
-    'ours_wrn50_2_hybrid': PaperReport(f'{_PF}, Table 4', 36.0, 5.4, (_ms(7.3, _V100), _ms(59.8, _CPU))),
-    'wide_resnet101_2': PaperReport(f'{_PF}, Table 4', 126.9, 22.8, (_ms(16.9, _V100), _ms(146.2, _CPU))),
-    'ours_wrn101_2_hybrid': PaperReport(f'{_PF}, Table 4', 53.9, 8.9, (_ms(13.7, _V100), _ms(96.3, _CPU))),
-    'vit_small_patch16_224': PaperReport(f'{_PF}, Table 6', speeds=(_ips(787, 256), _ips(86, 1))),
-    'vit_s_maxpool': PaperReport(f'{_PF}, Table 6', speeds=(_ips(763, 256), _ips(96, 1))),
-    'vit_s_dwconv': PaperReport(f'{_PF}, Table 6', speeds=(_ips(571, 256), _ips(95, 1))),
-    'pit_s_224': PaperReport(f'{_PF}, Table 6', speeds=(_ips(952, 256), _ips(57, 1))),
-    'pit_s_maxpool': PaperReport(f'{_PF}, Table 6', speeds=(_ips(1000, 256), _ips(92, 1))),
-    'pit_s_dwconv': PaperReport(f'{_PF}, Table 6', speeds=(_ips(781, 256), _ips(90, 1))),
-    'ghostnet_300m': PaperReport(f'{_PN}, Table 2', 8.6, 0.289),
-    'parameternet_300m': PaperReport(f'{_PN}, Table 2', 15.7, 0.298),
-    'ghostnet_600m': PaperReport(f'{_PN}, Table 2', 19.8, 0.579),
-    'parameternet_600m': PaperReport(f'{_PN}, Table 2', 34.5, 0.599),
+# Where the paper reports each model: (family whose card data holds the paper's results table, the row's label
+# there, the tables it comes from). The numbers are read from that table (``hub_cards/families/<family>.yaml``,
+# shown on every card of the family), the one place that holds them; the first row of a label counts.
+_PAPER_ROWS: Dict[str, Tuple[str, str, str]] = {
+    'resnet50': ('resnet_pf', 'ResNet-50 † (Table 4)', f'{_PF}, Tables 3-4'),
+    'ours_r50_max': ('resnet_pf', 'Ours-R50 (max)', f'{_PF}, Table 3'),
+    'ours_r50_hybrid': ('resnet_pf', 'Ours-R50 (hybrid) †', f'{_PF}, Tables 3-4'),
+    'ours_r50_eb': ('resnet_pf', 'Ours-R50 E/B (Table 2)', f'{_PF}, Table 2'),
+    'ours_r50_conv1x1': ('resnet_pf', 'Ours-R50 1x1 conv (Table 2)', f'{_PF}, Table 2'),
+    'ours_r50_dwconv': ('resnet_pf', 'Ours-R50 3x3 dw-conv (Table 2)', f'{_PF}, Table 2'),
+    'ours_r50_deform_max': ('resnet_pf', 'Ours-R50 (deform_max)', f'{_PF}, Table 3'),
+    'ours_r50_deform_avg': ('resnet_pf', 'Ours-R50 (deform_avg) † (Table B.1)', f'{_PF}, Table B.1'),
+    'seresnet50': ('resnet_pf', 'ResNet-50-SE † (Table 4)', f'{_PF}, Table 4'),
+    'ours_r50se_hybrid': ('resnet_pf', 'Ours-R50-SE † (Table 4)', f'{_PF}, Table 4'),
+    'resnet101': ('resnet_pf', 'ResNet-101 † (Table 4)', f'{_PF}, Table 4'),
+    'ours_r101_hybrid': ('resnet_pf', 'Ours-R101 † (Table 4)', f'{_PF}, Table 4'),
+    'wide_resnet50_2': ('resnet_pf', 'WRN-50-2 † (Table 4)', f'{_PF}, Table 4'),
+    'ours_wrn50_2_hybrid': ('resnet_pf', 'Ours-WRN50-2 † (Table 4)', f'{_PF}, Table 4'),
+    'wide_resnet101_2': ('resnet_pf', 'WRN-101-2 † (Table 4)', f'{_PF}, Table 4'),
+    'ours_wrn101_2_hybrid': ('resnet_pf', 'Ours-WRN101-2 † (Table 4)', f'{_PF}, Table 4'),
+    'vit_small_patch16_224': ('vit_pf', 'ViT-S', f'{_PF}, Table 6'),
+    'vit_s_maxpool': ('vit_pf', 'ViT-S (max-pool)', f'{_PF}, Table 6'),
+    'vit_s_dwconv': ('vit_pf', 'ViT-S (dw-conv)', f'{_PF}, Table 6'),
+    'pit_s_224': ('pit_pf', 'PiT-S', f'{_PF}, Table 6'),
+    'pit_s_maxpool': ('pit_pf', 'PiT-S (max-pool)', f'{_PF}, Table 6'),
+    'pit_s_dwconv': ('pit_pf', 'PiT-S (dw-conv)', f'{_PF}, Table 6'),
+    'ghostnet_300m': ('parameternet', 'GhostNet-300M', f'{_PN}, Table 2'),
+    'parameternet_300m': ('parameternet', 'ParameterNet-300M', f'{_PN}, Table 2'),
+    'ghostnet_600m': ('parameternet', 'GhostNet-600M', f'{_PN}, Table 2'),
+    'parameternet_600m': ('parameternet', 'ParameterNet-600M', f'{_PN}, Table 2'),
 }
+
+# Speed columns of the results tables: (unit, device). Table 4 does not name the CPU, Table 6 not the GPU;
+# a throughput column names its batch sizes ("batch 256 / 1"), one cell value per batch size.
+_SPEED_COLUMNS = {'GPU (ms)': ('ms', 'V100'), 'CPU (ms)': ('ms', 'CPU'),
+                  'Throughput (img/s, batch 256 / 1)': ('img/s', 'GPU')}
+_SCALE = {'M': 1e6, 'G': 1e9}
+
+
+def _count(cell: str, column: str, unit: str) -> Optional[float]:
+    """A count in ``unit`` ('M' or 'G') from a cell: ``'8.6M'``, ``'289M'``, or a number in the column's unit
+    (``'Params (M)'``); None for an empty cell."""
+    if not cell:
+        return None
+    match = re.fullmatch(r'([0-9.]+)([MG])?', cell)
+    in_column = re.search(r'\(([MG])\)', column)
+    given = match and (match.group(2) or (in_column and in_column.group(1)))
+    if not given:
+        raise ValueError(f'results table cell {cell!r} of column {column!r} is not a count')
+    return round(float(match.group(1)) * _SCALE[given] / _SCALE[unit], 6)
+
+
+def _speeds(row: Dict[str, str]) -> Tuple[ReportedSpeed, ...]:
+    speeds = []
+    for column, (unit, device) in _SPEED_COLUMNS.items():
+        values = [v.strip() for v in row.get(column, '').split('/') if v.strip()]
+        batches = [int(b) for b in re.findall(r'\d+', column.partition('batch')[2])] or [None] * len(values)
+        speeds += [ReportedSpeed(float(v), unit, device, b) for v, b in zip(values, batches)]
+    return tuple(speeds)
+
+
+def _paper_reports(cards_dir: Union[str, Path] = CARDS_DIR) -> Dict[str, PaperReport]:
+    """:data:`PAPER_REPORTS` read from the families' results tables in ``cards_dir`` (:data:`_PAPER_ROWS`)."""
+    tables, reports = {}, {}
+    for model, (family, label, source) in _PAPER_ROWS.items():
+        if family not in tables:
+            tables[family] = results_rows(family, cards_dir)
+        rows = tables[family]
+        row = next((r for r in rows if r.get('Model') == label), None)
+        if row is None:
+            raise ValueError(f'the results table of the {family} family has no row {label!r} (for {model})')
+        params = next((_count(v, k, 'M') for k, v in row.items() if k.startswith('Params')), None)
+        gmacs = next((_count(v, k, 'G') for k, v in row.items() if k.startswith('FLOPs')), None)
+        reports[model] = PaperReport(source, params, gmacs, _speeds(row))
+    return reports
+
+
+PAPER_REPORTS: Dict[str, PaperReport] = _paper_reports()
 
 
 @dataclass(frozen=True)

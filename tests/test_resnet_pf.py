@@ -274,7 +274,7 @@ def test_pretrained_cfgs():
         assert cfg.hf_hub_id == f'timm-pf/{tag}' and cfg.first_conv == 'conv1' and cfg.classifier == 'fc'
         assert cfg.notes and 'top-1' in cfg.notes[0]
     official = timm.models.get_pretrained_cfg('ours_r50_hybrid.pf_in1k')
-    assert 'top-1 77.1' in official.notes[0] and 'drive.google.com' in official.notes[1]
+    assert 'paper Table 3' in official.notes[0] and 'drive.google.com' in official.notes[1]
     assert timm.create_model('ours_r50_max', device='meta').pretrained_cfg['tag'] == 'pf_in1k_long'
 
 

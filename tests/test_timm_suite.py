@@ -1,28 +1,42 @@
-"""The selection tests/timm_suite/run.py makes by default: every family keeps every test kind on some variant."""
-import fnmatch
+"""What tests/timm_suite/run.py hands to timm's suite: every variant of ours, the Hub repositories its pretrained
+tests load, and the plugin's selection of timm's tests."""
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import timm
 
 sys.path.insert(0, str(Path(__file__).parent / 'timm_suite'))
-from run import DEFAULT_SKIPS, LARGE_VARIANTS, deselected_by_default, our_variants  # noqa: E402
+from plugin import is_ours  # noqa: E402
+from run import our_variants, weights_to_serve  # noqa: E402
+
+USER_NAMED = {'ours_r50_hybrid', 'ours_r50_deform_max', 'parameternet_600m', 'vit_s_maxpool', 'pit_s_maxpool',
+              'ghostnet_dyn'}
 
 
-def test_skip_patterns_name_registered_variants():
+def test_every_variant_of_the_families_and_no_other_model():
     variants = our_variants()
-    assert 'rba' not in variants and 'ghostnet_dyn' in variants
-    stale = [p for p in LARGE_VARIANTS if not any(fnmatch.fnmatch(v, p) for v in variants)]
-    assert not stale, f'DEFAULT_SKIPS patterns that match no variant: {stale}'
+    assert USER_NAMED <= set(variants) and 'rba' not in variants and 'resnet50' not in variants
+    modules = {timm.models.model_entrypoint(v).__module__ for v in variants}
+    assert modules == {f'timm_pf.models.{f}' for f in ('resnet_pf', 'vit_pf', 'pit_pf', 'parameternet', 'replace')}
 
 
-def test_every_family_runs_every_skipped_test_kind_on_a_smaller_variant():
+def test_the_hub_holds_every_tag_the_pretrained_tests_load():
+    from timm_pf.models.replace import PLAIN_MODELS
     variants = our_variants()
-    for test, _ in DEFAULT_SKIPS:
-        for family in {timm.models.model_entrypoint(v).__module__ for v in variants}:
-            members = [v for v in variants if timm.models.model_entrypoint(v).__module__ == family]
-            kept = [v for v in members if not deselected_by_default(test, v)]
-            assert kept, f'{test} runs on no variant of {family}'
-    assert deselected_by_default('test_model_forward_torchscript', 'vit_b_maxpool')
-    assert deselected_by_default('test_model_load_pretrained', 'ours_wrn101_2_hybrid.in1k')
-    assert not deselected_by_default('test_model_forward', 'vit_b_maxpool')
+    repos = weights_to_serve(variants)
+    ours = [t for t in timm.list_models(pretrained=True) if t.split('.')[0] in variants]
+    assert ours and all(  # (a *_replace variant may start from one of our tags: same weights)
+        repos[timm.models.get_pretrained_cfg(t).hf_hub_id].split('.')[0] == t.split('.')[0] for t in ours)
+    assert all(plain in repos.values() for plain in PLAIN_MODELS.values())
+    assert not any(name.split('.')[0] not in variants and name not in PLAIN_MODELS.values() for name in repos.values())
+
+
+def test_the_plugin_keeps_the_tests_of_our_variants():
+    def item(**params):
+        return SimpleNamespace(callspec=SimpleNamespace(params=params))
+    variants = {'ghostnet_dyn', 'vit_s_maxpool'}
+    assert is_ours(item(model_name='ghostnet_dyn', batch_size=1), variants)
+    assert is_ours(item(model_name='vit_s_maxpool.pf_in1k'), variants)
+    assert not is_ours(item(model_name='resnet50'), variants)
+    assert not is_ours(item(stem_type='deep'), variants) and not is_ours(SimpleNamespace(), variants)

@@ -1,26 +1,45 @@
 """pytest plugin for timm's tests/test_models.py run on our variants (loaded by run.py with ``-p plugin``).
 
 It keeps the tests whose ``model_name`` is one of the variants in ``TIMM_PF_SUITE_VARIANTS`` (comma separated,
-a pretrained tag counts for its architecture) and, unless ``TIMM_PF_SUITE_FULL`` is set, applies
-:data:`run.DEFAULT_SKIPS`. Deselected tests are not run, so they appear nowhere in the report.
+a pretrained tag counts for its architecture); the others are deselected, so they appear nowhere in the report.
+At the end it prints the outcomes per variant.
 """
 import os
+from collections import Counter, defaultdict
+from typing import Dict
 
 import pytest
 
-from run import deselected_by_default
+_VARIANT_OF: Dict[str, str] = {}  # node id of a kept test -> the variant it tests
+
+
+def is_ours(item: pytest.Item, variants: set) -> bool:
+    """Whether ``item`` tests one of ``variants`` (by architecture name or ``name.tag``)."""
+    return _variant(item) in variants
+
+
+def _variant(item: pytest.Item) -> str:
+    params = getattr(getattr(item, 'callspec', None), 'params', {})
+    return str(params.get('model_name', '')).split('.')[0]
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     variants = set(os.environ['TIMM_PF_SUITE_VARIANTS'].split(','))
-    full = bool(os.environ.get('TIMM_PF_SUITE_FULL'))
-    keep, drop = [], []
-    for item in items:
-        params = getattr(getattr(item, 'callspec', None), 'params', {})
-        name = str(params.get('model_name', ''))
-        test = item.originalname if hasattr(item, 'originalname') else item.name
-        ours = name.split('.')[0] in variants
-        (keep if ours and (full or not deselected_by_default(test, name)) else drop).append(item)
+    keep = [item for item in items if is_ours(item, variants)]
+    drop = [item for item in items if not is_ours(item, variants)]
     items[:] = keep
+    _VARIANT_OF.update((item.nodeid, _variant(item)) for item in keep)
     if drop:
         config.hook.pytest_deselected(items=drop)
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    outcomes = defaultdict(Counter)
+    for outcome in ('passed', 'failed', 'error', 'skipped', 'xfailed', 'xpassed'):
+        for report in terminalreporter.stats.get(outcome, []):
+            if getattr(report, 'nodeid', None) in _VARIANT_OF:
+                outcomes[_VARIANT_OF[report.nodeid]][outcome] += 1
+    terminalreporter.write_sep('-', f'timm tests per variant ({len(outcomes)} variants)')
+    for variant in sorted(outcomes):
+        counts = outcomes[variant]
+        terminalreporter.write_line(f'{variant}: ' + ', '.join(f'{n} {o}' for o, n in counts.items()))

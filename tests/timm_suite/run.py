@@ -1,6 +1,6 @@
 """Run timm's own model tests (``tests/test_models.py`` of the installed timm's sdist) on our registered variants.
 
-    python tests/timm_suite/run.py [--full] [--variants a,b] [--sdist-dir DIR] [-- extra pytest args]
+    python tests/timm_suite/run.py [--variants a,b] [--sdist-dir DIR] [-- extra pytest args]
 
 1. Downloads the sdist of the installed (pinned) timm version from the package index with pip, once per
    ``--sdist-dir``, and unpacks its ``tests/`` (nothing of timm is committed here).
@@ -11,11 +11,9 @@
    ``test_model_load_pretrained`` for the ``*_replace`` variants, which have no tags of their own) with
    ``HF_ENDPOINT`` at that Hub, keeping only tests of our variants (``plugin.py``); the exit code is pytest's.
 
-By default the most expensive combinations are left out (:data:`DEFAULT_SKIPS`, so that the whole CI fits its
-45 minutes on 2 cores); ``--full`` runs every test timm applies to each variant.
+Every test timm applies to a model runs on every variant, with timm's own size limits and exclusions only.
 """
 import argparse
-import fnmatch
 import os
 import subprocess
 import sys
@@ -27,32 +25,6 @@ from typing import Dict, List, Optional, Sequence
 HERE = Path(__file__).resolve().parent
 TESTS = HERE.parent
 sys.path[:0] = [str(HERE), str(TESTS)]
-
-# Tests left out by default, as (test name pattern, model name patterns); --full runs them all. Every variant
-# runs the forward, default-cfg and feature tests; the backward, FX, TorchScript and pretrained tests leave out
-# the largest variants. Why: for the 45-130M parameter variants these take most of the suite's time while
-# exercising exactly the block classes of their smaller siblings (same family, more or wider blocks), which
-# run them.
-LARGE_VARIANTS = (
-    'ours_r101_hybrid*', 'ours_wrn50_2_hybrid*', 'ours_wrn101_2_hybrid*', 'vit_b_*', 'pit_b_*',
-    'resnet101_replace', 'resnet152_replace', 'parameternet_600m*', 'ghostnet_600m*',
-)
-DEFAULT_SKIPS = (
-    ('test_model_backward', LARGE_VARIANTS),
-    ('test_model_forward_fx', LARGE_VARIANTS),
-    ('test_model_backward_fx', LARGE_VARIANTS),
-    ('test_model_forward_torchscript', LARGE_VARIANTS),
-    ('test_model_forward_fx_torchscript', LARGE_VARIANTS),
-    ('test_model_load_pretrained', LARGE_VARIANTS),
-    ('test_model_features_pretrained', LARGE_VARIANTS),
-)
-
-
-def deselected_by_default(test: str, model_name: str) -> bool:
-    """Whether :data:`DEFAULT_SKIPS` leaves ``test`` on ``model_name`` (``name`` or ``name.tag``) out."""
-    return any(fnmatch.fnmatch(test, t) and any(fnmatch.fnmatch(model_name, m) for m in models)
-               for t, models in DEFAULT_SKIPS)
-
 
 def our_variants() -> List[str]:
     """Every variant registered by the model families (``timm_pf.models.*``), sorted. The ``rba`` architecture
@@ -80,18 +52,16 @@ def fetch_timm_tests(version: str, sdist_dir: Path) -> Path:
     return tests
 
 
-def weights_to_serve(variants: Sequence[str], full: bool) -> Dict[str, str]:
+def weights_to_serve(variants: Sequence[str]) -> Dict[str, str]:
     """Hub repository -> the model (name or ``name.tag``) whose random weights it holds."""
     import timm
     from timm_pf.models.replace import PLAIN_MODELS
     repos = {}
     for name_tag in timm.list_models(pretrained=True):
-        if name_tag.split('.')[0] in variants and (full or not (
-                deselected_by_default('test_model_load_pretrained', name_tag)
-                and deselected_by_default('test_model_features_pretrained', name_tag))):
+        if name_tag.split('.')[0] in variants:
             repos[timm.models.get_pretrained_cfg(name_tag).hf_hub_id] = name_tag
     for variant, plain in PLAIN_MODELS.items():
-        if variant in variants and (full or not deselected_by_default('test_model_load_pretrained', variant)):
+        if variant in variants:
             repos[timm.models.get_pretrained_cfg(plain).hf_hub_id] = plain
     return repos
 
@@ -114,7 +84,6 @@ def client_fill(repos: Dict[str, str], work: str) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    parser.add_argument('--full', action='store_true', help='run every test on every variant (no DEFAULT_SKIPS)')
     parser.add_argument('--variants', help='comma-separated subset of our variants (default: all)')
     parser.add_argument('--sdist-dir', type=Path, default=Path(tempfile.gettempdir()) / 'timm-pf-timm-sdist',
                         help='where the timm sdist is downloaded and unpacked (reused when present)')
@@ -136,7 +105,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     with tempfile.TemporaryDirectory(prefix='timm-pf-suite-') as work, \
             serve_hub(TOKENS, {'timm-pf': {'maintainer'}, 'timm': {'maintainer'}}) as (endpoint, _):
         env = client_env(endpoint, Path(work) / 'hf_home')
-        repos = weights_to_serve(variants, args.full)
+        repos = weights_to_serve(variants)
         print(f'timm {timm.__version__} tests on {len(variants)} variants; filling the test Hub with '
               f'{len(repos)} repositories of random weights', flush=True)
         client = HubClient(env)
@@ -145,7 +114,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         finally:
             client.close()
         env.pop('HF_TOKEN')  # the repositories are public: download as an anonymous user
-        env.update(TIMM_PF_SUITE_VARIANTS=','.join(variants), TIMM_PF_SUITE_FULL='1' if args.full else '',
+        env.update(TIMM_PF_SUITE_VARIANTS=','.join(variants),
                    PYTHONPATH=os.pathsep.join([str(HERE), os.environ.get('PYTHONPATH', '')]))
         command = [sys.executable, '-m', 'pytest', '-p', 'timm_pf', '-p', 'plugin', '-p', 'no:cacheprovider',
                    '--rootdir', str(timm_tests), str(timm_tests / 'test_models.py'),

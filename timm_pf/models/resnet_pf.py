@@ -394,38 +394,39 @@ def _cfg(**kwargs: Any) -> Dict[str, Any]:
     }
 
 
-def _official(top1: float, top5: float, drive_id: str, recipe: str) -> Dict[str, Any]:
+def _official(drive_id: str, recipe: str) -> Dict[str, Any]:
     return _cfg(notes=(
-        f'ImageNet-1k top-1 {top1} / top-5 {top5} (paper Table 3 and PfLayer README; {recipe})',
+        f"ImageNet-1k top-1 / top-5: paper Table 3 and the PfLayer README ({recipe}; in the model card's "
+        f'results table)',
         f"authors' weights: https://drive.google.com/file/d/{drive_id}/view "
         f'(convert with timm_pf.models.resnet_pf.checkpoint_filter_fn)',
     ))
 
 
-def _to_train(note: str) -> Dict[str, Any]:
-    return _cfg(notes=(note, 'weights to be trained with the timm-pf recipes; none released by the authors'))
+def _to_train(source: str) -> Dict[str, Any]:
+    return _cfg(notes=(f"ImageNet-1k top-1 / top-5: {source} (in the model card's results table)",
+                       'weights to be trained with the timm-pf recipes; none released by the authors'))
 
 
 _LONG = 'further training recipe of Appendix C, 600 epochs'
 _RECIPE = 'further training recipe of Appendix C, 400 epochs'
 
 default_cfgs = generate_pf_cfgs({
-    'ours_r50_max.pf_in1k_long': _official(75.5, 92.1, '1TQfwMXENn7s78Myc58svKVpHi5OVsdGX', _LONG),
-    'ours_r50_max.pf_in1k': _official(74.3, 92.0, '1MoCdVLPau4XuI0BVGEwDkiwibpybqWTX', _RECIPE),
-    'ours_r50_hybrid.pf_in1k_long': _official(78.0, 93.5, '1f5fOwEItFITqzofvQ6d-kLLOTs-c1k3o', _LONG),
-    'ours_r50_hybrid.pf_in1k': _official(77.1, 93.1, '1CyajEQUfWo9oetqcIhexVjfRXU-iGHk1', _RECIPE),
-    'ours_r50_eb.in1k': _to_train('paper Table 2 (E/B, 90 epochs): top-1 75.3'),
-    'ours_r50_conv1x1.in1k': _to_train('paper Table 2 (1x1 conv, 90 epochs): top-1 30.1'),
-    'ours_r50_dwconv.in1k': _to_train('paper Table 2 (3x3 dwconv, 90 epochs): top-1 74.9'),
-    'ours_r101_hybrid.in1k': _to_train('paper Table 4 (Ours-R101): top-1 78.2 / top-5 93.8'),
-    'ours_wrn50_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN50-2): top-1 78.1 / top-5 93.8'),
-    'ours_wrn101_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN101-2): top-1 78.9 / top-5 94.2'),
-    'ours_r50se_hybrid.in1k': _to_train('paper Table 4 (Ours-R50-SE): top-1 78.2 / top-5 93.9'),
+    'ours_r50_max.pf_in1k_long': _official('1TQfwMXENn7s78Myc58svKVpHi5OVsdGX', _LONG),
+    'ours_r50_max.pf_in1k': _official('1MoCdVLPau4XuI0BVGEwDkiwibpybqWTX', _RECIPE),
+    'ours_r50_hybrid.pf_in1k_long': _official('1f5fOwEItFITqzofvQ6d-kLLOTs-c1k3o', _LONG),
+    'ours_r50_hybrid.pf_in1k': _official('1CyajEQUfWo9oetqcIhexVjfRXU-iGHk1', _RECIPE),
+    'ours_r50_eb.in1k': _to_train('paper Table 2 (E/B, 90 epochs)'),
+    'ours_r50_conv1x1.in1k': _to_train('paper Table 2 (1x1 conv, 90 epochs)'),
+    'ours_r50_dwconv.in1k': _to_train('paper Table 2 (3x3 dwconv, 90 epochs)'),
+    'ours_r101_hybrid.in1k': _to_train('paper Table 4 (Ours-R101)'),
+    'ours_wrn50_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN50-2)'),
+    'ours_wrn101_2_hybrid.in1k': _to_train('paper Table 4 (Ours-WRN101-2)'),
+    'ours_r50se_hybrid.in1k': _to_train('paper Table 4 (Ours-R50-SE)'),
     'ours_r50_deform_max.in1k': _to_train(
-        'paper Table 3 / Table B.1 (Ours-R50 (deform_max)): top-1 75.3 / top-5 92.5 (90 epochs), '
-        '78.3 / 94.0 (Appendix C recipe, 400 epochs); COCO Faster R-CNN FPN box AP 33.2 (Table 5)'),
-    'ours_r50_deform_avg.in1k': _to_train(
-        'paper Table B.1 (Ours-R50 (deform_avg)): top-1 78.3 / top-5 93.9 (Appendix C recipe, 400 epochs)'),
+        'paper Table 3 / Table B.1 (Ours-R50 (deform_max)), 90 epochs and the Appendix C recipe; COCO box AP in '
+        'Table 5'),
+    'ours_r50_deform_avg.in1k': _to_train('paper Table B.1 (Ours-R50 (deform_avg)), Appendix C recipe'),
 })
 
 

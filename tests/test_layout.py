@@ -14,8 +14,10 @@ from timm_pf._moved import MOVED
 
 PACKAGE_DIR = Path(timm_pf.__file__).parent
 # A module may import from its own floor and the floors below it. layers/ and methods/ work on any
-# torch/timm model and are the ground; version.py and _data (the shipped data folders) are read by every floor.
-FLOORS = {'version': 0, '_data': 0, 'layers': 1, 'methods': 1, 'models': 2, 'tools': 3, 'cli': 4, '__main__': 5}
+# torch/timm model and are the ground; version.py, _data (the shipped data folders) and _private (the private
+# timm and torch names) are read by every floor.
+FLOORS = {
+    'version': 0, '_data': 0, '_private': 0, 'layers': 1, 'methods': 1, 'models': 2, 'tools': 3, 'cli': 4, '__main__': 5}
 
 
 def _floor(module: str) -> int:

@@ -18,6 +18,8 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
+from .._private import tensor_version
+
 __all__ = ['ChannelsLastKernelConv2d', 'use_channels_last_kernels']
 
 # conv -> (identity of the parameter it was made from, the channels-last kernel)
@@ -25,9 +27,9 @@ _KERNELS: 'weakref.WeakKeyDictionary[nn.Conv2d, Tuple[tuple, torch.Tensor]]' = w
 
 
 def _parameter_identity(weight: torch.Tensor) -> tuple:
-    # ``_version`` counts in-place writes to the tensor (torch has no public name for it); with the data pointer
-    # it tells whether the parameter is still the one the cached kernel was copied from.
-    return weight.data_ptr(), weight._version, weight.dtype, weight.shape
+    # with the data pointer, the count of in-place writes tells whether the parameter is still the one the cached
+    # kernel was copied from
+    return weight.data_ptr(), tensor_version(weight), weight.dtype, weight.shape
 
 
 def _channels_last_kernel(conv: nn.Conv2d) -> torch.Tensor:

@@ -41,9 +41,10 @@ from typing import NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 from timm.layers import register_notrace_module
+
+from .._private import current_dispatch_mode
 
 __all__ = [
     'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
@@ -219,7 +220,7 @@ def _eager_corners(
     index_dtype = torch.int32 if features.shape[0] < 2 ** 31 else torch.int64
     sizes = (geometry, input.shape[0], input.device, input.dtype, index_dtype)
     # under a dispatch mode (e.g. FakeTensorMode) tensors are the mode's: nothing is shared with the cache
-    constants = _cached_constants(*sizes) if _get_current_dispatch_mode() is None else _constants(*sizes)
+    constants = _cached_constants(*sizes) if current_dispatch_mode() is None else _constants(*sizes)
     positions = _tap_positions(offset, constants, geometry.groups, eager=True)
     return (features, constants, positions) + _tap_corners(positions, mask, constants, scale, eager=True)
 

@@ -25,11 +25,11 @@ from typing import Any, Dict, List, NamedTuple, Optional, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch._higher_order_ops.scan import scan
 from torch.autograd.function import once_differentiable
 
 from timm.layers import CondConv2d, Mlp, pad_same, register_notrace_module
 
+from .._private import scan
 from .cpu_kernels import cpu_kernels
 
 __all__ = ['DynamicConv2d', 'per_sample_conv2d', 'check_num_experts', 'ROUTING_TYPES']

@@ -11,8 +11,9 @@ from typing import Optional, Sequence
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
+
+from .._private import TorchDispatchMode
 
 __all__ = ['ModelStats', 'count_params', 'count_macs', 'count_activations', 'model_stats']
 

@@ -4,7 +4,6 @@ from typing import List, Optional
 
 import timm
 from timm.models import get_arch_pretrained_cfgs, model_entrypoint, split_model_name_tag
-from timm.models._hub import hf_split
 
 from ._cfg import HF_HUB_ORG
 
@@ -50,4 +49,4 @@ def resolve_name_tag(name: str) -> str:
 
 def is_pf_repo(hub_id: str) -> bool:
     """Whether a Hub id (``org/name[@revision]``) is a repository of :data:`HF_HUB_ORG`."""
-    return hf_split(hub_id)[0].startswith(f'{HF_HUB_ORG}/')
+    return hub_id.split('@')[0].startswith(f'{HF_HUB_ORG}/')

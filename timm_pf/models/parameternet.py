@@ -38,7 +38,7 @@ from ..layers.dynamic_conv import DynamicConv2d, check_num_experts
 from ._cfg import generate_pf_cfgs
 from ._checkpoint import CheckpointMismatch, check_matches_model, fitting_models, unwrap_checkpoint
 from ._pretrained import build_pf_model
-from ._timm_private import ConvBnAct, SqueezeExcite
+from .._private import ConvBnAct, SqueezeExcite
 
 __all__ = ['ParameterNet', 'checkpoint_filter_fn', 'upcycle_state_dict']
 

@@ -30,7 +30,7 @@ from ._pf_transformer import (
     EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_mixer_args, convert_block_keys, create_pf_transformer, pf_block,
     pf_transformer_cfgs,
 )
-from ._timm_private import feature_take_indices
+from .._private import feature_take_indices
 
 __all__ = ['PfPoolingVisionTransformer', 'checkpoint_filter_fn']
 

@@ -31,8 +31,8 @@ from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
 from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
-from timm.models._hub import load_model_config_from_path
 
+from .._private import load_model_config_from_path
 from ..methods.stats import count_params
 from ..models._cfg import HF_HUB_ORG, hub_repo_id
 from ..models._checkpoint import (

@@ -165,7 +165,7 @@ def our_models() -> List[str]:
 
 def recipes_for(model_name: str) -> Tuple[Recipe, ...]:
     arch = timm.models.get_arch_name(model_name)
-    family = timm.models._registry._model_to_module.get(arch)
+    family = timm.models.model_entrypoint(arch).__module__.split('.')[-1] if timm.models.is_model(arch) else None
     if family not in FAMILY_RECIPES:
         raise KeyError(f'{model_name!r} is not a timm_pf model with a training recipe')
     return tuple(RECIPES[r] for r in MODEL_RECIPES.get(arch, FAMILY_RECIPES[family]))

@@ -16,9 +16,8 @@ from typing import Dict, Iterable, Optional, Tuple
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
+from timm_pf._private import TorchDispatchMode, tree_leaves
 from timm_pf.layers.cpu_kernels import CPU_KERNEL_POLICIES
 from timm_pf.methods.stats import count_activations, count_macs, count_params
 from .paper import Setting

@@ -71,7 +71,7 @@ def test_filter_unwraps_and_strips_module_prefix():
 def test_filter_names_the_wrong_model():
     official, _, _, _ = load_official_fixture('ours_r50_max')
     model = timm.create_model('ours_r50_hybrid')
-    expected = r'ours_r50_hybrid: the checkpoint fits ours_r50_max .*missing: layer2\.0\.spatial'
+    expected = r'ours_r50_hybrid: the checkpoint fits ours_r50_max .*missing keys \(18\): layer2\.0\.spatial'
     with pytest.raises(ValueError, match=expected):
         checkpoint_filter_fn(official, model)
 
@@ -84,7 +84,7 @@ def test_filter_names_mis_shaped_and_unexpected_keys():
     with pytest.raises(ValueError, match=r'layer3\.1\.conv1\.weight has shape \(7, 1024, 1, 1\), model expects '
                                          r'\(256, 1024, 1, 1\)') as err:
         checkpoint_filter_fn(state_dict, model)
-    assert '1 unexpected: layer9.0.conv1.weight' in str(err.value)
+    assert 'unexpected keys (1): layer9.0.conv1.weight' in str(err.value)
     with pytest.raises(ValueError, match='not a tensor'):
         checkpoint_filter_fn({**model.state_dict(), 'epoch': 3}, model)
 

@@ -150,3 +150,10 @@ def test_script_after_a_trace_of_the_same_class(name):
     with torch.no_grad():
         torch.jit.trace(other.eval(), tuple(t[:1] for t in inputs), check_trace=False)
         torch.testing.assert_close(torch.jit.script(model)(*inputs), _run(model, inputs), rtol=1e-5, atol=1e-5)
+
+
+def test_convolutions_that_pad_otherwise_than_with_zeros():
+    with pytest.raises(ValueError, match="zeros only, got padding_mode='reflect'"):
+        Conv2dNhwc(4, 4, 3, padding=1, padding_mode='reflect')
+    reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect')
+    assert type(use_channels_last_kernels(reflect)) is nn.Conv2d

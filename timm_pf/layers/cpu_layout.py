@@ -14,6 +14,7 @@ import weakref
 from typing import Tuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from timm.layers import register_notrace_module
@@ -54,21 +55,23 @@ def _reads_cached_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:
 
 @register_notrace_module  # an FX leaf: the cache lookup stays out of traced graphs
 class ChannelsLastKernelConv2d(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters, keys and gradients) whose CPU inference on channels-last input convolves
-    with a cached channels-last copy of the kernel (see the module docstring); every other call is
-    ``nn.Conv2d``'s."""
+    """``nn.Conv2d`` with zero padding (same parameters, keys and gradients) whose CPU inference on channels-last
+    input convolves with a cached channels-last copy of the kernel (see the module docstring); every other call is
+    the plain convolution with the parameter."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight
         if not torch.jit.is_scripting():
             if _reads_cached_kernel(self, x):
-                return self._conv_forward(x, _channels_last_kernel(self), self.bias)
-        return self._conv_forward(x, self.weight, self.bias)
+                weight = _channels_last_kernel(self)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
 
 
 def use_channels_last_kernels(module: nn.Module) -> nn.Module:
-    """Make every plain ``nn.Conv2d`` with a kxk kernel (k > 1) in ``module`` a :class:`ChannelsLastKernelConv2d`
-    in place (the subclass adds no state, so parameters, keys and hooks stay as they are); returns ``module``."""
+    """Make every plain ``nn.Conv2d`` with a kxk kernel (k > 1) and zero padding in ``module`` a
+    :class:`ChannelsLastKernelConv2d` in place (the subclass adds no state, so parameters, keys and hooks stay as
+    they are); returns ``module``."""
     for conv in module.modules():
-        if type(conv) is nn.Conv2d and conv.kernel_size != (1, 1):
+        if type(conv) is nn.Conv2d and conv.kernel_size != (1, 1) and conv.padding_mode == 'zeros':
             conv.__class__ = ChannelsLastKernelConv2d
     return module

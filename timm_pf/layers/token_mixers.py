@@ -64,10 +64,18 @@ class MaxPool2dNhwc(nn.MaxPool2d):
 
 
 class Conv2dNhwc(nn.Conv2d):
-    """``nn.Conv2d`` (same parameters and keys) applied to a ``(B, H, W, C)`` grid, returning ``(B, H', W', C')``."""
+    """``nn.Conv2d`` with zero padding (same parameters and keys) applied to a ``(B, H, W, C)`` grid, returning
+    ``(B, H', W', C')``."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.padding_mode != 'zeros':
+            raise ValueError(f"{type(self).__name__} pads with zeros only, got padding_mode={self.padding_mode!r}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x.permute(0, 3, 1, 2), self.weight, self.bias).permute(0, 2, 3, 1)
+        out = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation,
+                       self.groups)
+        return out.permute(0, 2, 3, 1)
 
 
 class GridAttention(Attention):

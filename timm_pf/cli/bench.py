@@ -184,8 +184,8 @@ def register(subparsers) -> None:
                         'interference from other processes on a busy machine)')
     p.add_argument('--cpu-kernels', choices=CPU_KERNEL_POLICIES, default='build',
                    help='compiled batch-1 CPU kernel of the dynamic convs: build = compile it if needed (once, '
-                        '30-45 s, needs a C++ compiler and ninja; eager when it cannot), auto = use it if built, '
-                        'off = eager PyTorch (default: build)')
+                        'about a minute on 2 cores, needs a C++ compiler and ninja; eager when it cannot), '
+                        'auto = use it if built, off = eager PyTorch (default: build)')
     p.add_argument('--csv', type=output_file, metavar='PATH',
                    help="write one CSV line per model and setting ('-': stdout)")
     p.add_argument('--json', type=output_file, metavar='PATH', help="write everything as JSON ('-': stdout)")

@@ -25,8 +25,9 @@ def _variant(item: pytest.Item) -> str:
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list) -> None:
     variants = set(os.environ['TIMM_PF_SUITE_VARIANTS'].split(','))
-    keep = [item for item in items if is_ours(item, variants)]
-    drop = [item for item in items if not is_ours(item, variants)]
+    keep, drop = [], []
+    for item in items:
+        (keep if is_ours(item, variants) else drop).append(item)
     items[:] = keep
     _VARIANT_OF.update((item.nodeid, _variant(item)) for item in keep)
     if drop:

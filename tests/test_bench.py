@@ -563,6 +563,9 @@ def test_onnxruntime_sweep_exports_once_per_size_and_reports_a_failed_export(mon
     # the timed sessions are ONNX Runtime's, and they match PyTorch on a batch size they were not exported with
     session = next(s for s in sessions if s.subject.name == TINY_OURS and s.session is not None)
     assert session.mismatch(torch.randn(5, 3, 32, 32)) == ''
+    # the paired sessions alternate, so neither may spin-wait on the cores after its run
+    config = session.session.get_session_options().get_session_config_entry('session.intra_op.allow_spinning')
+    assert config == '0'
     sweep = bench.ratio_vs_resolution(result)
     assert sorted((p['model'], p['batch_size']) for p in sweep) == [(n, bs) for n in (TINY_OURS, TINY_BROKEN)
                                                                      for bs in (1, 3)]

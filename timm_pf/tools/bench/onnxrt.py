@@ -4,8 +4,9 @@ Each model is exported once per image size with torch's default exporter (``torc
 dynamic batch axis, so one file serves every batch size of the run. Before a setting is timed, ONNX
 Runtime's output is checked against PyTorch's on the setting's input (:data:`PARITY_TOLERANCE`). A model
 that does not export or does not match is not timed: its row says why, and the rest of the run goes on.
-Timing then uses the same interleaved rounds, statistics and reports as the PyTorch path; ONNX Runtime
-allocates outside PyTorch, so peak memory is not measured.
+Timing then uses the same interleaved rounds, statistics and reports as the PyTorch path; the sessions do not
+spin-wait after a run (ONNX Runtime's default), which would take the cores from the paired model's next run.
+ONNX Runtime allocates outside PyTorch, so peak memory is not measured.
 """
 import os
 import warnings
@@ -59,6 +60,8 @@ class OnnxModel:
         session_options.intra_op_num_threads = options.threads or torch.get_num_threads()
         session_options.inter_op_num_threads = 1
         session_options.execution_mode = onnxruntime.ExecutionMode.ORT_SEQUENTIAL
+        # no spin-waiting after a run: the interleaved session of the paired model would compete with it
+        session_options.add_session_config_entry('session.intra_op.allow_spinning', '0')
         try:
             self.session = onnxruntime.InferenceSession(path, session_options, providers=['CPUExecutionProvider'])
         except Exception as err:  # ONNX Runtime refusing the exported graph is also the model's entry

@@ -134,7 +134,7 @@ def register(subparsers) -> None:
             'Measure each model next to its baseline in one process: params, MACs, activations, latency\n'
             '(median and spread over interleaved runs), throughput, peak memory, and the ratios to the\n'
             "baseline, with the papers' reported values beside them. Without --models it runs the six\n"
-            'headline variants at batch 1 and 8, 224 px, which takes about two minutes on 2 CPU cores.\n'
+            'headline variants at batch 1 and 8, 224 px, which takes one to two minutes on 2 CPU cores.\n'
             '--preset targets runs the speed and memory ratios the package promises (several minutes);\n'
             '--preset scaling runs the ViT/PiT and ResNet pairs at batch 1 from 224 to 1024 px (--img-size\n'
             'overrides the sizes), with a ratio-vs-resolution table.'),

@@ -182,7 +182,7 @@ def _infer(batch_sizes: Iterable[int], img_size: int, max_ratio: float) -> List[
 
 
 _PN_FLOOR = ('at batch 1 the kernel mixing reads all 19.4 M expert weights for one image, a memory-traffic '
-             'floor the MACs do not show (README, targets)')
+             'floor the MACs do not show (README, Benchmark: what the targets runs say)')
 
 # What the package promises, measured side by side by ``timm-pf bench --preset targets`` (CPU, 2 threads).
 # Training steps run at 128 px to keep CPU runs short; the memory ratios of dynamic and deformable layers

@@ -153,7 +153,8 @@ def test_script_after_a_trace_of_the_same_class(name):
 
 
 def test_convolutions_that_pad_otherwise_than_with_zeros():
-    with pytest.raises(ValueError, match="zeros only, got padding_mode='reflect'"):
-        Conv2dNhwc(4, 4, 3, padding=1, padding_mode='reflect')
+    for conv_class in (Conv2dNhwc, ChannelsLastKernelConv2d):
+        with pytest.raises(ValueError, match="zeros only, got padding_mode='reflect'"):
+            conv_class(4, 4, 3, padding=1, padding_mode='reflect')
     reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect')
     assert type(use_channels_last_kernels(reflect)) is nn.Conv2d

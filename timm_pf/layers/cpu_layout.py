@@ -53,11 +53,22 @@ def _reads_cached_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:
             and not weight.is_contiguous(memory_format=torch.channels_last))
 
 
+def check_zero_padding(conv: nn.Conv2d) -> None:
+    """Refuse, naming it, a ``padding_mode`` other than zeros in a conv whose forward calls ``F.conv2d`` with its
+    padding (which pads with zeros whatever the mode says)."""
+    if conv.padding_mode != 'zeros':
+        raise ValueError(f"{type(conv).__name__} pads with zeros only, got padding_mode={conv.padding_mode!r}")
+
+
 @register_notrace_module  # an FX leaf: the cache lookup stays out of traced graphs
 class ChannelsLastKernelConv2d(nn.Conv2d):
     """``nn.Conv2d`` with zero padding (same parameters, keys and gradients) whose CPU inference on channels-last
     input convolves with a cached channels-last copy of the kernel (see the module docstring); every other call is
     the plain convolution with the parameter."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        check_zero_padding(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weight = self.weight

@@ -16,6 +16,7 @@ from torch import nn
 
 from timm.layers import GELU, Attention, get_act_layer, is_exporting, register_notrace_module
 
+from .cpu_layout import check_zero_padding
 from .pf_pool import running_max
 
 __all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS',
@@ -69,8 +70,7 @@ class Conv2dNhwc(nn.Conv2d):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.padding_mode != 'zeros':
-            raise ValueError(f"{type(self).__name__} pads with zeros only, got padding_mode={self.padding_mode!r}")
+        check_zero_padding(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = F.conv2d(x.permute(0, 3, 1, 2), self.weight, self.bias, self.stride, self.padding, self.dilation,

@@ -131,6 +131,21 @@ def test_tap_loop_matches_dense_path_forward_and_backward(reduction, with_mask, 
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize('channels_last', [False, True])
+@pytest.mark.parametrize('grad', [False, True])
+def test_output_keeps_the_input_memory_format(channels_last, grad):
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, 8, 9)
+    x_in = x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    offset, mask = torch.randn(2, 18, 8, 9), torch.rand(2, 9, 8, 9)
+    with torch.set_grad_enabled(grad):
+        out = deform_pool2d(x_in.requires_grad_(grad), offset, mask, 3, 1, 1)
+        reference = deform_pool2d(x, offset, mask, 3, 1, 1)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out.is_contiguous(memory_format=fmt)
+    torch.testing.assert_close(out, reference, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize('taps_per_gather', [9, 2])
 def test_max_ties_send_the_gradient_to_the_first_tap_on_both_paths(taps_per_gather, monkeypatch):
     # Post-ReLU features have exact zeros: ties among taps. Both paths route each output's gradient to the

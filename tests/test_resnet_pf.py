@@ -188,6 +188,20 @@ def test_channels_last_execution_matches_nchw(hybrid):
     assert torch.allclose(ours, reference, atol=1e-5) and torch.equal(ours, from_cl)
 
 
+@pytest.mark.parametrize('batch,size,last_stage_nchw', [(1, 224, True), (4, 224, True), (8, 224, False), (1, 512, False)])
+def test_last_stage_runs_nchw_only_on_small_maps(batch, size, last_stage_nchw):
+    model = timm.create_model('ours_r50_hybrid', num_classes=10).eval()
+    layouts = []
+    model.layer4.register_forward_pre_hook(lambda module, args: layouts.append(
+        (args[0].is_contiguous(), args[0].is_contiguous(memory_format=torch.channels_last))))
+    x = torch.randn(batch, 3, size, size)
+    with torch.no_grad():
+        out = model(x)
+        reference = model.forward_head(ResNet.forward_features(model, x))  # plain timm path, NCHW throughout
+    assert layouts[0] == (last_stage_nchw, not last_stage_nchw)  # [1] is the reference call
+    torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
+
+
 def _reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's output through nn.Conv2d's own path (autograd on: the cached kernels are never read)."""
     with torch.enable_grad():

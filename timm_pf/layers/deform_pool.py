@@ -435,7 +435,7 @@ def deform_pool2d(
         reduction: ``'max'`` or ``'avg'`` over the ``kh * kw`` modulated samples.
 
     Returns:
-        ``(B, C, Ho, Wo)``.
+        ``(B, C, Ho, Wo)``, channels-last if ``input`` is.
     """
     if reduction not in _REDUCTIONS:
         raise ValueError(f'reduction must be one of {_REDUCTIONS}, got {reduction!r}')
@@ -473,7 +473,8 @@ def deform_pool2d(
         out = _DeformPoolFunction.apply(input, offset, mask, geometry, reduction)
     else:
         out = _pool_taps(input, offset, mask, geometry, reduction, record_winner=False)[0]
-    return out.view(batch, out_height, out_width, channels).permute(0, 3, 1, 2)
+    out = out.view(batch, out_height, out_width, channels).permute(0, 3, 1, 2)  # computed channels-last
+    return out if input.is_contiguous(memory_format=torch.channels_last) else out.contiguous()
 
 
 @register_notrace_module  # an FX leaf: its checks and kernel choice stay out of traced graphs

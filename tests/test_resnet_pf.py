@@ -202,6 +202,23 @@ def test_last_stage_runs_nchw_only_on_small_maps(batch, size, last_stage_nchw):
     torch.testing.assert_close(out, reference, rtol=1e-5, atol=1e-5)
 
 
+def test_export_with_a_dynamic_batch_serves_every_batch_size(tmp_path):
+    """The last stage's layout switch must not put a bound on an exported batch dimension."""
+    ort = pytest.importorskip('onnxruntime', reason='onnxruntime is needed to run the exported graph')
+    model = timm.create_model('ours_r50_hybrid', num_classes=10).eval()
+    program = torch.export.export(model, (torch.randn(2, 3, 64, 64),),
+                                  dynamic_shapes=({0: torch.export.Dim('batch', min=1)},))
+    path = tmp_path / 'ours_r50_hybrid.onnx'
+    torch.onnx.export(program, input_names=['x'], output_names=['logits'], f=str(path))
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for batch in (1, 3, 80):
+        x = torch.randn(batch, 3, 64, 64)
+        with torch.no_grad():
+            expected = model(x)
+        (logits,) = session.run(None, {'x': x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(logits), expected, rtol=0, atol=1e-4)
+
+
 def _reference_logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The model's output through nn.Conv2d's own path (autograd on: the cached kernels are never read)."""
     with torch.enable_grad():

@@ -70,6 +70,7 @@ LAYOUTS = [
     (3, 16, 3, 2, 1, 1, 1, 4, 33),  # stem
     (12, 8, 3, 1, 2, 2, 2, 7, 9),  # grouped, dilated, odd expert count
     (8, 4, 1, 2, 0, 1, 1, 1, 10),  # strided 1x1, one expert
+    (12, 8, 1, 1, 0, 1, 4, 4, 6),  # grouped 1x1
     (64, 96, 1, 1, 0, 1, 1, 4, 7),  # mixing split over threads (6144 x 4 floats)
     (1024, 64, 1, 1, 0, 1, 1, 4, 7),  # 65536-element kernels: several mixing tasks
 ]

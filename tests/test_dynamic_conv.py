@@ -9,7 +9,8 @@ from timm_pf.layers import DynamicConv2d, per_sample_conv2d
 from timm_pf.layers import dynamic_conv
 from timm_pf.methods.stats import count_macs
 
-# (in, out, kernel, stride, padding, groups): pointwise, depthwise s1/s2, dense stem-like, grouped, 5x5 dw
+# (in, out, kernel, stride, padding, groups): pointwise, depthwise s1/s2, dense stem-like, grouped, 5x5 dw,
+# strided 1x1, grouped 1x1
 CONV_CASES = [
     (8, 12, 1, 1, 0, 1),
     (8, 8, 3, 1, 1, 8),
@@ -18,6 +19,7 @@ CONV_CASES = [
     (8, 6, 3, 1, 1, 2),
     (6, 6, 5, 2, 2, 6),
     (8, 4, 1, 2, 0, 1),
+    (8, 6, 1, 1, 0, 2),
 ]
 
 

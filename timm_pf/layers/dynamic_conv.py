@@ -107,8 +107,9 @@ def per_sample_conv2d(
     Every path computes the same convolution (up to float rounding), with batch-independent shapes when
     exporting (no conv groups that depend on the batch, so the graph keeps a dynamic batch axis):
 
-    * 1x1 kernels without padding (unstrided in eager mode, batch > 1 or exporting): a batched matmul on the
-      NCHW tensor (no copies);
+    * 1x1 kernels without padding (unstrided in eager mode; at batch 1 an NCHW-contiguous input): a batched
+      matmul on the NCHW tensor (no copies). At batch 1 this also skips the convolution's per-call reorder of a
+      kernel it has not seen before into oneDNN's blocked layout, which cost more than the matmul itself;
     * other kernels when exporting: ordinary convolutions with the samples' kernels, a scan over the batch
       (ONNX ``If`` + ``Scan`` + ``Conv``, see :func:`_scanned_conv2d`);
     * batch 1: an ordinary convolution with the sample's kernel;
@@ -117,7 +118,7 @@ def per_sample_conv2d(
     batch, out_chs = x.shape[0], weight.shape[1]
     exporting = _is_exporting()
     pointwise = weight.shape[-2:] == (1, 1) and padding == (0, 0) and (exporting or stride == (1, 1))
-    if (pointwise and batch > 1) or exporting:
+    if (pointwise and (batch > 1 or x.is_contiguous())) or exporting:
         if pointwise:
             out = _pointwise_as_matmul(x, weight, stride, groups)
         else:
@@ -190,8 +191,9 @@ def _mixed_conv(x: torch.Tensor, routing_weights: torch.Tensor, experts: torch.T
                 geometry: _ConvGeometry, exporting: bool) -> torch.Tensor:
     """Mix each sample's kernel from the experts (Eq. 3) and convolve, a chunk of samples at a time."""
     if x.shape[0] == 1 and not exporting:
-        # one sample: an ordinary convolution with its kernel (this path's op count sets batch-1 latency)
-        return F.conv2d(x, _mix_one_sample(routing_weights, experts).view(geometry.weight_shape), None, *geometry[1:])
+        # one sample: one mixing call, then its convolution (this path's op count sets batch-1 latency)
+        return per_sample_conv2d(
+            x, _mix_one_sample(routing_weights, experts).view(1, *geometry.weight_shape), None, *geometry[1:])
     chunks = _mix_chunks(x.shape[0], experts.shape[1], exporting)
     if len(chunks) == 1:
         weight = torch.matmul(routing_weights, experts).reshape(-1, *geometry.weight_shape)
@@ -215,7 +217,7 @@ def _per_sample_conv2d_backward(
     if batch == 0:
         return torch.empty_like(x) if need_grad_x else None, torch.empty_like(weight)
     pointwise = weight.shape[-2:] == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0)
-    if pointwise and batch > 1:
+    if pointwise and (batch > 1 or x.is_contiguous()):
         cols = x.reshape(batch, groups, in_chs // groups, height * width)
         kernels = weight.reshape(batch, groups, out_chs // groups, in_chs // groups)
         grad = grad_out.reshape(batch, groups, out_chs // groups, height * width)

@@ -1,8 +1,9 @@
 // Batch-1 CPU inference kernel of timm_pf.layers.DynamicConv2d with sigmoid routing (ParameterNet, §4.2):
 // global average pool -> Linear -> sigmoid -> mix of the E expert kernels -> convolution, in one call.
 // The pool, routing and mixing are plain loops over float32 data on ATen's intra-op threads, so the
-// layer costs one dispatch instead of five; the convolution is ATen's own. Calls it does not compute
-// exactly as the eager path would (see `computes`) return None, and the caller takes the eager path.
+// layer costs one dispatch instead of five; the convolution is ATen's own (a matmul for unstrided 1x1
+// kernels). Calls it does not compute exactly as the eager path would (see `computes`) return None, and the
+// caller takes the eager path.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/autocast_mode.h>
@@ -98,6 +99,16 @@ std::optional<at::Tensor> sigmoid_routed_conv2d(const at::Tensor& x, const at::T
       }
     }
   });
+  const bool pointwise = weight_shape[2] == 1 && weight_shape[3] == 1 && stride[0] == 1 && stride[1] == 1 &&
+                         padding[0] == 0 && padding[1] == 0;
+  if (pointwise) {
+    // a matmul per group on the NCHW input, as the eager path: a convolution would first reorder this
+    // kernel, new at every call, into oneDNN's blocked layout
+    const int64_t out_channels = weight_shape[0];
+    at::Tensor out = at::matmul(kernel.view({groups, out_channels / groups, channels / groups}),
+                                x.view({groups, channels / groups, spatial}));
+    return out.view({1, out_channels, x.size(2), x.size(3)});
+  }
   return at::conv2d(x, kernel, {}, stride, padding, dilation, groups);
 }
 

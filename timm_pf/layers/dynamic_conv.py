@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from timm.layers import CondConv2d, Mlp, pad_same, register_notrace_module
+from timm.layers import CondConv2d, Mlp, is_exporting, pad_same, register_notrace_module
 
 from .._private import scan
 from .cpu_kernels import cpu_kernels
@@ -47,7 +47,17 @@ BLOCKED_MIX_NUMEL = 1 << 15
 def _is_exporting() -> bool:
     """Exporting with ``torch.export`` (which ``torch.onnx.export`` runs), when only batch-independent shapes may
     be used. ``torch.jit.trace`` records the eager path, for the batch size it traces (as timm's ``CondConv2d``)."""
-    return torch.compiler.is_exporting()
+    return is_exporting()
+
+
+def _runs_as_matmul(x: torch.Tensor, kernel_size: Tuple[int, ...], stride: _Pair, padding: _Pair,
+                    exporting: bool) -> bool:
+    """Whether :func:`per_sample_conv2d` (and its backward) computes this convolution as a batched matmul: a 1x1
+    kernel without padding, strided only when exporting, and at batch 1 on an NCHW-contiguous input in eager mode
+    (no copy; a channels-last sample takes the convolution)."""
+    if kernel_size != (1, 1) or padding != (0, 0):
+        return False
+    return exporting or (stride == (1, 1) and (x.shape[0] > 1 or x.is_contiguous()))
 
 
 def _pointwise_as_matmul(x: torch.Tensor, weight: torch.Tensor, stride: _Pair, groups: int) -> torch.Tensor:
@@ -117,9 +127,9 @@ def per_sample_conv2d(
     """
     batch, out_chs = x.shape[0], weight.shape[1]
     exporting = _is_exporting()
-    pointwise = weight.shape[-2:] == (1, 1) and padding == (0, 0) and (exporting or stride == (1, 1))
-    if (pointwise and (batch > 1 or x.is_contiguous())) or exporting:
-        if pointwise:
+    as_matmul = _runs_as_matmul(x, weight.shape[-2:], stride, padding, exporting)
+    if as_matmul or exporting:
+        if as_matmul:
             out = _pointwise_as_matmul(x, weight, stride, groups)
         else:
             out = _scanned_conv2d(x, weight, stride, padding, dilation, groups)
@@ -216,8 +226,7 @@ def _per_sample_conv2d_backward(
     out_chs, groups = weight.shape[1], geometry.groups
     if batch == 0:
         return torch.empty_like(x) if need_grad_x else None, torch.empty_like(weight)
-    pointwise = weight.shape[-2:] == (1, 1) and geometry.stride == (1, 1) and geometry.padding == (0, 0)
-    if pointwise and (batch > 1 or x.is_contiguous()):
+    if _runs_as_matmul(x, weight.shape[-2:], geometry.stride, geometry.padding, False):
         cols = x.reshape(batch, groups, in_chs // groups, height * width)
         kernels = weight.reshape(batch, groups, out_chs // groups, in_chs // groups)
         grad = grad_out.reshape(batch, groups, out_chs // groups, height * width)

@@ -34,7 +34,7 @@ from torch import nn
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import BatchNormAct2d, create_attn, create_conv2d
+from timm.layers import BatchNormAct2d, create_attn, create_conv2d, is_exporting
 from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import ResNet
 
@@ -331,8 +331,8 @@ def _last_stage_layout(x: torch.Tensor) -> torch.Tensor:
     and AVX-512 kernels), while the earlier stages and larger maps are faster channels-last. Values are the same
     in both layouts. Traced, compiled and exported graphs keep one layout.
     """
-    if (x.device.type != 'cpu' or x.dim() != 4 or torch.jit.is_tracing() or torch.compiler.is_compiling()
-            or torch.compiler.is_exporting()):
+    if (x.device.type != 'cpu' or x.dim() != 4
+            or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()):
         return x
     out_pixels = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
     return x.contiguous() if out_pixels < _NCHW_LAST_STAGE_PIXELS else x

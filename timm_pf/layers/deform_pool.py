@@ -31,9 +31,12 @@ gather of channel vectors (``embedding_bag``) into a running maximum that also r
 per output element (``uint8``); the mean is one gather of all taps. Backward
 (:class:`_DeformPoolFunction`) keeps only the input, offsets, masks and winning taps, recomputes each
 tap's corners and sends every output's gradient to its first maximal tap (as ``max_pool2d`` does).
-Under TorchScript, tracing, ``torch.compile`` and ONNX export, for other dtypes and for twice
-differentiable gradients, the same math runs as one bilinear ``grid_sample`` of all taps
-(:func:`sampled_deform_pool2d`; ONNX ``GridSample``, ``Mul``, ``ReduceMax`` / ``ReduceMean``).
+Under TorchScript, tracing, ``torch.compile``, for other dtypes and for twice differentiable gradients,
+the same math runs as one bilinear ``grid_sample`` of all taps (:func:`sampled_deform_pool2d`). ONNX export
+with the default exporter writes one ``DeformConv`` (opset 19) that samples all taps and a ``ReduceMax`` /
+``ReduceMean`` (:func:`_onnx_deform_pool2d`); the TorchScript-based exporter (``dynamo=False``) and
+paddings below "same" write the ``grid_sample`` form (ONNX ``GridSample``, ``Mul``, ``ReduceMax`` /
+``ReduceMean``), for runtimes without ``DeformConv``.
 """
 import functools
 from typing import NamedTuple, Optional, Tuple, Union
@@ -386,7 +389,7 @@ def sampled_deform_pool2d(
     ``(2 * p + 1) / size - 1`` (``align_corners=False``) on the input zero-padded (right, bottom) to
     power-of-two sizes, where this round trip is exact for integer positions: with zero offsets the result
     equals the regular pooling exactly, ties included. TorchScript-compatible and batch-size independent: the
-    form used by TorchScript, tracing, ``torch.compile`` and ONNX export (one ``GridSample`` node).
+    form used by TorchScript, tracing and ``torch.compile`` (ONNX: one ``GridSample`` node).
     """
     batch, channels = input.shape[0], input.shape[1]
     height, width = _power_of_two(input.shape[2]), _power_of_two(input.shape[3])
@@ -413,6 +416,61 @@ def sampled_deform_pool2d(
     # max(dim) sends the gradient to the first maximal tap, as the tap loop does
     out = samples.max(dim=2).values if reduction == 'max' else samples.mean(dim=2)
     return out.reshape(batch, channels, out_height, out_width)
+
+
+def _rows_layout_pads(in_size: int, out_size: int, stride: int, center: int) -> Optional[Tuple[int, int]]:
+    """Pads ``(before, after)`` that make a 1x1 kernel with ``stride`` give ``out_size`` positions on ``in_size``
+    (``before`` at most ``center``), or ``None`` if no non-negative pads do."""
+    total = max(0, (out_size - 1) * stride + 1 - in_size)
+    if (in_size + total - 1) // stride + 1 != out_size:
+        return None
+    before = min(center, total)
+    return before, total - before
+
+
+def _onnx_deform_pool2d(
+        input: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        geometry: _Geometry,
+        reduction: str,
+) -> Optional[torch.Tensor]:
+    """ONNX export form: one ``DeformConv`` (opset 19) samples every tap, a ``ReduceMax`` / ``ReduceMean``
+    reduces them; ``None`` for geometries it cannot express (padding below "same"), which export as
+    :func:`sampled_deform_pool2d`.
+
+    ``DeformConv`` samples bilinearly with zeros outside the image and multiplies by the mask: the operator's
+    definition. Its 1x1 kernel with unit depthwise weights (``group = C``) runs on an output grid of the
+    ``K`` taps stacked along the rows, ``(K * Ho, Wo)`` with row ``k * Ho + ho``; each tap's offsets are shifted
+    by the distance from that row's base position to the tap's regular position, a constant per tap. The top
+    pad puts the base of the middle tap's block near its positions, which keeps the shifts (and the rounding
+    of the shifted offsets) small. A ``K``-channel one-hot 3x3 kernel would give the same taps with a 9x larger
+    matrix product in ONNX Runtime.
+    """
+    (height, width), (out_height, out_width) = geometry.in_size, geometry.out_size
+    (kh, kw), (stride_y, stride_x) = geometry.kernel_size, geometry.stride
+    num_points, groups = geometry.num_points, geometry.groups
+    rows = _rows_layout_pads(height, num_points * out_height, stride_y, (num_points // 2) * out_height * stride_y)
+    cols = _rows_layout_pads(width, out_width, stride_x, geometry.padding[1])
+    if rows is None or cols is None:
+        return None
+    batch, channels = input.shape[0], input.shape[1]
+    tap_y = torch.arange(kh).repeat_interleave(kw) * geometry.dilation[0] - geometry.padding[0]
+    tap_x = torch.arange(kw).repeat(kh) * geometry.dilation[1] - geometry.padding[1]
+    block_start = torch.arange(num_points) * (out_height * stride_y) - rows[0]
+    shift = torch.stack((tap_y - block_start, tap_x + cols[0]), dim=1).to(offset.dtype)  # (K, 2)
+    offset = offset.view(batch, groups, num_points, 2, out_height, out_width) + shift[:, :, None, None]
+    offset = offset.transpose(2, 3).reshape(batch, 2 * groups, num_points * out_height, out_width)
+    if mask is not None:
+        mask = mask.reshape(batch, groups, num_points * out_height, out_width)
+    weight = torch.ones(channels, 1, 1, 1, dtype=input.dtype, device=input.device)
+    samples = torch.onnx.ops.symbolic(
+        'DeformConv', (input, weight, offset, None, mask),
+        dict(group=channels, kernel_shape=[1, 1], offset_group=groups, pads=[rows[0], cols[0], rows[1], cols[1]],
+             strides=[stride_y, stride_x]),
+        dtype=input.dtype, shape=(batch, channels, num_points * out_height, out_width), version=19)
+    samples = samples.view(batch, channels, num_points, out_height, out_width)
+    return samples.amax(dim=2) if reduction == 'max' else samples.mean(dim=2)
 
 
 def deform_pool2d(
@@ -467,6 +525,10 @@ def deform_pool2d(
     geometry = _Geometry((height, width), (out_height, out_width), kernel_size, stride, padding, dilation, groups)
     offset = offset.to(input.dtype)
     mask = None if mask is None else mask.to(input.dtype)
+    if torch.onnx.is_in_onnx_export() and not torch.jit.is_tracing():  # the default (dynamo) exporter
+        out = _onnx_deform_pool2d(input, offset, mask, geometry, reduction)
+        if out is not None:
+            return out
     if batch == 0 or not _use_tap_loop(input, offset, mask):
         return sampled_deform_pool2d(input, offset, mask, kernel_size, stride, padding, dilation, reduction)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask)):

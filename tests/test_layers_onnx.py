@@ -151,3 +151,21 @@ def test_deform_pool_exports_one_deform_conv(name, exported):
 def test_deform_pool_below_same_padding_exports_grid_sample(exported):
     ops = _ops(exported('deform_max_unpadded')[3].graph)
     assert ops.count('GridSample') == 1 and 'DeformConv' not in ops and 'ReduceMax' in ops
+
+
+def test_deform_pool_exports_grid_sample_for_runtimes_without_deform_conv(tmp_path):
+    """The TorchScript-based exporter, at an opset before DeformConv (19), writes the GridSample form."""
+    model, inputs = _case('deform_max')
+    path = tmp_path / 'deform_max_opset18.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (inputs[0][:2],), str(path), dynamo=False, opset_version=18, input_names=['input0'],
+                          output_names=['out'], dynamic_axes={'input0': {0: 'batch'}})
+    ops = _ops(onnx.load(str(path)).graph)
+    assert 'GridSample' in ops and 'DeformConv' not in ops
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for batch in (1, 3):
+        with torch.no_grad():
+            expected = model(inputs[0][:batch])
+        (got,) = session.run(None, {'input0': inputs[0][:batch].numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-4)

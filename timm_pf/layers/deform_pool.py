@@ -36,7 +36,7 @@ the same math runs as one bilinear ``grid_sample`` of all taps (:func:`sampled_d
 with the default exporter writes one ``DeformConv`` (opset 19) that samples all taps and a ``ReduceMax`` /
 ``ReduceMean`` (:func:`_onnx_deform_pool2d`); the TorchScript-based exporter (``dynamo=False``) and
 paddings below "same" write the ``grid_sample`` form (ONNX ``GridSample``, ``Mul``, ``ReduceMax`` /
-``ReduceMean``), for runtimes without ``DeformConv``.
+``ReduceMean``), for runtimes without ``DeformConv`` and opsets before 19.
 """
 import functools
 from typing import NamedTuple, Optional, Tuple, Union

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from _hosts import hosted
-from timm_pf.layers import DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, LearnedDeformPool2d, PfMaxPool2d
+from timm_pf.layers import DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, LearnedDeformPool2d, PfMaxPool2d
 
 onnx = pytest.importorskip('onnx')
 inliner = pytest.importorskip('onnx.inliner')
@@ -40,6 +40,8 @@ def _case(name: str):
         # padding below "same": no 1x1 DeformConv grid has the output's width, so this exports as GridSample
         'deform_max_unpadded': lambda: (
             DeformMaxPool2d(3, 1, 0), (x, torch.randn(8, 18, 8, 7) * 3, torch.rand(8, 9, 8, 7))),
+        'deform_avg_unpadded_dilated': lambda: (
+            DeformAvgPool2d(3, 1, 0, dilation=2), (x, torch.randn(8, 18, 6, 5) * 3, torch.rand(8, 9, 6, 5))),
         'pf_max_s2': lambda: (PfMaxPool2d(3, 2), (x,)),
         'token_mixer': lambda: (EfficientTokenMixer(8), (x.permute(0, 2, 3, 1).contiguous(),)),
     }
@@ -49,7 +51,7 @@ def _case(name: str):
 
 CASES = ['dynamic_conv3x3_s2', 'dynamic_conv_dw', 'dynamic_conv1x1', 'dynamic_conv1x1_s2_softmax_bias',
          'dynamic_conv_same', 'deform_max', 'deform_avg_s2_groups', 'deform_max_given_offsets', 'deform_max_56',
-         'deform_max_unpadded', 'pf_max_s2', 'token_mixer']
+         'deform_max_unpadded', 'deform_avg_unpadded_dilated', 'pf_max_s2', 'token_mixer']
 
 
 def _export(model: nn.Module, inputs, path) -> None:
@@ -135,17 +137,34 @@ def test_pointwise_dynamic_conv_exports_a_batched_matmul(name, exported):
     assert 'MatMul' in ops and 'Conv' not in ops and 'Scan' not in ops
 
 
-@pytest.mark.parametrize('name', ['deform_max', 'deform_avg_s2_groups', 'deform_max_given_offsets', 'deform_max_56'])
-def test_deform_pool_exports_one_deform_conv(name, exported):
-    model, inputs, _, graph = exported(name)
+def _deform_conv_attributes(graph) -> dict:
+    """The attributes of the graph's one ``DeformConv`` node; the graph has no other sampling op."""
     ops = _ops(graph.graph)
-    assert ops.count('DeformConv') == 1 and ('ReduceMax' if 'max' in name else 'ReduceMean') in ops
-    assert 'GridSample' not in ops and not {'Scan', 'Loop', 'If'} & set(ops) and not _gathers_of_many(graph.graph)
+    assert ops.count('DeformConv') == 1 and 'GridSample' not in ops
+    assert not {'Scan', 'Loop', 'If'} & set(ops) and not _gathers_of_many(graph.graph)
+    assert {opset.domain: opset.version for opset in graph.opset_import}[''] >= 19
     (node,) = [node for node in _nodes(graph.graph) if node.op_type == 'DeformConv']
-    attrs = {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+    return {attr.name: onnx.helper.get_attribute_value(attr) for attr in node.attribute}
+
+
+@pytest.mark.parametrize('name', ['deform_max', 'deform_max_given_offsets', 'deform_max_56'])
+def test_deform_max_pool_exports_one_deform_conv_of_the_stacked_taps(name, exported):
+    _, inputs, _, graph = exported(name)
+    attrs = _deform_conv_attributes(graph)
     # 1x1 depthwise sampling of the stacked taps: no matrix product over the taps
     assert attrs['kernel_shape'] == [1, 1] and attrs['group'] == inputs[0].shape[1]
-    assert {opset.domain: opset.version for opset in graph.opset_import}[''] >= 19
+    assert 'ReduceMax' in _ops(graph.graph)
+
+
+@pytest.mark.parametrize('name', ['deform_avg_s2_groups', 'deform_avg_unpadded_dilated'])
+def test_deform_avg_pool_exports_one_deformable_depthwise_conv(name, exported):
+    model, inputs, _, graph = exported(name)
+    attrs = _deform_conv_attributes(graph)
+    pool = getattr(model.layer, 'pool', model.layer)  # a LearnedDeformPool2d's pool, or the pool itself
+    assert attrs['kernel_shape'] == list(pool.kernel_size) and attrs['group'] == inputs[0].shape[1]
+    assert attrs['strides'] == list(pool.stride) and attrs['dilations'] == list(pool.dilation)
+    assert attrs['pads'] == list(pool.padding) * 2
+    assert 'ReduceMean' not in _ops(graph.graph)  # the mean is the convolution's 1 / K weights
 
 
 def test_deform_pool_below_same_padding_exports_grid_sample(exported):

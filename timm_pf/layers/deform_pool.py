@@ -33,9 +33,10 @@ per output element (``uint8``); the mean is one gather of all taps. Backward
 tap's corners and sends every output's gradient to its first maximal tap (as ``max_pool2d`` does).
 Under TorchScript, tracing, ``torch.compile``, for other dtypes and for twice differentiable gradients,
 the same math runs as one bilinear ``grid_sample`` of all taps (:func:`sampled_deform_pool2d`). ONNX export
-with the default exporter writes one ``DeformConv`` (opset 19) that samples all taps and a ``ReduceMax`` /
-``ReduceMean`` (:func:`_onnx_deform_pool2d`); the TorchScript-based exporter (``dynamo=False``) and
-paddings below "same" write the ``grid_sample`` form (ONNX ``GridSample``, ``Mul``, ``ReduceMax`` /
+with the default exporter writes ``DeformConv`` (opset 19): the avg-pool as one deformable depthwise
+convolution with weights ``1 / K``, the max-pool as one ``DeformConv`` that samples all taps and a
+``ReduceMax`` (:func:`_onnx_deform_pool2d`). The TorchScript-based exporter (``dynamo=False``) and max-pools
+padded less than "same" write the ``grid_sample`` form (ONNX ``GridSample``, ``Mul``, ``ReduceMax`` /
 ``ReduceMean``), for runtimes without ``DeformConv`` and opsets before 19.
 """
 import functools
@@ -428,6 +429,27 @@ def _rows_layout_pads(in_size: int, out_size: int, stride: int, center: int) -> 
     return before, total - before
 
 
+def _deform_conv_node(
+        input: torch.Tensor,
+        weight: torch.Tensor,
+        offset: torch.Tensor,
+        mask: Optional[torch.Tensor],
+        out_size: Tuple[int, int],
+        stride: Tuple[int, int],
+        pads: Tuple[int, int, int, int],
+        dilation: Tuple[int, int] = (1, 1),
+) -> torch.Tensor:
+    """An ONNX ``DeformConv`` node (opset 19) with depthwise ``weight`` ``(C * m, 1, kh, kw)``: under the
+    default exporter only. ``DeformConv`` samples bilinearly, zeros outside the image, times the mask."""
+    batch, channels = input.shape[0], input.shape[1]
+    return torch.onnx.ops.symbolic(
+        'DeformConv', (input, weight, offset, None, mask),
+        dict(dilations=list(dilation), group=channels, kernel_shape=list(weight.shape[2:]),
+             offset_group=offset.shape[1] // (2 * weight.shape[2] * weight.shape[3]), pads=list(pads),
+             strides=list(stride)),
+        dtype=input.dtype, shape=(batch, weight.shape[0]) + tuple(out_size), version=19)
+
+
 def _onnx_deform_pool2d(
         input: torch.Tensor,
         offset: torch.Tensor,
@@ -435,28 +457,32 @@ def _onnx_deform_pool2d(
         geometry: _Geometry,
         reduction: str,
 ) -> Optional[torch.Tensor]:
-    """ONNX export form: one ``DeformConv`` (opset 19) samples every tap, a ``ReduceMax`` / ``ReduceMean``
-    reduces them; ``None`` for geometries it cannot express (padding below "same"), which export as
-    :func:`sampled_deform_pool2d`.
+    """ONNX export form: ``DeformConv`` nodes (opset 19); ``None`` for what they cannot express (max-pools
+    padded less than "same"), which export as :func:`sampled_deform_pool2d`.
 
-    ``DeformConv`` samples bilinearly with zeros outside the image and multiplies by the mask: the operator's
-    definition. Its 1x1 kernel with unit depthwise weights (``group = C``) runs on an output grid of the
-    ``K`` taps stacked along the rows, ``(K * Ho, Wo)`` with row ``k * Ho + ho``; each tap's offsets are shifted
-    by the distance from that row's base position to the tap's regular position, a constant per tap. The top
-    pad puts the base of the middle tap's block near its positions, which keeps the shifts (and the rounding
-    of the shifted offsets) small. A ``K``-channel one-hot 3x3 kernel would give the same taps with a 9x larger
-    matrix product in ONNX Runtime.
+    * avg: the mean of the ``K`` modulated samples is the pool's own deformable depthwise convolution with
+      weights ``1 / K``: one ``DeformConv`` with the pool's kernel, stride, padding and dilation.
+    * max: every tap's samples, then a ``ReduceMax``. One ``DeformConv`` with a 1x1 kernel and unit depthwise
+      weights runs on an output grid of the taps stacked along the rows, ``(K * Ho, Wo)`` with row
+      ``k * Ho + ho``; each tap's offsets are shifted by the distance from that row's base position to the
+      tap's regular position, a constant per tap. The top pad puts the base of the middle tap's block near
+      its positions, which keeps the shifts (and the rounding of the shifted offsets) small. A ``K``-channel
+      one-hot 3x3 kernel would give the same taps with a 9x larger matrix product in ONNX Runtime.
     """
     (height, width), (out_height, out_width) = geometry.in_size, geometry.out_size
     (kh, kw), (stride_y, stride_x) = geometry.kernel_size, geometry.stride
-    num_points, groups = geometry.num_points, geometry.groups
+    num_points, groups, (pad_y, pad_x) = geometry.num_points, geometry.groups, geometry.padding
+    batch, channels = input.shape[0], input.shape[1]
+    if reduction == 'avg':
+        weight = torch.full((channels, 1, kh, kw), 1.0 / num_points, dtype=input.dtype, device=input.device)
+        return _deform_conv_node(input, weight, offset, mask, geometry.out_size, geometry.stride,
+                                 (pad_y, pad_x, pad_y, pad_x), geometry.dilation)
     rows = _rows_layout_pads(height, num_points * out_height, stride_y, (num_points // 2) * out_height * stride_y)
-    cols = _rows_layout_pads(width, out_width, stride_x, geometry.padding[1])
+    cols = _rows_layout_pads(width, out_width, stride_x, pad_x)
     if rows is None or cols is None:
         return None
-    batch, channels = input.shape[0], input.shape[1]
-    tap_y = torch.arange(kh).repeat_interleave(kw) * geometry.dilation[0] - geometry.padding[0]
-    tap_x = torch.arange(kw).repeat(kh) * geometry.dilation[1] - geometry.padding[1]
+    tap_y = torch.arange(kh).repeat_interleave(kw) * geometry.dilation[0] - pad_y
+    tap_x = torch.arange(kw).repeat(kh) * geometry.dilation[1] - pad_x
     block_start = torch.arange(num_points) * (out_height * stride_y) - rows[0]
     shift = torch.stack((tap_y - block_start, tap_x + cols[0]), dim=1).to(offset.dtype)  # (K, 2)
     offset = offset.view(batch, groups, num_points, 2, out_height, out_width) + shift[:, :, None, None]
@@ -464,13 +490,9 @@ def _onnx_deform_pool2d(
     if mask is not None:
         mask = mask.reshape(batch, groups, num_points * out_height, out_width)
     weight = torch.ones(channels, 1, 1, 1, dtype=input.dtype, device=input.device)
-    samples = torch.onnx.ops.symbolic(
-        'DeformConv', (input, weight, offset, None, mask),
-        dict(group=channels, kernel_shape=[1, 1], offset_group=groups, pads=[rows[0], cols[0], rows[1], cols[1]],
-             strides=[stride_y, stride_x]),
-        dtype=input.dtype, shape=(batch, channels, num_points * out_height, out_width), version=19)
-    samples = samples.view(batch, channels, num_points, out_height, out_width)
-    return samples.amax(dim=2) if reduction == 'max' else samples.mean(dim=2)
+    samples = _deform_conv_node(input, weight, offset, mask, (num_points * out_height, out_width), geometry.stride,
+                                (rows[0], cols[0], rows[1], cols[1]))
+    return samples.view(batch, channels, num_points, out_height, out_width).amax(dim=2)
 
 
 def deform_pool2d(

@@ -484,7 +484,7 @@ def _onnx_deform_pool2d(
     tap_y = torch.arange(kh).repeat_interleave(kw) * geometry.dilation[0] - pad_y
     tap_x = torch.arange(kw).repeat(kh) * geometry.dilation[1] - pad_x
     block_start = torch.arange(num_points) * (out_height * stride_y) - rows[0]
-    shift = torch.stack((tap_y - block_start, tap_x + cols[0]), dim=1).to(offset.dtype)  # (K, 2)
+    shift = torch.stack((tap_y - block_start, tap_x + cols[0]), dim=1).to(offset)  # (K, 2), offset's device
     offset = offset.view(batch, groups, num_points, 2, out_height, out_width) + shift[:, :, None, None]
     offset = offset.transpose(2, 3).reshape(batch, 2 * groups, num_points * out_height, out_width)
     if mask is not None:

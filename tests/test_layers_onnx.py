@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from _hosts import hosted
-from timm_pf.layers import DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, LearnedDeformPool2d, PfMaxPool2d
+from timm_pf.layers import (
+    DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, LearnedDeformPool2d, PfMaxPool2d)
 
 onnx = pytest.importorskip('onnx')
 inliner = pytest.importorskip('onnx.inliner')
@@ -113,8 +114,9 @@ def test_one_file_serves_every_batch_size(name, exported):
             expected = model(*[t[:batch] for t in inputs])
         (got,) = session.run(None, feed)
         assert got.shape == tuple(expected.shape)
-        # 1e-4, and 1e-5 of the value for the large activations of the 56 x 56 case
-        torch.testing.assert_close(torch.from_numpy(got), expected.contiguous(), rtol=1e-5, atol=1e-4)
+        # 1e-4; the 56 x 56 case's large activations and offsets also get 1e-5 of the value
+        rtol = 1e-5 if name == 'deform_max_56' else 0
+        torch.testing.assert_close(torch.from_numpy(got), expected.contiguous(), rtol=rtol, atol=1e-4)
 
 
 @pytest.mark.parametrize('name', ['dynamic_conv3x3_s2', 'dynamic_conv_dw', 'dynamic_conv_same'])

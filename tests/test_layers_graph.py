@@ -12,6 +12,7 @@ from _hosts import hosted
 from timm_pf.layers import (
     ChannelsLastKernelConv2d, Conv2dNhwc, DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, GridAttention,
     LearnedDeformPool2d, MaxPool2dNhwc, PfMaxPool2d, use_channels_last_kernels)
+from timm_pf.layers.graph_capture import is_capturing_graph
 
 
 def _layer(name: str):
@@ -158,3 +159,25 @@ def test_convolutions_that_pad_otherwise_than_with_zeros():
             conv_class(4, 4, 3, padding=1, padding_mode='reflect')
     reflect = nn.Conv2d(4, 4, 3, padding=1, padding_mode='reflect')
     assert type(use_channels_last_kernels(reflect)) is nn.Conv2d
+
+
+class _RecordsCapture(nn.Module):
+    """Adds 1 to its input while a graph is being recorded: the recorded graph keeps the value seen then."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + float(is_capturing_graph())
+
+
+@pytest.mark.filterwarnings('ignore::torch.jit.TracerWarning')
+@pytest.mark.parametrize('kind', ['eager', 'trace', 'compile', 'export'])
+def test_graph_capture_is_seen_by_every_recorder(kind):
+    """The eager fast paths' guard: False in eager mode, True under each way a graph is recorded."""
+    model, x = _RecordsCapture(), torch.zeros(2)
+    if kind == 'trace':
+        model = torch.jit.trace(model, (x,), check_trace=False)
+    elif kind == 'compile':
+        model = torch.compile(model, backend='eager', fullgraph=True)
+    elif kind == 'export':
+        model = torch.export.export(model, (x,)).module()
+    expected = 0. if kind == 'eager' else 1.
+    torch.testing.assert_close(model(x), torch.full_like(x, expected))

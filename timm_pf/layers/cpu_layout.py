@@ -20,6 +20,7 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .._private import tensor_version
+from .graph_capture import is_capturing_graph
 
 __all__ = ['ChannelsLastKernelConv2d', 'use_channels_last_kernels']
 
@@ -47,7 +48,7 @@ def _reads_cached_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     (and no kernel made in inference mode: such tensors count no versions)."""
     weight = conv.weight
     return (x.device.type == 'cpu' and x.dim() == 4 and not torch.is_grad_enabled() and not weight.is_inference()
-            and not torch.jit.is_tracing() and not torch.compiler.is_compiling()
+            and not is_capturing_graph()
             and weight.shape[-2] * weight.shape[-1] > 1  # a 1x1 kernel is laid out the same in both formats
             and x.is_contiguous(memory_format=torch.channels_last)
             and not weight.is_contiguous(memory_format=torch.channels_last))

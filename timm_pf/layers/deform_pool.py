@@ -49,6 +49,7 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .._private import current_dispatch_mode
+from .graph_capture import is_capturing_graph
 
 __all__ = [
     'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
@@ -358,7 +359,7 @@ class _DeformPoolFunction(torch.autograd.Function):
 def _use_tap_loop(*tensors: torch.Tensor) -> bool:
     """The eager tap loop (:class:`_DeformPoolFunction`) for float32/float64 on CPU or CUDA; the sampled form
     (:func:`sampled_deform_pool2d`, same result) for other dtypes and when tracing, exporting or compiling."""
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if is_capturing_graph():
         return False
     floats = [t for t in tensors if t is not None and t.is_floating_point()]
     return (all(t.device.type in ('cpu', 'cuda') for t in floats)

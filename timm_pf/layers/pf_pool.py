@@ -25,6 +25,8 @@ from torch import nn
 
 from timm.layers import register_notrace_module
 
+from .graph_capture import is_capturing_graph
+
 __all__ = ['pf_max_pool2d', 'PfMaxPool2d', 'running_max']
 
 
@@ -71,7 +73,7 @@ class _SeparableMaxPool3x3(torch.autograd.Function):
 def _separable_ok(x: torch.Tensor, kernel_size: int, stride: int) -> bool:
     return (
         kernel_size == 3 and stride == 1 and x.dim() == 4 and x.is_contiguous()
-        and not torch.jit.is_tracing() and not torch.compiler.is_compiling())
+        and not is_capturing_graph())
 
 
 def pf_max_pool2d(x: torch.Tensor, kernel_size: int = 3, stride: int = 1) -> torch.Tensor:

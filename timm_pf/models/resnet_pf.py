@@ -34,12 +34,13 @@ from torch import nn
 
 import timm
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import BatchNormAct2d, create_attn, create_conv2d, is_exporting
+from timm.layers import BatchNormAct2d, create_attn, create_conv2d
 from timm.models import checkpoint_seq, register_model
 from timm.models.resnet import ResNet
 
 from ..layers.cpu_layout import use_channels_last_kernels
 from ..layers.deform_pool import LearnedDeformPool2d
+from ..layers.graph_capture import is_capturing_graph
 from ..layers.pf_pool import PfMaxPool2d
 from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
 from ._checkpoint import check_matches_model, unwrap_checkpoint
@@ -331,8 +332,7 @@ def _last_stage_layout(x: torch.Tensor) -> torch.Tensor:
     and AVX-512 kernels), while the earlier stages and larger maps are faster channels-last. Values are the same
     in both layouts. Traced, compiled and exported graphs keep one layout.
     """
-    if (x.device.type != 'cpu' or x.dim() != 4
-            or torch.jit.is_tracing() or torch.compiler.is_compiling() or is_exporting()):
+    if x.device.type != 'cpu' or x.dim() != 4 or is_capturing_graph():
         return x
     out_pixels = x.shape[0] * ((x.shape[2] + 1) // 2) * ((x.shape[3] + 1) // 2)
     return x.contiguous() if out_pixels < _NCHW_LAST_STAGE_PIXELS else x

@@ -31,6 +31,7 @@ from timm.layers import CondConv2d, Mlp, is_exporting, pad_same, register_notrac
 
 from .._private import scan
 from .cpu_kernels import cpu_kernels
+from .graph_capture import is_capturing_graph
 
 __all__ = ['DynamicConv2d', 'per_sample_conv2d', 'check_num_experts', 'ROUTING_TYPES']
 
@@ -343,7 +344,7 @@ class DynamicConv2d(CondConv2d):
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self._kernel_layout and routing_weights is None and not torch.compiler.is_compiling():
+            if self._kernel_layout and routing_weights is None and not is_capturing_graph():
                 kernel = cpu_kernels()
                 if kernel is not None:
                     # batch-1 float32 CPU inference in one call (None for any other input: eager path below)

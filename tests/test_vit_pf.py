@@ -5,14 +5,15 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import Attention, resample_abs_pos_embed
+from timm.layers import GELU, Attention, GluMlp, Mlp, resample_abs_pos_embed
 from torch import nn
 
 from _model_checks import (
     assert_fine_tunes_at, assert_grad_checkpointing_keeps_gradients, assert_reset_classifier_works)
 from _official import load_official_fixture, unfused_attention
 from safetensors.torch import save_file
-from timm_pf.layers.token_mixers import Conv2dNhwc, EfficientTokenMixer, GridAttention, MaxPool2dNhwc
+from timm_pf.layers.token_mixers import (
+    Conv2dNhwc, EfficientTokenMixer, GridAttention, InPlaceActivation, MaxPool2dNhwc)
 from timm_pf.models.vit_pf import checkpoint_filter_fn
 from timm_pf.methods.stats import count_macs, count_params
 
@@ -96,6 +97,52 @@ def test_efficient_token_mixer_inference_path_equals_autograd_path(spatial, act_
     assert torch.equal(x, x_before)
     x_grad = x.clone().requires_grad_()
     torch.testing.assert_close(fast, mixer(x_grad), rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize('act, in_place', [
+    (GELU(), True), (nn.GELU(), True), (nn.GELU(approximate='tanh'), True), (nn.ReLU(), True), (nn.SiLU(), False),
+], ids=['timm-gelu', 'gelu', 'gelu-tanh', 'relu', 'silu'])
+def test_in_place_activation(act, in_place):
+    """Inference writes act(x) into x's memory where act has an in-place kernel; autograd leaves x alone."""
+    wrapped = InPlaceActivation(act)
+    x = torch.randn(2, 3, 16)
+    expected = act(x)
+    with torch.no_grad():
+        x_in = x.clone()
+        out = wrapped(x_in)
+    torch.testing.assert_close(out, expected, rtol=0, atol=0)
+    assert (out.data_ptr() == x_in.data_ptr()) == in_place
+    x_grad = x.clone().requires_grad_()
+    out = wrapped(x_grad)
+    assert out.data_ptr() != x_grad.data_ptr() and torch.equal(x_grad.detach(), x)
+    out.sum().backward()
+    torch.testing.assert_close(x_grad.grad, torch.autograd.grad(act(x.requires_grad_()).sum(), x)[0])
+
+
+@pytest.mark.parametrize('name', ['vit_s_maxpool', 'pit_s_maxpool'])
+def test_mlp_activation_runs_in_place_in_inference(name):
+    """Every block's MLP activates fc1's output in its own memory without autograd, with the same output."""
+    model = timm.create_model(name, embed_dim=48, depth=2, num_heads=2) if name.startswith('vit') else \
+        timm.create_model(name, base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2))
+    mlps = [m for m in model.modules() if isinstance(m, Mlp)]
+    assert mlps and all(isinstance(m.act, InPlaceActivation) for m in mlps)
+    same_buffer = []
+    hooks = [m.act.register_forward_hook(lambda mod, args, out: same_buffer.append(args[0].data_ptr() == out.data_ptr()))
+             for m in mlps]
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        fast = model.eval()(x)
+    assert same_buffer == [True] * len(mlps)
+    same_buffer.clear()
+    torch.testing.assert_close(fast, model(x), rtol=0, atol=1e-6)
+    assert same_buffer == [False] * len(mlps)
+    for hook in hooks:
+        hook.remove()
+
+
+def test_other_mlp_layers_keep_their_activation():
+    model = _tiny_vit(mlp_layer=GluMlp, device='meta')
+    assert all(isinstance(b.mlp, GluMlp) and not isinstance(b.mlp.act, InPlaceActivation) for b in model.blocks)
 
 
 def test_efficient_token_mixer_options():

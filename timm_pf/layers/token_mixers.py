@@ -20,7 +20,7 @@ from .cpu_layout import check_zero_padding
 from .pf_pool import running_max
 
 __all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS',
-           'resolve_activation']
+           'InPlaceActivation', 'activate', 'resolve_activation']
 
 
 def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False) -> torch.Tensor:
@@ -130,8 +130,40 @@ def _depthwise_conv(channels: int, kernel_size: int, **dd) -> Conv2dNhwc:
     return Conv2dNhwc(channels, channels, kernel_size, padding=kernel_size // 2, groups=channels, **dd)
 
 
-# activations of the mixer that have an in-place kernel (timm's GELU is exact GELU, like nn.GELU())
-_INPLACE_ACTS = {GELU: torch.ops.aten.gelu_, nn.ReLU: torch.relu_}
+# activations with an in-place kernel: type -> kernel(module, x) (timm's GELU is exact GELU, like nn.GELU())
+_INPLACE_ACTS = {
+    GELU: lambda act, x: torch.ops.aten.gelu_(x),
+    nn.GELU: lambda act, x: torch.ops.aten.gelu_(x, approximate=act.approximate),
+    nn.ReLU: lambda act, x: torch.relu_(x),
+}
+
+
+def activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``act(x)``, computed in place in ``x``'s memory when ``act`` has an in-place kernel and autograd and graph
+    capture do not need ``x`` (:func:`_eager_in_place_ok`). Callers pass their own intermediate: an activation
+    buffer is then not allocated, which at the sizes of the transformers' hidden features (several MB) also
+    saves the page faults of a fresh allocation."""
+    inplace_kernel = _INPLACE_ACTS.get(type(act))
+    if inplace_kernel is None or not _eager_in_place_ok(x):
+        return act(x)
+    return inplace_kernel(act, x)
+
+
+@register_notrace_module  # an FX leaf: its in-place choice stays out of traced graphs
+class InPlaceActivation(nn.Module):
+    """Wraps an activation module that a block applies to its own intermediate (the MLP's ``fc1`` output):
+    eager inference computes it in place (:func:`activate`), autograd, graph capture and TorchScript run
+    ``act`` itself. Forward hooks on the producing layer see its output activated in inference, as with
+    ``nn.ReLU(inplace=True)``."""
+
+    def __init__(self, act: nn.Module) -> None:
+        super().__init__()
+        self.act = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self.act(x)
+        return activate(self.act, x)
 
 # spatial operation name -> (builder(channels, kernel_size, device=, dtype=), default kernel size, Appendix A)
 SPATIAL_OPS = {
@@ -213,7 +245,4 @@ class EfficientTokenMixer(nn.Module):
         inference the block then allocates one hidden-width buffer besides the expansion's output."""
         if torch.jit.is_scripting():
             return self.act(x)
-        inplace_op = _INPLACE_ACTS.get(type(self.act))
-        if inplace_op is None or not _eager_in_place_ok(x):
-            return self.act(x)
-        return inplace_op(x)
+        return activate(self.act, x)

@@ -10,9 +10,10 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import Mlp
 from timm.models.vision_transformer import Block
 
-from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention, resolve_activation
+from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention, InPlaceActivation, resolve_activation
 from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
 from ._pretrained import build_pf_model
 
@@ -98,19 +99,23 @@ def pf_block(
 ) -> Block:
     """timm's pre-norm ``Block`` on a token grid, with the efficient token mixer if ``is_efficient(depth)``.
 
-    ``depth`` is the block index, as timm's ``VisionTransformer`` passes it to ``block_fn``.
+    ``depth`` is the block index, as timm's ``VisionTransformer`` passes it to ``block_fn``. The activation of
+    timm's ``Mlp`` runs in place on ``fc1``'s output in inference (:class:`InPlaceActivation`; same keys).
     """
     if not is_efficient(depth):
-        return Block(dim=dim, attn_layer=attn_layer, depth=depth, **block_kwargs)
-    # the mixer is configured here, so the block is built without an attention layer and then given it
-    block = Block(dim=dim, attn_layer=nn.Identity, depth=depth, **block_kwargs)
-    block.attn = mixer_layer(
-        dim,
-        bias=block_kwargs.get('qkv_bias', True),
-        proj_drop=block_kwargs.get('proj_drop', 0.),
-        device=block_kwargs.get('device'),
-        dtype=block_kwargs.get('dtype'),
-    )
+        block = Block(dim=dim, attn_layer=attn_layer, depth=depth, **block_kwargs)
+    else:
+        # the mixer is configured here, so the block is built without an attention layer and then given it
+        block = Block(dim=dim, attn_layer=nn.Identity, depth=depth, **block_kwargs)
+        block.attn = mixer_layer(
+            dim,
+            bias=block_kwargs.get('qkv_bias', True),
+            proj_drop=block_kwargs.get('proj_drop', 0.),
+            device=block_kwargs.get('device'),
+            dtype=block_kwargs.get('dtype'),
+        )
+    if type(block.mlp) is Mlp:  # its activation's input is fc1's own output (not so in other mlp_layers)
+        block.mlp.act = InPlaceActivation(block.mlp.act)
     return block
 
 

@@ -127,8 +127,11 @@ def test_mlp_activation_runs_in_place_in_inference(name):
     mlps = [m for m in model.modules() if isinstance(m, Mlp)]
     assert mlps and all(isinstance(m.act, InPlaceActivation) for m in mlps)
     same_buffer = []
-    hooks = [m.act.register_forward_hook(lambda mod, args, out: same_buffer.append(args[0].data_ptr() == out.data_ptr()))
-             for m in mlps]
+
+    def record(module, args, out):
+        same_buffer.append(args[0].data_ptr() == out.data_ptr())
+
+    hooks = [m.act.register_forward_hook(record) for m in mlps]
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         fast = model.eval()(x)

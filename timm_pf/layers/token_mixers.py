@@ -165,6 +165,7 @@ class InPlaceActivation(nn.Module):
             return self.act(x)
         return activate(self.act, x)
 
+
 # spatial operation name -> (builder(channels, kernel_size, device=, dtype=), default kernel size, Appendix A)
 SPATIAL_OPS = {
     'max': (_max_pool, 3),

@@ -49,3 +49,20 @@ def test_wrongly_typed_kwargs_are_named(name, kwargs, error, match):
     with pytest.raises(error, match=match):
         timm.create_model(name, device='meta', **kwargs)
 
+
+
+@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize('name', ['ours_r50_deform_max', 'ours_r50_deform_avg', 'ours_r50_hybrid', 'ghostnet_dyn',
+                                  'vit_ti_maxpool', 'pit_ti_maxpool'])
+def test_low_precision_forward_matches_float32(name, dtype):
+    """A model cast to bfloat16 / float16 gives the float32 logits up to rounding on the CPU, never NaNs (a
+    channels-last half-precision ``grid_sample`` input did, in the deformable pools)."""
+    kwargs = {'img_size': 64} if name.startswith(('vit', 'pit')) else {}
+    torch.manual_seed(0)
+    model = timm.create_model(name, **kwargs).eval()
+    x = torch.randn(2, 3, 128, 128) if not kwargs else torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        ref = model(x)
+        out = model.to(dtype)(x.to(dtype))
+    assert out.dtype == dtype and not out.isnan().any()
+    assert (out.float() - ref).abs().max() <= 0.1 * ref.std()

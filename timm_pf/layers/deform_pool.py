@@ -396,6 +396,8 @@ def sampled_deform_pool2d(
     batch, channels = input.shape[0], input.shape[1]
     height, width = _power_of_two(input.shape[2]), _power_of_two(input.shape[3])
     input = F.pad(input, (0, width - input.shape[3], 0, height - input.shape[2]))
+    if input.device.type == 'cpu' and (input.dtype == torch.bfloat16 or input.dtype == torch.float16):
+        input = input.contiguous()  # PyTorch's CPU grid_sample writes NaNs for channels-last half-precision input
     (kh, kw), out_height, out_width = kernel_size, offset.shape[2], offset.shape[3]
     num_points = kh * kw
     groups = offset.shape[1] // (2 * num_points)
@@ -553,7 +555,10 @@ def deform_pool2d(
         if out is not None:
             return out
     if batch == 0 or not _use_tap_loop(input, offset, mask):
-        return sampled_deform_pool2d(input, offset, mask, kernel_size, stride, padding, dilation, reduction)
+        out = sampled_deform_pool2d(input, offset, mask, kernel_size, stride, padding, dilation, reduction)
+        if input.is_contiguous(memory_format=torch.channels_last) and not is_capturing_graph():
+            out = out.contiguous(memory_format=torch.channels_last)
+        return out
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (input, offset, mask)):
         out = _DeformPoolFunction.apply(input, offset, mask, geometry, reduction)
     else:

@@ -190,3 +190,22 @@ def test_deform_pool_exports_grid_sample_for_runtimes_without_deform_conv(tmp_pa
             expected = model(inputs[0][:batch])
         (got,) = session.run(None, {'input0': inputs[0][:batch].numpy()})
         torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize('name', ['dynamic_conv3x3_s2', 'dynamic_conv_dw', 'dynamic_conv1x1'])
+def test_dynamic_conv_traces_and_exports_with_the_torchscript_exporter(name, tmp_path):
+    """``torch.jit.trace`` (its check re-traces and compares the graphs) and the TorchScript-based exporter record the
+    eager path for the traced batch size, as for timm's CondConv2d: the traced module and the ONNX file match."""
+    model, inputs = _case(name)
+    x = inputs[0][:2]
+    with torch.no_grad():
+        expected = model(x)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        traced = torch.jit.trace(model, (x,))
+        path = tmp_path / f'{name}_torchscript.onnx'
+        torch.onnx.export(model, (x,), str(path), dynamo=False, input_names=['input0'], output_names=['out'])
+    with torch.no_grad():
+        torch.testing.assert_close(traced(x), expected, rtol=0, atol=1e-6)
+    (got,) = ort.InferenceSession(str(path), providers=['CPUExecutionProvider']).run(None, {'input0': x.numpy()})
+    torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-5)

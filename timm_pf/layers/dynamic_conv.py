@@ -332,10 +332,11 @@ class DynamicConv2d(CondConv2d):
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
         if not torch.jit.is_scripting():
-            if isinstance(self.routing, nn.Linear):
+            if isinstance(self.routing, nn.Linear) and not torch.jit.is_tracing():
                 # sigmoid routing as one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its
                 # scale: this runs once per conv, so its op count matters at batch 1. (Not in TorchScript: its
-                # type check of a submodule goes wrong once any module of the class has been traced.)
+                # type check of a submodule goes wrong once any module of the class has been traced; not when
+                # tracing, where the scale would be a traced value that the TorchScript ONNX exporter rejects.)
                 logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
                                      alpha=1.0 / (x.shape[2] * x.shape[3]))
                 return logits.sigmoid_()
@@ -373,7 +374,7 @@ class DynamicConv2d(CondConv2d):
         """The convolution with the mixed kernels by the fastest exact eager path (see :func:`_mixed_conv`)."""
         experts = self.weight
         exporting = _is_exporting()
-        if (not exporting and torch.is_grad_enabled()
+        if (not exporting and not torch.jit.is_tracing() and torch.is_grad_enabled()
                 and (x.requires_grad or routing_weights.requires_grad or experts.requires_grad)):
             return _MixedConvRecomputed.apply(x, routing_weights, experts, self.geometry)
         return _mixed_conv(x, routing_weights, experts, self.geometry, exporting)

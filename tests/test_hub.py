@@ -5,6 +5,7 @@ The Hub side is tests/hub_server.py on 127.0.0.1; the client side runs in fresh 
 """
 import argparse
 import hashlib
+import json
 import os
 import shutil
 from pathlib import Path
@@ -223,6 +224,21 @@ def test_push_refuses_weights_that_do_not_load_strictly(client, hub, weights, tm
     rc, _, err = _push(client, folder, weights['name_tag'])
     assert rc == 2 and dropped in err and 'missing keys' in err
     assert len(hub[1].requests) == before, 'refused weights reached the Hub'
+
+
+def test_push_refuses_a_folder_converted_for_another_class_count(client, hub, weights, tmp_path):
+    """A folder's own model args do not apply to ``create_model(tag, pretrained=True)``: its weights must fit the tag."""
+    torch.manual_seed(0)
+    checkpoint = tmp_path / 'ten_classes.safetensors'
+    safetensors.torch.save_file(timm.create_model(weights['name_tag'], num_classes=10).state_dict(), str(checkpoint))
+    folder = tmp_path / 'ten_classes'
+    assert cli_main(['convert', str(checkpoint), '--model', weights['name_tag'], '--num-classes', '10',
+                     '-o', str(folder)]) == 0
+    assert json.loads((folder / 'config.json').read_text())['num_classes'] == 10
+    before = len(hub[1].requests)
+    rc, _, err = _push(client, folder, weights['name_tag'], '--dry-run')
+    assert rc == 2 and 'does not fit' in err and 'pretrained=True' in err and 'num_classes=10' in err, err
+    assert len(hub[1].requests) == before
 
 
 # ------------------------------------------------------------------------------------------------ pull failures

@@ -226,14 +226,19 @@ def _read_folder(folder: Path, make_it: str) -> Tuple[str, Dict[str, Any], Dict[
 
 
 def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
-    """Check that a converted folder holds weights that load strictly into ``name_tag``; returns the model."""
+    """Check that a converted folder holds weights that load strictly into ``name_tag`` as
+    ``timm.create_model(name_tag, pretrained=True)`` builds it (the folder's own model args, e.g. a smaller
+    variant or another class count, do not apply there); returns the model."""
     folder = Path(folder)
     arch, model_args, state_dict = _read_folder(folder, '`timm-pf convert`')
     expected_arch = split_model_name_tag(name_tag)[0]
     if arch != expected_arch:
         raise CheckpointError(f'{folder} holds weights of {arch}, not of {expected_arch}')
-    model = timm.create_model(name_tag, pretrained=False, **model_args)
-    load_strict(model, state_dict, str(folder / WEIGHTS_NAME))
+    model = timm.create_model(name_tag, pretrained=False)
+    built_with = f' (the folder was made with {", ".join(f"{k}={v!r}" for k, v in model_args.items())})' \
+        if model_args else ''
+    load_strict(model, state_dict, str(folder / WEIGHTS_NAME),
+                target=f"{name_tag} as timm.create_model('{name_tag}', pretrained=True) builds it{built_with}")
     return model
 
 

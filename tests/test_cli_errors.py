@@ -47,6 +47,17 @@ def no_cuda(monkeypatch):
     (['deform-points', '--checkpoint', 'no/such/file.safetensors'], 'no such file'),
     (['bench', '--time-budget', '-1'], '--time-budget'),
     (['bench', '--time-budget', 'nan'], '--time-budget'),
+    (['bench', '--time-budget', 'inf'], '--time-budget'),
+    (['bench', '--models', ''], '--models'),
+    (['bench', '--models', ','], '--models'),
+    (['bench', '--models', 'resnet18', '--csv', 'o.csv', '--json', './o.csv'], '--csv and --json'),
+    (['bench', '--models', 'resnet18', '--csv', '-', '--markdown', '-'], '--csv and --markdown'),
+    (['digits', ''], 'empty path'),
+    (['convert', 'ckpt.pth', '--model', 'ours_r50_max', '-o', 'OUT', '--model-kwargs', 'noequals'],
+     '--model-kwargs'),
+    (['convert', 'ckpt.pth', '--model', 'ours_r50_max', '-o', 'OUT', '--model-kwargs', 'layers=[1,1'],
+     'not a complete Python literal'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--model-kwargs', '=3'], '--model-kwargs'),
 ])
 def test_bad_values_exit_2_naming_the_argument(argv, names, tmp_path, monkeypatch, no_cuda, capsys):
     monkeypatch.chdir(tmp_path)
@@ -77,6 +88,15 @@ def test_bad_output_paths_exit_2_before_any_work(argv, tmp_path, monkeypatch, ca
     assert _exit_code(argv) == 2
     line = _one_error_line(capsys)
     assert any(p in line for p in ('a_file', 'a_folder', 'no_folder')), line
+
+
+def test_digits_refuses_a_folder_that_has_a_split(tmp_path, capsys):
+    """Another seed or size written over an earlier export would mix the images of both splits."""
+    pytest.importorskip('sklearn')
+    (tmp_path / 'out' / 'validation').mkdir(parents=True)
+    assert _exit_code(['digits', str(tmp_path / 'out'), '--img-size', '8']) == 2
+    assert 'already has validation/' in _one_error_line(capsys)
+    assert not (tmp_path / 'out' / 'train').exists()
 
 
 @pytest.mark.parametrize('kwargs, message', [

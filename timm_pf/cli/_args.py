@@ -1,6 +1,8 @@
 """Argument types of the ``timm-pf`` commands: values, devices and paths are checked while the command line
 is parsed, so bad input exits with code 2 before anything is measured, converted or written."""
 import argparse
+import ast
+import math
 import os
 from pathlib import Path
 from typing import Callable, Optional, Union
@@ -23,7 +25,7 @@ def number(kind: type = int, low: Optional[float] = None, high: Optional[float] 
             raise argparse.ArgumentTypeError(f'must be {wanted}, got {text!r}') from None
         too_low = low is not None and (value <= low if open_low else value < low)
         too_high = high is not None and (value >= high if open_high else value > high)
-        if too_low or too_high or value != value:  # value != value: NaN
+        if too_low or too_high or not math.isfinite(value):
             raise argparse.ArgumentTypeError(f'must be {wanted}, got {text}')
         return value
     return parse
@@ -59,10 +61,16 @@ def _writable_dir(folder: Path, what: str) -> None:
         raise argparse.ArgumentTypeError(f'{what}: the folder {folder} is not writable')
 
 
+def _non_empty(text: str) -> None:
+    if not text.strip():
+        raise argparse.ArgumentTypeError('an empty path')
+
+
 def output_file(text: str) -> str:
     """A file to write (``-``: stdout): not a folder, in an existing writable folder."""
     if text == '-':
         return text
+    _non_empty(text)
     path = Path(text)
     if path.is_dir():
         raise argparse.ArgumentTypeError(f'{text} is a folder, not a file')
@@ -74,6 +82,7 @@ def output_file(text: str) -> str:
 
 def output_dir(text: str) -> Path:
     """A folder to write into: an existing writable folder, or one that can be created."""
+    _non_empty(text)
     path = Path(text)
     if path.exists() and not path.is_dir():
         raise argparse.ArgumentTypeError(f'{text} is a file, not a folder')
@@ -94,3 +103,17 @@ def input_file(text: str) -> Path:
     if not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f'{text} is not readable')
     return path
+
+
+def key_value(text: str) -> str:
+    """One ``KEY=VALUE`` of ``--model-kwargs`` (timm's ``ParseKwargs`` reads VALUE as a Python literal, else as a
+    string): a keyword name, and a VALUE that opens a list, tuple or dict must be a complete literal."""
+    key, sep, value = text.partition('=')
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f'expected KEY=VALUE with a keyword name as KEY, got {text!r}')
+    if value.strip()[:1] in ('[', '(', '{'):
+        try:
+            ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            raise argparse.ArgumentTypeError(f'{key}: {value!r} is not a complete Python literal') from None
+    return text

@@ -1,6 +1,7 @@
 """``timm-pf bench``: each model next to its baseline (params, MACs, latency, memory) on this machine."""
 import argparse
 import fnmatch
+import os
 import sys
 from typing import List, Optional, Sequence
 
@@ -22,6 +23,10 @@ def _write(text: str, path: str) -> None:
             f.write(text)
 
 
+def _same_output(path: str, other: str) -> bool:
+    return path == other if '-' in (path, other) else os.path.realpath(path) == os.path.realpath(other)
+
+
 def _plan(args: argparse.Namespace):
     """(jobs, pairs) for the request; raises BenchInputError for a bad one."""
     import timm
@@ -29,6 +34,15 @@ def _plan(args: argparse.Namespace):
         DEFAULT_BATCH_SIZES, HEADLINE_MODELS, SCALING_PAIRS, SCALING_SIZES, SPEED_TARGETS, BenchInputError, Setting,
         resolve_models, target_settings)
     patterns = _split(args.models)
+    if args.models is not None and not patterns:
+        raise BenchInputError('--models: no model name given')
+    outputs = [(flag, path) for flag, path in (('--csv', args.csv), ('--json', args.json),
+                                              ('--markdown', args.markdown), ('--plot', args.plot)) if path]
+    for i, (flag, path) in enumerate(outputs):
+        same = [other for other, other_path in outputs[i + 1:] if _same_output(path, other_path)]
+        if same:
+            where = 'stdout' if path == '-' else path
+            raise BenchInputError(f'{flag} and {same[0]} would both write to {where}: give each its own file')
     if args.preset == 'targets':
         if args.batch_sizes or args.img_size is not None or args.train:
             raise BenchInputError('--preset targets fixes the settings: drop --batch-sizes, --img-size and --train')

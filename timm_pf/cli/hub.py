@@ -5,7 +5,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from ._args import input_file, number, output_dir, positive_int
+from ._args import input_file, key_value, number, output_dir, positive_int
 from ._errors import BadInput, Failure
 
 
@@ -24,7 +24,8 @@ def register(subparsers) -> None:
     convert.add_argument('--img-size', type=number(int, 8, 4096), default=None,
                          help="image size the weights were trained at (default: the tag's, or the train.py "
                               "arguments in the checkpoint; required for other checkpoints converted without a tag)")
-    convert.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+    convert.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, type=key_value,
+                         metavar='KEY=VALUE',
                          help="the model's kwargs as in timm's train.py, e.g. 'layers=[1,1,1,1]' stem_width=16")
     convert.set_defaults(func=run_convert)
 

@@ -20,7 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from timm.utils import ParseKwargs
 
 from ._args import (
-    device, input_file, non_negative_float, non_negative_int, output_dir, output_file, positive_float, positive_int,
+    device, input_file, key_value, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
+    positive_int,
 )
 from ._errors import BadInput
 
@@ -75,7 +76,7 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument('--pretrained', action='store_true', help='load the model\'s pretrained weights')
     parser.add_argument('--checkpoint', type=input_file, default=None,
                         help='weights to load (.safetensors, or .pth read weights-only)')
-    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs,
+    parser.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, type=key_value,
                         help='extra model arguments as key=value, e.g. img_size=32 num_classes=10')
     parser.add_argument('--device', type=device, default='cuda' if torch.cuda.is_available() else 'cpu',
                         help='cpu or cuda[:N] (default: cuda if available)')

@@ -63,10 +63,15 @@ def export_digits(
     """Write digits as PNGs in the image-folder layout ``root/{train,validation}/<class>/<index>.png``.
 
     That layout is what timm's ``train.py`` (``--train-split train --val-split validation``) and
-    ``validate.py`` read. Returns ``root``.
+    ``validate.py`` read. Returns ``root``. Raises FileExistsError when ``root`` already has a split folder:
+    images of another split seed or size would mix with the new ones.
     """
     from PIL import Image
     root = Path(root)
+    existing = [split for split in ('train', 'validation') if (root / split).exists()]
+    if existing:
+        raise FileExistsError(f'{root} already has {" and ".join(f"{s}/" for s in existing)}: write the digits to a '
+                              f'new folder, or remove {"them" if len(existing) > 1 else "it"} first')
     x_tr, y_tr, x_va, y_va = digits_split(val_fraction, seed)
     for split, images, labels in (('train', x_tr, y_tr), ('validation', x_va, y_va)):
         pixels = (_upscale(images, img_size).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()

@@ -97,6 +97,11 @@ def test_bad_inputs_get_clear_errors():
         model(torch.randn(1, 3, 160, 160))
     with pytest.raises(ValueError, match='smaller than the patch size'):
         _tiny_pit(dynamic_img_size=True)(torch.randn(1, 3, 8, 64))
+    with pytest.raises(ValueError, match='input size 8x8 is smaller than the patch size'):
+        model(torch.randn(1, 3, 8, 8))
+    for img_size in (1, 0, -5):
+        with pytest.raises(ValueError, match=f'img_size {img_size}x{img_size} is smaller than the patch size'):
+            _tiny_pit(img_size=img_size)
 
 
 # --- official weights ----------------------------------------------------------------------------------

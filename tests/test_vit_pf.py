@@ -237,6 +237,13 @@ def test_bad_inputs_get_clear_errors():
         dynamic(torch.randn(1, 3, 72, 64))
     with pytest.raises(ValueError, match='attn_mask'):
         model(torch.randn(1, 3, 224, 224), attn_mask=torch.ones(196, 196, dtype=torch.bool))
+    # below one patch the error says so, instead of advising an img_size that cannot be built
+    with pytest.raises(ValueError, match='input size 8x8 is smaller than the patch size 16x16'):
+        model(torch.randn(1, 3, 8, 8))
+    with pytest.raises(ValueError, match='img_size 8x8 is smaller than the patch size 16x16'):
+        _tiny_vit(img_size=8)
+    padded = _tiny_vit(dynamic_img_size=True, dynamic_img_pad=True).eval()
+    assert padded(torch.randn(1, 3, 8, 8)).shape == (1, padded.num_classes)
 
 
 # --- official weights ----------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import Mlp
+from timm.layers import Mlp, to_2tuple
 from timm.models.vision_transformer import Block
 
 from ..layers.token_mixers import SPATIAL_OPS, EfficientTokenMixer, GridAttention, InPlaceActivation, resolve_activation
@@ -18,7 +18,8 @@ from ._cfg import PF_LAYERS_PAPER, generate_pf_cfgs
 from ._pretrained import build_pf_model
 
 __all__ = [
-    'pf_transformer_cfgs', 'create_pf_transformer', 'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block', 'check_image_batch',
+    'pf_transformer_cfgs', 'create_pf_transformer', 'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block',
+    'check_image_batch', 'check_img_size',
     'reject_masks',
     'convert_block_keys',
 ]
@@ -129,6 +130,15 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
     if x.ndim != 4 or x.shape[1] != in_chans:
         raise ValueError(f'expected a batch of {in_chans}-channel images (B, {in_chans}, H, W), '
                          f'got shape {tuple(x.shape)}')
+
+
+def check_img_size(img_size: Any, patch_size: Any) -> None:
+    """At construction: at least one patch per side (timm's own layers fail later, on a negative grid)."""
+    if img_size is None:
+        return
+    (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
+    if h < ph or w < pw:
+        raise ValueError(f'img_size {h}x{w} is smaller than the patch size {ph}x{pw}')
 
 
 def reject_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:

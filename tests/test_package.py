@@ -187,3 +187,15 @@ def test_checkout_data_is_the_top_level_folders():
         assert data_dir(name).samefile(REPO / name)
     with pytest.raises(ValueError, match="no data folder 'cards'"):
         data_dir('cards')
+
+
+def test_every_extra_the_docs_and_messages_name_is_declared():
+    """``pip install 'timm-pf[name]'`` in the README or in an error message must name an extra of pyproject.toml."""
+    import re
+    tomllib = pytest.importorskip('tomllib', reason='Python 3.11+ reads pyproject.toml with tomllib')
+    extras = set(tomllib.loads((REPO / 'pyproject.toml').read_text())['project']['optional-dependencies'])
+    texts = [REPO / 'README.md', *(REPO / 'timm_pf').rglob('*.py')]
+    named = {m for p in texts for m in re.findall(r"timm-pf\[([\w,]+)\]", p.read_text(encoding='utf-8'))}
+    named = {e for m in named for e in m.split(',')}
+    assert {'digits', 'onnx', 'plot', 'kernels'} <= named
+    assert named <= extras, named - extras

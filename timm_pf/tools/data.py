@@ -20,7 +20,7 @@ def digits_split(val_fraction: float = 0.2, seed: int = 0) -> Tuple[np.ndarray, 
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as e:  # pragma: no cover - depends on the environment
-        raise ImportError('the digits dataset needs scikit-learn: pip install scikit-learn') from e
+        raise ImportError("the digits dataset needs scikit-learn: pip install 'timm-pf[digits]'") from e
     digits = load_digits()
     images = digits.images.astype(np.float32) / 16.0
     x_tr, x_va, y_tr, y_va = train_test_split(

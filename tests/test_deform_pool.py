@@ -279,13 +279,16 @@ def test_composed_sampling_points_of_two_blocks():
     torch.testing.assert_close(predicted[:, 1], regular[:, 1] + 0.5)
 
 
-def test_deform_points_cli_writes_png(tmp_path):
+def test_deform_points_cli_writes_png(tmp_path, capsys):
     pytest.importorskip('matplotlib', reason='the picture needs matplotlib')
     from timm_pf.cli import main
     out = tmp_path / 'points.png'
     assert main(['deform-points', '--img-size', '64', '--init-std', '0.02', '--output', str(out)]) == 0
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
     assert main(['deform-points', '--img-size', '64', '--blocks', 'layer9.spatial', '--output', str(out)]) == 2
+    for blocks in (['layer4.2.spatial', 'layer4.1.spatial'], ['layer4.1.spatial', 'layer4.1.spatial']):
+        assert main(['deform-points', '--img-size', '64', '--blocks', *blocks, '--output', str(out)]) == 2
+        assert 'in model order' in capsys.readouterr().err
 
 
 def test_deform_points_cli_loads_checkpoints_strictly(tmp_path, capsys):

@@ -133,6 +133,9 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
     unknown = [n for n in names if n not in pools]
     if unknown:
         raise BadInput(f'no deformable pool named {", ".join(unknown)}; choose from {", ".join(pools)}')
+    order = list(pools)
+    if [order.index(n) for n in names] != sorted({order.index(n) for n in names}):
+        raise BadInput(f'--blocks must name each pool once, in model order (first to last): {", ".join(names)}')
     if any(pools[n].pool.stride != (1, 1) for n in names):
         raise BadInput('the chosen pools must have stride 1')
 

@@ -1,5 +1,6 @@
 """Every ``timm-pf`` command exits 2 (bad input) or 1 (a failure outside the user's control) with one line that
 names the problem, never a traceback; bad values and output paths are refused before any work starts."""
+import os
 import sys
 
 import pytest
@@ -88,6 +89,15 @@ def test_bad_output_paths_exit_2_before_any_work(argv, tmp_path, monkeypatch, ca
     assert _exit_code(argv) == 2
     line = _one_error_line(capsys)
     assert any(p in line for p in ('a_file', 'a_folder', 'no_folder')), line
+
+
+@pytest.mark.skipif(not os.path.isdir('/proc'), reason='needs /proc')
+@pytest.mark.parametrize('argv', [['bench', '--models', 'resnet18', '--markdown', '/proc/x.md'], ['digits', '/proc/x']])
+def test_folders_that_take_no_files_are_refused_even_for_root(argv, monkeypatch, capsys):
+    """/proc passes the permission-bit check as root, but no file can be created there."""
+    monkeypatch.setattr('timm_pf.tools.bench.run_benchmark', lambda *a, **k: pytest.fail('measured'))
+    assert _exit_code(argv) == 2
+    assert 'the folder /proc is not writable' in _one_error_line(capsys)
 
 
 def test_digits_refuses_a_folder_that_has_a_split(tmp_path, capsys):

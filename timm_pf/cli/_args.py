@@ -4,6 +4,7 @@ import argparse
 import ast
 import math
 import os
+import tempfile
 from pathlib import Path
 from typing import Callable, Optional, Union
 
@@ -55,10 +56,15 @@ def device(text: str) -> str:
 
 
 def _writable_dir(folder: Path, what: str) -> None:
+    """``folder`` takes new files: a file is created there and removed (permission bits alone miss read-only and
+    special file systems)."""
     if not folder.is_dir():
         raise argparse.ArgumentTypeError(f'{what}: {folder} is not a folder')
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise argparse.ArgumentTypeError(f'{what}: the folder {folder} is not writable')
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError:
+        raise argparse.ArgumentTypeError(f'{what}: the folder {folder} is not writable') from None
 
 
 def _non_empty(text: str) -> None:

@@ -19,7 +19,7 @@ from ._pretrained import build_pf_model
 
 __all__ = [
     'pf_transformer_cfgs', 'create_pf_transformer', 'EFFICIENT_BLOCK_PATTERNS', 'check_mixer_args', 'pf_block',
-    'check_image_batch', 'check_img_size',
+    'check_image_batch', 'check_covers_patch',
     'reject_masks',
     'convert_block_keys',
 ]
@@ -132,13 +132,14 @@ def check_image_batch(x: torch.Tensor, in_chans: int) -> None:
                          f'got shape {tuple(x.shape)}')
 
 
-def check_img_size(img_size: Any, patch_size: Any) -> None:
-    """At construction: at least one patch per side (timm's own layers fail later, on a negative grid)."""
-    if img_size is None:
+def check_covers_patch(size: Any, patch_size: Any, what: str) -> None:
+    """``size`` (an int or ``(H, W)``; None: not fixed) holds at least one patch per side, else a ValueError that
+    names ``what``: an input, or ``img_size`` at construction (timm's layers would fail later, on a negative grid)."""
+    if size is None:
         return
-    (h, w), (ph, pw) = to_2tuple(img_size), to_2tuple(patch_size)
+    (h, w), (ph, pw) = to_2tuple(size), to_2tuple(patch_size)
     if h < ph or w < pw:
-        raise ValueError(f'img_size {h}x{w} is smaller than the patch size {ph}x{pw}')
+        raise ValueError(f'{what} {h}x{w} is smaller than the patch size {ph}x{pw}')
 
 
 def reject_masks(attn_mask: Optional[torch.Tensor], is_causal: bool) -> None:

@@ -27,7 +27,7 @@ from timm.models.pit import ConvEmbedding
 from ..layers.token_mixers import Conv2dNhwc, EfficientTokenMixer
 from ._checkpoint import check_matches_model, unwrap_checkpoint
 from ._pf_transformer import (
-    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_img_size, check_mixer_args, convert_block_keys,
+    EFFICIENT_BLOCK_PATTERNS, check_covers_patch, check_image_batch, check_mixer_args, convert_block_keys,
     create_pf_transformer, pf_block, pf_transformer_cfgs,
 )
 from .._private import feature_take_indices
@@ -46,9 +46,7 @@ def _check_input(
     """``x``, after checking it."""
     check_image_batch(x, in_chans)
     H, W = x.shape[-2:]
-    ph, pw = patch_size
-    if H < ph or W < pw:
-        raise ValueError(f'input size {H}x{W} is smaller than the patch size {ph}x{pw}')
+    check_covers_patch((H, W), patch_size, 'input size')
     if not dynamic_img_size and (H, W) != tuple(img_size):
         raise ValueError(
             f'input size {H}x{W} does not match the model ({img_size[0]}x{img_size[1]}): '
@@ -165,7 +163,7 @@ class PfPoolingVisionTransformer(nn.Module):
             raise ValueError(f"global_pool must be 'avg', 'max', 'avgmax' or '' (there is no class token), "
                              f"got {global_pool!r}")
         check_mixer_args(token_mixer, efficient_blocks, mixer_act_layer)
-        check_img_size(img_size, patch_size)
+        check_covers_patch(img_size, patch_size, 'img_size')
         dd = {'device': device, 'dtype': dtype}
         dims = [b * h for b, h in zip(base_dims, heads)]
         self.num_classes = num_classes

@@ -30,7 +30,7 @@ from timm.models.vision_transformer import VisionTransformer
 from ..layers.token_mixers import EfficientTokenMixer, GridAttention
 from ._checkpoint import check_matches_model, unwrap_checkpoint
 from ._pf_transformer import (
-    EFFICIENT_BLOCK_PATTERNS, check_image_batch, check_img_size, check_mixer_args, convert_block_keys,
+    EFFICIENT_BLOCK_PATTERNS, check_covers_patch, check_image_batch, check_mixer_args, convert_block_keys,
     create_pf_transformer, pf_block, pf_transformer_cfgs, reject_masks,
 )
 
@@ -56,15 +56,15 @@ def _check_input(
     reject_masks(attn_mask, is_causal)
     check_image_batch(x, in_chans)
     H, W = x.shape[-2:]
-    ph, pw = patch_size
-    if (H < ph or W < pw) and not dynamic_img_pad:
-        raise ValueError(f'input size {H}x{W} is smaller than the patch size {ph}x{pw}')
+    if not dynamic_img_pad:
+        check_covers_patch((H, W), patch_size, 'input size')
     if not dynamic_img_size:
         if (H, W) != tuple(img_size):
             raise ValueError(
                 f'input size {H}x{W} does not match the model ({img_size[0]}x{img_size[1]}): '
                 f'create it with img_size=({H}, {W}) or dynamic_img_size=True')
     elif not dynamic_img_pad:
+        ph, pw = patch_size
         if H % ph or W % pw:
             raise ValueError(f'input size {H}x{W} is not divisible by the patch size {ph}x{pw} '
                              f'(or create the model with dynamic_img_pad=True)')
@@ -113,7 +113,7 @@ class PfVisionTransformer(VisionTransformer):
             raise ValueError(f"global_pool must be 'avg', 'max', 'avgmax' or '' (there is no class token), "
                              f"got {global_pool!r}")
         check_mixer_args(token_mixer, efficient_blocks, mixer_act_layer)
-        check_img_size(img_size, patch_size)
+        check_covers_patch(img_size, patch_size, 'img_size')
         mixer_layer = partial(
             EfficientTokenMixer,
             spatial=token_mixer,

@@ -3,7 +3,7 @@ import argparse
 import fnmatch
 import os
 import sys
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from ._args import output_file, positive_float
 
@@ -23,10 +23,6 @@ def _write(text: str, path: str) -> None:
             f.write(text)
 
 
-def _same_output(path: str, other: str) -> bool:
-    return path == other if '-' in (path, other) else os.path.realpath(path) == os.path.realpath(other)
-
-
 def _plan(args: argparse.Namespace):
     """(jobs, pairs) for the request; raises BenchInputError for a bad one."""
     import timm
@@ -36,13 +32,15 @@ def _plan(args: argparse.Namespace):
     patterns = _split(args.models)
     if args.models is not None and not patterns:
         raise BenchInputError('--models: no model name given')
-    outputs = [(flag, path) for flag, path in (('--csv', args.csv), ('--json', args.json),
-                                              ('--markdown', args.markdown), ('--plot', args.plot)) if path]
-    for i, (flag, path) in enumerate(outputs):
-        same = [other for other, other_path in outputs[i + 1:] if _same_output(path, other_path)]
-        if same:
-            where = 'stdout' if path == '-' else path
-            raise BenchInputError(f'{flag} and {same[0]} would both write to {where}: give each its own file')
+    writers: Dict[str, str] = {}  # 'stdout' or the real path -> the first flag writing there
+    for flag, path in (('--csv', args.csv), ('--json', args.json), ('--markdown', args.markdown),
+                       ('--plot', args.plot)):
+        if path:
+            where = 'stdout' if path == '-' else os.path.realpath(path)
+            if where in writers:
+                raise BenchInputError(f'{writers[where]} and {flag} would both write to '
+                                      f'{"stdout" if path == "-" else path}: give each its own file')
+            writers[where] = flag
     if args.preset == 'targets':
         if args.batch_sizes or args.img_size is not None or args.train:
             raise BenchInputError('--preset targets fixes the settings: drop --batch-sizes, --img-size and --train')

@@ -158,6 +158,74 @@ def test_unsupported_model_and_bad_spans_give_clear_errors():
         rba.fit_spans(resnet, [(4, 5), ('layer3.0', 'layer3.1'), (2, 3), (2, 3)], x)
 
 
+def _tiny_vit(**kwargs) -> nn.Module:
+    args = dict(img_size=32, patch_size=8, depth=6, embed_dim=32, num_heads=2)
+    return timm.create_model('vit_tiny_patch16_224', **{**args, **kwargs}).eval()
+
+
+def test_bad_arguments_of_the_python_api_are_named():
+    model, images = _tiny_vit(), [torch.randn(4, 3, 32, 32)]
+    with pytest.raises(rba.RbaError, match='max_images must be None or a whole number >= 1, got -5'):
+        rba.analyze(model, images, max_images=-5)
+    for ridge in (-1, float('nan'), float('inf')):
+        with pytest.raises(rba.RbaError, match='ridge must be a finite number >= 0'):
+            rba.approximate(model, [(1, 3)], images, ridge=ridge)
+    with pytest.raises(rba.RbaError, match=r'a span is a \(source, target\) pair of blocks, got 1'):
+        rba.approximate(model, (1, 3), images)
+    with pytest.raises(rba.RbaError, match='not one tensor'):
+        rba.analyze(model, images[0])
+    nan_images = [torch.full((2, 3, 32, 32), float('nan'))]
+    with pytest.raises(rba.RbaError, match='NaN or Inf'):
+        rba.analyze(model, nan_images)
+    with pytest.raises(rba.RbaError, match='NaN or Inf'):
+        rba.approximate(model, [(1, 3)], nan_images)
+    report = rba.analyze(model, images)
+    assert len(report.spans(max_blocks=1)) == 5 and len(report.spans()) == 15
+    with pytest.raises(rba.RbaError, match='max_blocks must be None or >= 1, got 0'):
+        report.table(max_blocks=0)
+    with pytest.raises(rba.RbaError, match='top must be None or >= 0, got -1'):
+        report.table(top=-1)
+
+
+def test_non_finite_block_outputs_are_named():
+    model, images = _tiny_vit(), [torch.randn(4, 3, 32, 32)]
+    with torch.no_grad():
+        model.blocks[2].mlp.fc2.bias.fill_(float('inf'))
+    with pytest.raises(rba.RbaError, match='NaN or Inf'):
+        rba.analyze(model, images)
+    with pytest.raises(rba.RbaError, match='NaN or Inf'):
+        rba.approximate(model, [(2, 4)], images)
+
+
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_maps_take_the_dtype_of_the_model(dtype):
+    model = _tiny_vit().to(dtype)
+    images = torch.randn(8, 3, 32, 32, dtype=dtype)
+    approx = rba.approximate(model, [(1, 3)], [images])
+    assert approx.blocks[3].weight.dtype == dtype
+    assert approx(images[:2]).dtype == dtype
+
+
+def test_approximating_again_refuses_spans_that_overlap_the_earlier_ones():
+    model, images = _tiny_vit(), [torch.randn(8, 3, 32, 32)]
+    approx = rba.approximate(model, [(1, 3)], images)
+    for span in [(0, 2), (2, 4), (0, 4), (1, 3)]:
+        with pytest.raises(rba.RbaError, match=r'already replaced in this model\) overlap'):
+            rba.approximate(approx, [span], images)
+    again = rba.approximate(approx, [(3, 5)], images)  # sharing the end block 3 is allowed
+    assert [(s['source'], s['target']) for s in again.rba_spans] == [('blocks.1', 'blocks.3'), ('blocks.3', 'blocks.5')]
+    # the identities left by the first span pass their input on: no span starts or ends there
+    report = rba.analyze(approx, images)
+    assert report.notes['removed_blocks'] == ['blocks.2']
+    assert all('blocks.2' not in (r['source'], r['target']) for r in report.spans())
+    assert math.isnan(report.metrics['br'][2][3]) and not math.isnan(report.metrics['br'][1][3])
+
+
+def test_a_trunk_of_one_block_is_named():
+    with pytest.raises(rba.RbaError, match=r'one block per nn.Sequential \(blocks\)'):
+        rba.find_blocks(_tiny_vit(depth=1))
+
+
 def test_block_outputs_equal_vit_forward_intermediates():
     torch.manual_seed(0)
     model = timm.create_model('vit_tiny_patch16_224', **TINY_VIT).eval()
@@ -436,3 +504,93 @@ def test_cli_apply_then_evaluate(saved_vit, digits_folder, tmp_path, capsys):
     assert rows['rba']['probe_top1'] >= rows['original']['probe_top1'] - 3.0
     assert cli_main(['rba', 'evaluate', '--model', saved_vit, '--data-dir', str(digits_folder), '--span', '3']) == 2
     assert 'bad --span' in capsys.readouterr().err
+
+
+def test_cli_apply_refuses_an_output_folder_that_holds_a_model(saved_vit, digits_folder, tmp_path, capsys):
+    source = saved_vit[len('local-dir:'):]
+    for output in (source, str(tmp_path)):
+        if output == str(tmp_path):
+            (tmp_path / 'config.json').write_text('{}')
+        rc = cli_main(['rba', 'apply', '--model', saved_vit, '--data-dir', str(digits_folder), '--num-images', '8',
+                       '--span', '1:3', '--output', output])
+        assert rc == 2
+        assert 'already holds' in capsys.readouterr().err
+    assert json.loads((tmp_path / 'config.json').read_text()) == {}
+    assert json.loads(open(f'{source}/config.json').read())['architecture'] == 'vit_tiny_patch16_224'
+
+
+def test_cli_analyze_refuses_a_folder_with_earlier_results(saved_vit, digits_folder, tmp_path, capsys):
+    (tmp_path / 'rba_heatmap.png').write_bytes(b'old')
+    rc = cli_main(['rba', 'analyze', '--model', saved_vit, '--data-dir', str(digits_folder), '--num-images', '8',
+                   '--no-plot', '--output', str(tmp_path)])
+    assert rc == 2
+    assert 'already holds rba_heatmap.png' in capsys.readouterr().err
+    assert not (tmp_path / 'rba_metrics.json').exists()
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and 'Traceback' not in err
+    return err
+
+
+def test_cli_checkpoints_and_folders_that_do_not_fit_or_are_corrupted_exit_2(saved_vit, digits_folder, tmp_path,
+                                                                             capsys):
+    source = saved_vit[len('local-dir:'):]
+    common = ['--data-dir', str(digits_folder), '--num-images', '8', '--no-plot', '--output', str(tmp_path / 'out')]
+    weights = f'{source}/model.safetensors'
+    assert cli_main(['rba', 'analyze', '--model', 'vit_tiny_patch16_224', '--checkpoint', weights, *common]) == 2
+    err = _one_line_error(capsys)
+    assert 'does not fit vit_tiny_patch16_224' in err and 'shape mismatches (' in err and len(err) < 1500
+
+    corrupted = tmp_path / 'corrupted'
+    corrupted.mkdir()
+    (corrupted / 'config.json').write_text(open(f'{source}/config.json').read())
+    (corrupted / 'model.safetensors').write_bytes(open(weights, 'rb').read()[:1000])
+    assert cli_main(['rba', 'analyze', '--model', f'local-dir:{corrupted}', *common]) == 2
+    assert f'cannot read checkpoint {corrupted}/model.safetensors' in _one_line_error(capsys)
+    assert cli_main(['rba', 'analyze', '--model', 'vit_tiny_patch16_224', '--model-kwargs',
+                     *(f'{k}={v}' for k, v in TINY_VIT.items()), '--checkpoint', str(corrupted / 'model.safetensors'),
+                     *common]) == 2
+    assert 'cannot read checkpoint' in _one_line_error(capsys)
+
+    (corrupted / 'config.json').write_text('{')
+    (corrupted / 'model.safetensors').write_bytes(open(weights, 'rb').read())
+    assert cli_main(['rba', 'analyze', '--model', f'local-dir:{corrupted}', *common]) == 2
+    assert 'config.json cannot be read as JSON' in _one_line_error(capsys)
+
+    other = tmp_path / 'other'  # a folder whose weights belong to a smaller model than its config.json describes
+    save_for_hf(timm.create_model('vit_tiny_patch16_224', **dict(TINY_VIT, depth=2)), other, safe_serialization=True)
+    config = json.loads(open(f'{source}/config.json').read())
+    (other / 'config.json').write_text(json.dumps(config))
+    assert cli_main(['rba', 'analyze', '--model', f'local-dir:{other}', *common]) == 2
+    assert f'{other}/model.safetensors does not fit the model' in _one_line_error(capsys)
+
+
+def test_cli_evaluate_checks_the_rba_model_against_the_model(saved_vit, digits_folder, tmp_path, capsys):
+    approx_dir = tmp_path / 'approx'
+    assert cli_main(['rba', 'apply', '--model', saved_vit, '--data-dir', str(digits_folder), '--num-images', '64',
+                     '--span', '1:3', '--output', str(approx_dir)]) == 0
+    common = ['--data-dir', str(digits_folder), '--probe-images', '32']
+    assert cli_main(['rba', 'evaluate', '--model', saved_vit, *common,
+                     '--rba-model', saved_vit[len('local-dir:'):]]) == 2
+    assert 'not a model written by "rba apply"' in _one_line_error(capsys)
+    untrained = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', *(f'{k}={v}' for k, v in TINY_VIT.items())]
+    assert cli_main(['rba', 'evaluate', *untrained, *common, '--rba-model', str(approx_dir)]) == 2
+    assert 'was not made from this --model' in _one_line_error(capsys)
+
+
+def test_cli_input_the_data_cannot_feed_exits_2(digits_folder, tmp_path, capsys):
+    tiny = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', *(f'{k}={v}' for k, v in TINY_VIT.items())]
+    common = ['--num-images', '8', '--no-plot', '--output', str(tmp_path / 'out')]
+    assert cli_main(['rba', 'analyze', *tiny, 'in_chans=1', '--data-dir', str(digits_folder), *common]) == 2
+    assert 'takes 1-channel images' in _one_line_error(capsys)
+    (tmp_path / 'empty' / 'train').mkdir(parents=True)
+    assert cli_main(['rba', 'analyze', *tiny, '--data-dir', str(tmp_path / 'empty'), *common]) == 2
+    assert 'Found 0 images' in _one_line_error(capsys)
+
+
+def test_cli_unknown_model_suggests_the_closest_names(digits_folder, tmp_path, capsys):
+    assert cli_main(['rba', 'analyze', '--model', 'ours_r50_hybrd', '--data-dir', str(digits_folder),
+                     '--output', str(tmp_path)]) == 2
+    assert 'did you mean ours_r50_hybrid' in _one_line_error(capsys)

@@ -43,7 +43,8 @@ def register(subparsers) -> None:
     analyze.add_argument('--max-blocks', type=positive_int, default=None,
                          help='list only spans replacing at most this many blocks')
     analyze.add_argument('--output', type=output_dir, default='rba_analysis',
-                         help='folder for rba_metrics.json, rba_spans.md and rba_heatmap.png')
+                         help='folder for rba_metrics.json, rba_spans.md and rba_heatmap.png (it must not hold '
+                              'them already)')
     analyze.add_argument('--no-plot', action='store_true', help='skip the heatmap (no matplotlib needed)')
     analyze.set_defaults(func=run_analyze)
 
@@ -52,7 +53,8 @@ def register(subparsers) -> None:
     _add_data_args(apply, images_help='images of --split to fit the maps on')
     _add_fit_args(apply)
     apply.add_argument('--output', type=output_dir, required=True,
-                       help='folder for model.safetensors + config.json (timm.create_model("local-dir:<folder>"))')
+                       help='folder for model.safetensors + config.json (timm.create_model("local-dir:<folder>")); '
+                            'it must not hold them already')
     apply.set_defaults(func=run_apply)
 
     evaluate = commands.add_parser('evaluate', help='top-1 before/after with the model head and a linear probe')
@@ -95,7 +97,8 @@ def _add_data_args(parser: argparse.ArgumentParser, images_help: str) -> None:
 
 def _add_fit_args(parser: argparse.ArgumentParser, required: bool = True) -> None:
     parser.add_argument('--span', action='append', required=required, default=[],
-                        help='i:j, blocks by index or name (repeat for several spans)')
+                        help='i:j, blocks by index or name (repeat for several spans); a negative index counts '
+                             'from the end: --span=-3:-1')
     parser.add_argument('--bias', action='store_true', help='fit a bias as well (the paper\'s map has none)')
     parser.add_argument('--ridge', type=non_negative_float, default=0.0,
                         help='ridge strength, relative to the mean feature energy (default 0: plain least squares)')
@@ -106,9 +109,16 @@ def _create_model(args) -> nn.Module:
     from timm_pf.tools.hub import create_model
     # a local-dir:/hf-hub: source names saved weights: load them
     pretrained = args.pretrained or args.model.startswith(('local-dir:', 'hf-hub:'))
-    checkpoint = str(args.checkpoint) if args.checkpoint else None
-    model = create_model(args.model, pretrained=pretrained, checkpoint_path=checkpoint, **args.model_kwargs)
+    model = create_model(args.model, pretrained=pretrained, checkpoint=args.checkpoint, **args.model_kwargs)
     return model.to(args.device).eval()
+
+
+def _check_fresh_output(folder: Path, names: Sequence[str]) -> None:
+    """Refuse an output folder that already holds files this command writes (an earlier run's, or the model
+    being read): nothing is overwritten or mixed with older results."""
+    present = [name for name in names if (folder / name).exists()]
+    if present:
+        raise FileExistsError(f'{folder} already holds {", ".join(present)}: choose another --output or remove them')
 
 
 def _data_config(model: nn.Module, args) -> Dict[str, Any]:
@@ -123,8 +133,17 @@ def _loader(model: nn.Module, args, split: str, num_images: Optional[int]) -> Tu
     root = args.data_dir / split
     if not root.is_dir():
         raise BadInput(f'no folder {root}: --data-dir must hold one image folder per split (--split/--val-split)')
+    first_conv = model.get_submodule(model.pretrained_cfg['first_conv']) \
+        if (getattr(model, 'pretrained_cfg', None) or {}).get('first_conv') else None
+    in_chans = getattr(first_conv, 'in_channels', 3)
+    if in_chans != 3:
+        raise BadInput(f'{args.model} takes {in_chans}-channel images and image folders are read as RGB: build it '
+                       f'with in_chans=3')
     config = _data_config(model, args)
-    dataset = create_dataset('', root=str(args.data_dir), split=split)
+    try:
+        dataset = create_dataset('', root=str(args.data_dir), split=split)
+    except RuntimeError as e:  # timm's folder reader finds no images
+        raise BadInput(f'{root}: {e}') from e
     dataset.transform = create_transform(**{k: v for k, v in config.items() if k in (
         'input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}, is_training=False)
     num_classes = len(getattr(dataset.reader, 'class_to_idx', {})) or None
@@ -155,11 +174,19 @@ def _fmt_stats_line(name: str, model: nn.Module, input_size) -> str:
     return f'{name:>10}: {count_params(model) / 1e6:8.3f} M params  {count_macs(model, input_size) / 1e6:10.2f} M MACs'
 
 
+_ANALYSIS_FILES = ('rba_metrics.json', 'rba_spans.md', 'rba_heatmap.png')
+
+
 def run_analyze(args) -> int:
-    from timm_pf.methods.rba import analyze
+    from timm_pf.methods.rba import METRICS, analyze
     metrics = [m.strip() for m in args.metrics.split(',') if m.strip()]
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise BadInput(f'unknown metrics {", ".join(unknown) or repr(args.metrics)}: --metrics is a comma-separated '
+                       f'subset of {",".join(METRICS)}')
     if args.rank_by not in metrics:
         raise BadInput(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
+    _check_fresh_output(args.output, _ANALYSIS_FILES)
     model = _create_model(args)
     loader, _ = _loader(model, args, args.split, args.num_images)
     report = analyze(model, loader, metrics=metrics, device=args.device)
@@ -183,12 +210,13 @@ def run_analyze(args) -> int:
 def run_apply(args) -> int:
     from timm_pf.methods.rba import approximate, save_rba
     spans = _parse_spans(args.span)
+    _check_fresh_output(args.output, ('model.safetensors', 'config.json'))
     model = _create_model(args)
     loader, _ = _loader(model, args, args.split, args.num_images)
     approx = approximate(model, spans, loader, bias=args.bias, ridge=args.ridge, per_token=args.per_token,
                          device=args.device)
     input_size = _input_size(model, args)
-    for spec in approx.rba_spans:
+    for spec in approx.rba_spans[-len(spans):]:  # the spans fitted now (a model approximated before has more)
         print(f'replaced the blocks after {spec["source"]} up to {spec["target"]} by a {spec["dim"]}x{spec["dim"]} '
               f'linear map' + (' per token' if spec['num_tokens'] else ''))
     print(_fmt_stats_line('original', model, input_size))
@@ -199,19 +227,38 @@ def run_apply(args) -> int:
     return 0
 
 
+def _load_rba_model(folder: Path, base: nn.Module) -> nn.Module:
+    """The model ``rba apply`` wrote to ``folder``, checked to be an approximation of ``base`` (the blocks it
+    keeps hold ``base``'s weights)."""
+    from timm_pf.tools.hub import load_folder_model
+    approx, _ = load_folder_model(folder)
+    if not getattr(approx, 'rba_spans', None):
+        raise BadInput(f'--rba-model {folder} holds {approx.pretrained_cfg.get("architecture")}, not a model '
+                       f'written by "rba apply"')
+    ours, theirs = base.state_dict(), approx.state_dict()
+    kept = [k for k in ours if k in theirs]
+    differing = [k for k in kept if ours[k].shape != theirs[k].shape or not torch.equal(ours[k].cpu(), theirs[k].cpu())]
+    if differing or not kept:
+        first = f' (first: {differing[0]})' if differing else ''
+        raise BadInput(f'--rba-model {folder} was not made from this --model: {len(differing)} of the {len(kept)} '
+                       f'weights they share differ{first}')
+    return approx
+
+
 def run_evaluate(args) -> int:
-    from timm_pf.methods.rba import approximate, evaluate_models, load_rba, skip_spans
+    from timm_pf.methods.rba import approximate, evaluate_models, skip_spans
     if bool(args.span) == bool(args.rba_model):
         raise BadInput('give either --span (fit the maps here) or --rba-model (a folder from "rba apply")')
     model = _create_model(args)
     if args.rba_model:
-        approx = load_rba(args.rba_model).to(args.device).eval()
-        spans = [(s['source'], s['target']) for s in approx.rba_spans]
+        approx = _load_rba_model(args.rba_model, model).to(args.device).eval()
     else:
-        spans = _parse_spans(args.span)
         fit_loader, _ = _loader(model, args, args.split, args.num_images)
-        approx = approximate(model, spans, fit_loader, bias=args.bias, ridge=args.ridge, per_token=args.per_token,
-                             device=args.device)
+        approx = approximate(model, _parse_spans(args.span), fit_loader, bias=args.bias, ridge=args.ridge,
+                             per_token=args.per_token, device=args.device)
+    spans = [(s['source'], s['target']) for s in approx.rba_spans]
+    if args.val_split == args.split:
+        print(f'note: the linear probes train on {args.split} and are measured on it too (--val-split)')
     models = {'original': model}
     if args.skip_baseline:
         models['skip'] = skip_spans(model, spans)

@@ -1,5 +1,6 @@
 """Our models and their pretrained tags in timm's registry: which architectures are ours, which tags have a
 repository in :data:`~timm_pf.models._cfg.HF_HUB_ORG`, and ``'model'`` / ``'model.tag'`` -> ``'model.tag'``."""
+import difflib
 from typing import List, Optional
 
 import timm
@@ -7,11 +8,20 @@ from timm.models import get_arch_pretrained_cfgs, model_entrypoint, split_model_
 
 from ._cfg import HF_HUB_ORG
 
-__all__ = ['UnknownTagError', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo']
+__all__ = [
+    'UnknownTagError', 'pf_model_names', 'pf_pretrained_tags', 'resolve_name_tag', 'is_pf_repo', 'did_you_mean',
+]
 
 
 class UnknownTagError(ValueError):
     """A name that is not one of our models, or a tag it does not have (the message lists what exists)."""
+
+
+def did_you_mean(name: str, candidates: Optional[List[str]] = None) -> str:
+    """`` (did you mean a, b?)`` with the names of ``candidates`` (default: every timm model) closest to
+    ``name``, or an empty string when none is close."""
+    close = difflib.get_close_matches(name, timm.list_models() if candidates is None else candidates, n=3, cutoff=0.6)
+    return f' (did you mean {", ".join(close)}?)' if close else ''
 
 
 def pf_model_names() -> List[str]:
@@ -33,13 +43,12 @@ def resolve_name_tag(name: str) -> str:
     """``'model'`` or ``'model.tag'`` of one of our models -> ``'model.tag'`` (the default tag if none given)."""
     arch, tag = split_model_name_tag(name)
     if not timm.is_model(arch) or not model_entrypoint(arch).__module__.startswith('timm_pf.'):
-        close = [n for n in pf_model_names() if n.split('_')[0] == arch.split('_')[0]]
-        hint = f' Similar: {", ".join(close)}.' if close else ' List them with `timm.list_models(module=...)`.'
-        raise UnknownTagError(f'{arch!r} is not a timm-pf model.{hint}')
+        raise UnknownTagError(f'{arch!r} is not a timm-pf model{did_you_mean(arch, pf_model_names())}')
     tags = [split_model_name_tag(n)[1] for n in pf_pretrained_tags([arch])]
     if not tags:
-        raise UnknownTagError(f'{arch} has no pretrained tag with a Hub repository: give it one in its default '
-                              f'cfgs (generate_pf_cfgs) first.')
+        raise UnknownTagError(f'{arch} has no pretrained tag with a {HF_HUB_ORG} Hub repository: weights of it go to '
+                              f'a repository of your own (save them with timm.models.save_for_hf(model, folder, '
+                              f'safe_serialization=True), then `timm-pf push FOLDER --repo-id ORG/NAME`).')
     if not tag:
         tag = tags[0]
     if tag not in tags:

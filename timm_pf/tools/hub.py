@@ -16,6 +16,7 @@ repository; both check that the weights load strictly and add a model card, and 
 the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
+import json
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -41,7 +42,9 @@ from ..models._checkpoint import (
 from ..models._pretrained import (
     CONFIG_NAME, WEIGHTS_NAME, PretrainedWeightsError, download_weights, fetch_file, hub_unreachable, sha256_file,
 )
-from ..models._registry import UnknownTagError, is_pf_repo, pf_model_names, pf_pretrained_tags, resolve_name_tag
+from ..models._registry import (
+    UnknownTagError, did_you_mean, is_pf_repo, pf_model_names, pf_pretrained_tags, resolve_name_tag,
+)
 from ..version import __version__
 
 __all__ = [
@@ -70,24 +73,56 @@ class HubRefusedError(RuntimeError):
 # ---------------------------------------------------------------------------------------------------------------
 # Models named by users
 
-def create_model(name: str, pretrained: bool = False, **kwargs) -> nn.Module:
+def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Union[str, Path]] = None,
+                 **kwargs) -> nn.Module:
     """``timm.create_model`` for names and kwargs a user typed, with named errors.
 
     An unknown name or kwargs the model refuses raise :class:`ModelArgsError`; for an ``hf-hub:`` name the
     ``config.json`` that timm reads first is fetched through :func:`fetch_file`, so a missing repository or
     revision, or the Hub offline, raise the :class:`PretrainedWeightsError` that ``name`` / ``name.tag`` give.
+    A ``local-dir:`` folder whose files are corrupted or whose weights do not fit the model it describes, and a
+    ``checkpoint`` (loaded strictly after building) that cannot be read or does not fit, raise
+    :class:`CheckpointError`.
     """
     if name.startswith('hf-hub:'):
         fetch_file(name[len('hf-hub:'):], CONFIG_NAME)  # cached; timm's own fetch then finds it
     elif not name.startswith('local-dir:') and not timm.is_model(name):
-        close = timm.list_models(f'*{split_model_name_tag(name)[0][:6]}*')[:5]
-        raise ModelArgsError(f'unknown model {name!r}' + (f' (similar: {", ".join(close)})' if close else ''))
+        raise ModelArgsError(f'unknown model {name!r}{did_you_mean(split_model_name_tag(name)[0])}')
     try:
-        return timm.create_model(name, pretrained=pretrained, **kwargs)
-    except (TypeError, ValueError, AssertionError) as e:
+        model = timm.create_model(name, pretrained=pretrained, **kwargs)
+    except Exception as e:
+        if name.startswith('local-dir:') and pretrained:
+            _check_local_dir(Path(name[len('local-dir:'):]), kwargs)
+        if not isinstance(e, (TypeError, ValueError, AssertionError)):
+            raise
         given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
         raise ModelArgsError(f'cannot build {name}' + (f' with {given}' if given else '') +
                              f': {type(e).__name__}: {e}') from e
+    if checkpoint is not None:
+        load_strict(model, read_checkpoint(checkpoint), f'checkpoint {checkpoint}')
+    return model
+
+
+def _check_local_dir(folder: Path, kwargs: Dict[str, Any]) -> None:
+    """Raise the :class:`CheckpointError` that explains why timm could not load a ``local-dir:`` folder: a
+    ``config.json`` that is not JSON, weights that cannot be read, or weights that do not fit the model."""
+    config = folder / CONFIG_NAME
+    try:
+        json.loads(config.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f'{config} cannot be read as JSON ({type(e).__name__}: {e}): not a folder timm '
+                              f'wrote, or a corrupted one') from e
+    weights = next((folder / f for f in (WEIGHTS_NAME, 'pytorch_model.bin') if (folder / f).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f'{folder} has no {WEIGHTS_NAME}')
+    state_dict = read_checkpoint(weights)  # a file that cannot be read raises here
+    try:
+        model = timm.create_model(f'local-dir:{folder}', pretrained=False, device='meta', **kwargs)
+    except Exception:  # the model args themselves are the problem: the caller reports them
+        return
+    mismatch = CheckpointMismatch.between(state_dict, model.state_dict())
+    if mismatch:
+        raise mismatch.error(f'{weights} does not fit the model {config} describes')
 
 
 # ---------------------------------------------------------------------------------------------------------------

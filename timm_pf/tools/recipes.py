@@ -14,7 +14,6 @@ Batch sizes are the papers' global batch: timm's ``--batch-size`` is per process
 of processes (and keep ``lr``) when training on several GPUs.
 """
 import argparse
-import difflib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ import timm
 import yaml
 
 from .._data import TRAIN_CONFIGS, data_dir
+from ..models._registry import did_you_mean
 
 __all__ = [
     'Recipe', 'RECIPES', 'FAMILY_RECIPES', 'MODEL_RECIPES', 'RecipeError', 'recipes_for', 'render_config',
@@ -236,9 +236,8 @@ def find_config(model: str, recipe: Optional[str] = None, config_dir: Path = CON
     """The shipped ``train.py`` config of ``model`` for ``recipe`` (default: the model's main recipe)."""
     configs = shipped_configs(config_dir)
     if model not in configs:
-        close = difflib.get_close_matches(model, configs, n=3, cutoff=0.6)
-        hint = f' (did you mean {", ".join(close)}?)' if close else ''
-        raise RecipeError(f'no training config for {model!r}{hint}; `timm-pf train-config --list` shows them')
+        raise RecipeError(f'no training config for {model!r}{did_you_mean(model, list(configs))}; '
+                          f'`timm-pf train-config --list` shows them')
     recipes = configs[model]
     if recipe is None:
         return next(iter(recipes.values()))

@@ -80,7 +80,11 @@ def find_blocks(model: nn.Module) -> List[BlockRef]:
             segments.setdefault(seg, info.get('num_chs'))
     blocks = [BlockRef(f'{seg}.{i}', seg, i, chs) for seg, chs in segments.items()
               for i in range(len(model.get_submodule(seg)))]
-    if not any(len(model.get_submodule(seg)) > 1 for seg in segments):
+    if segments and not any(len(model.get_submodule(seg)) > 1 for seg in segments):
+        raise RbaError(
+            f'{_model_name(model)} has one block per nn.Sequential ({", ".join(segments)}): a span replaces the '
+            f'blocks between two blocks of one nn.Sequential, so it needs at least two there')
+    if not segments:
         modules = [info['module'] for info in feature_info]
         parents = {type(model.get_submodule(m.rpartition('.')[0])).__name__ for m in modules if '.' in m}
         held = (f' (they sit in {", ".join(sorted(parents))}, which may pass extra arguments to each block)'
@@ -106,8 +110,9 @@ def _resolve_block(blocks: List[BlockRef], key: Union[int, str]) -> int:
 
 
 def _resolve_span(blocks: List[BlockRef], span: SpanArg) -> Tuple[int, int]:
-    if len(span) != 2:
-        raise RbaError(f'a span is (source, target) blocks, got {span!r}')
+    if isinstance(span, str) or not isinstance(span, Sequence) or len(span) != 2:
+        raise RbaError(f'a span is a (source, target) pair of blocks, got {span!r} (spans are a list of them, '
+                       f'e.g. [(1, 3)])')
     start, end = (_resolve_block(blocks, k) for k in span)
     if end <= start:
         raise RbaError(f'span {blocks[start].name} -> {blocks[end].name}: the target block must come after the source')
@@ -166,10 +171,18 @@ def _device(model: nn.Module, device) -> torch.device:
 
 
 def _iter_images(batches: Batches, max_images: Optional[int]):
-    """Yield (x, y) batches, truncated to ``max_images`` images in total."""
+    """Yield (x, y) batches, truncated to ``max_images`` images in total; each x must be finite."""
+    if max_images is not None and (isinstance(max_images, bool) or not isinstance(max_images, int) or max_images < 1):
+        raise RbaError(f'max_images must be None or a whole number >= 1, got {max_images!r}')
+    if isinstance(batches, torch.Tensor):
+        raise RbaError('batches are an iterable of batches (a DataLoader, or a list such as [images]), not one tensor')
     seen = 0
     for batch in batches:
         x, y = _split_batch(batch)
+        if not isinstance(x, torch.Tensor):
+            raise RbaError(f'a batch is images or (images, labels), got {type(x).__name__}')
+        if not torch.isfinite(x).all():
+            raise RbaError(f'a batch of images holds NaN or Inf (images {seen}..{seen + len(x) - 1})')
         if max_images is not None:
             x = x[:max_images - seen]
             y = None if y is None else y[:max_images - seen]

@@ -1,5 +1,6 @@
 """RBA: the closed-form least-squares fit of a linear map per span (Sec. 3), the approximated model, and
 its saved form (timm's Hub layout, rebuilt by the ``rba`` architecture of :mod:`timm_pf.models.rba`)."""
+import math
 from copy import deepcopy
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -50,6 +51,8 @@ class _FitStats:
         The ridge strength is relative to the mean feature energy, so one value means the same on any model.
         """
         xtx, xty = self.xtx.cpu(), self.xty.cpu()
+        if not (torch.isfinite(xtx).all() and torch.isfinite(xty).all()):
+            raise RbaError('the block outputs hold NaN or Inf (or overflow float64 sums): no map can be fitted')
         d = xty.shape[-1]
         if ridge:
             diag = xtx.diagonal(dim1=-2, dim2=-1)[..., :d]
@@ -75,20 +78,26 @@ def fit_spans(
     """Fit one linear map per span (source block i, target block j) in one pass over ``batches``.
 
     All maps are fitted on the original model's representations (the paper's protocol), so spans must not
-    overlap. Returns float32 modules with weights solved in float64.
+    overlap, nor overlap the spans an approximated ``model`` already replaces. Returns modules in the model's
+    floating-point dtype with weights solved in float64.
     """
+    if isinstance(ridge, bool) or not isinstance(ridge, (int, float)) or not 0 <= ridge < math.inf:
+        raise RbaError(f'ridge must be a finite number >= 0, got {ridge!r}')
     blocks = find_blocks(model)
     resolved = [_resolve_span(blocks, s) for s in spans]
     if not resolved:
         raise RbaError('no span to fit')
+    replaced = [_resolve_span(blocks, (spec['source'], spec['target'])) for spec in getattr(model, 'rba_spans', [])]
     for a, (i, j) in enumerate(resolved):
-        for k, l in resolved[a + 1:]:
+        for k, l in resolved[a + 1:] + replaced:
             if max(i, k) < min(j, l):  # the replaced blocks i+1..j and k+1..l intersect
+                already = ' (already replaced in this model)' if (k, l) in replaced else ''
                 raise RbaError(
-                    f'spans {blocks[i].name} -> {blocks[j].name} and {blocks[k].name} -> {blocks[l].name} overlap: '
-                    f'each map is fitted on the original model, so spans may share an end block but not replace the '
-                    f'same blocks')
+                    f'spans {blocks[i].name} -> {blocks[j].name} and {blocks[k].name} -> {blocks[l].name}{already} '
+                    f'overlap: each map is fitted on the original model, so spans may share an end block but not '
+                    f'replace the same blocks')
     dev = _device(model, device)
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
     stats = [_FitStats(bias, per_token) for _ in resolved]
     layouts: Dict[int, str] = {}
     was_training = model.training
@@ -121,7 +130,7 @@ def fit_spans(
             module.weight.copy_(weight.float())
             if b is not None:
                 module.bias.copy_(b.float())
-        modules.append(module.to(dev))
+        modules.append(module.to(dev, dtype))
     return modules
 
 

@@ -117,10 +117,12 @@ class RedundancyReport:
         """
         if rank_by not in self.metrics:
             raise RbaError(f'cannot rank by {rank_by!r}: this report has {", ".join(self.metrics)}')
+        if max_blocks is not None and max_blocks < 1:
+            raise RbaError(f'max_blocks must be None or >= 1, got {max_blocks}')
         rows = []
         for i in range(len(self.block_names)):
             for j in range(i + 1, len(self.block_names)):
-                if self.segments[i] != self.segments[j] or (max_blocks and j - i > max_blocks):
+                if self.segments[i] != self.segments[j] or (max_blocks is not None and j - i > max_blocks):
                     continue
                 values = {m: self.metrics[m][i][j] for m in self.metrics}
                 if math.isnan(values[rank_by]):
@@ -134,6 +136,8 @@ class RedundancyReport:
 
     def table(self, rank_by: str = 'br', top: Optional[int] = None, max_blocks: Optional[int] = None) -> str:
         """Markdown table of the ranked spans."""
+        if top is not None and top < 0:
+            raise RbaError(f'top must be None or >= 0, got {top}')
         rows = self.spans(rank_by, max_blocks)[:top]
         head = ['rank', 'span (i -> j)', 'blocks replaced', *self.metrics, 'params removed']
         lines = ['| ' + ' | '.join(head) + ' |', '|' + '---|' * len(head)]
@@ -246,6 +250,9 @@ def analyze(
                     groups = OrderedDict((s, _GroupStats(members, s[-1], want_gram)) for s, members in shapes.items())
                 for shape, group in groups.items():
                     z = torch.stack([tokens[i] for i in group.members], dim=2)  # (B, N, k, D)
+                    if not torch.isfinite(z).all():
+                        raise RbaError(f'outputs of blocks {", ".join(blocks[i].name for i in group.members)} hold '
+                                       f'NaN or Inf: their similarities are undefined')
                     if tuple(z.shape[1:2]) + tuple(z.shape[3:]) != shape:
                         raise RbaError(f'block outputs changed shape between batches ({shape} vs {tuple(z.shape)}): '
                                        f'use images of one size')
@@ -259,13 +266,16 @@ def analyze(
     n = len(blocks)
     mats = {m: [[float('nan')] * n for _ in range(n)] for m in metrics}
     dims = [0] * n
+    # blocks an earlier RBA replaced by identities pass their input on: no similarity of theirs means anything
+    removed = {i for i, ref in enumerate(blocks) if isinstance(model.get_submodule(ref.name), nn.Identity)}
     for group in groups.values():
         values = group.metrics(metrics)
         for a, i in enumerate(group.members):
             dims[i] = group.dim
             for b, j in enumerate(group.members):
-                for m in metrics:
-                    mats[m][i][j] = float(values[m][a, b])
+                if i not in removed and j not in removed:
+                    for m in metrics:
+                        mats[m][i][j] = float(values[m][a, b])
     block_params = [sum(p.numel() for p in model.get_submodule(b.name).parameters()) for b in blocks]
     return RedundancyReport(
         model_name=_model_name(model),
@@ -275,5 +285,6 @@ def analyze(
         block_dims=dims,
         num_images=num_images,
         metrics={m: mats[m] for m in metrics},
-        notes=dict(rows='every token (or feature-map pixel) of every image', layouts=sorted(set(layouts))),
+        notes=dict(rows='every token (or feature-map pixel) of every image', layouts=sorted(set(layouts)),
+                   **({'removed_blocks': [blocks[i].name for i in sorted(removed)]} if removed else {})),
     )

@@ -61,11 +61,8 @@ def _registered(name: str) -> bool:
 
 
 def _unknown_model_message(name: str) -> str:
-    import difflib
-    import timm
-    close = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-    hint = f' (did you mean {", ".join(close)}?)' if close else ''
-    return f'unknown model {name!r}: not registered with timm{hint}'
+    from timm_pf.models._registry import did_you_mean
+    return f'unknown model {name!r}: not registered with timm{did_you_mean(name)}'
 
 
 def resolve_models(patterns: Sequence[str]) -> List[Tuple[str, Optional[str]]]:

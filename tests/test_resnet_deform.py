@@ -41,6 +41,19 @@ def test_deformable_pools_replace_the_hybrid_max_pools(name):
     assert count_params(model) == count_params(hybrid) + predictor_params
 
 
+@pytest.mark.parametrize('name', DEFORM_MODELS)
+@pytest.mark.parametrize('zero_init_last', [True, False])
+def test_a_new_model_pools_on_the_regular_grid(name, zero_init_last):
+    """timm's ResNet init draws every conv from Kaiming; the offset predictors must stay at zero (§5.1), so a
+    new model pools where the hybrid's max/avg-pool does."""
+    model = timm.create_model(name, zero_init_last=zero_init_last)
+    pools = [m for m in model.modules() if isinstance(m, LearnedDeformPool2d)]
+    assert pools and all(not p.offset_conv.weight.any() and not p.offset_conv.bias.any() for p in pools)
+    x = torch.randn(1, 64, 9, 9)
+    offsets, masks = pools[0].predict_offsets(x)
+    assert not offsets.any() and torch.equal(masks, torch.full_like(masks, 0.5))
+
+
 def test_spatial_ops_registered():
     for op in ('deform_max', 'deform_avg'):
         module = SPATIAL_OPS[op](32, 1)

@@ -284,6 +284,15 @@ class PfResNet(ResNet):
         self.maxpool = PfMaxPool2d(3, stride=2)
         use_channels_last_kernels(self)
 
+    @torch.jit.ignore
+    def init_weights(self, zero_init_last: bool = True) -> None:
+        """timm's ResNet init (Kaiming for every conv), then the offset predictors of the deformable pools
+        back to zero (``LearnedDeformPool2d``): training starts from the regular pooling grid (§5.1)."""
+        super().init_weights(zero_init_last=zero_init_last)
+        for module in self.modules():
+            if isinstance(module, LearnedDeformPool2d):
+                module.reset_parameters()
+
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
             x = _prepare_input(x, self.in_chans, self.feature_info[-1]['reduction'], type(self).__name__)

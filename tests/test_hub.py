@@ -27,6 +27,7 @@ import timm_pf  # noqa: F401
 from timm_pf.cli import main as cli_main
 from timm_pf.tools.cards import CardError, weights_provenance
 from timm.models import save_for_hf
+from timm_pf.models._pretrained import sha256_file
 from timm_pf.tools.hub import WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, verify_folder
 
 ORGS = {'timm-pf': {'maintainer'}}
@@ -261,7 +262,7 @@ def test_unpublished_tag_says_what_is_missing(client, hub):
     assert unpublished
     result = client(client_pull, unpublished[0])
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
-    assert unpublished[0] in result[2] and 'timm-pf push' in result[2] and 'pretrained=False' in result[2]
+    assert unpublished[0] in result[2] and 'timm-pf push' in result[2] and 'without pretrained weights' in result[2]
 
 
 def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weights, tmp_path):
@@ -493,3 +494,74 @@ def test_convert_without_a_tag_describes_the_checkpoint(tmp_path, capsys):
         assert model.pretrained_cfg['input_size'] == (3, size, size) and not model.pretrained_cfg.get('notes')
     rc, out = convert(bare)  # no train.py arguments and no --img-size: nothing says what it was trained at
     assert rc == 2 and '--img-size' in capsys.readouterr().err and not out.exists()
+
+
+def test_push_of_a_checkpoint_for_another_class_count_is_refused(client, hub, weights, tmp_path):
+    """Converted on the way with --num-classes, the weights still have to fit ``create_model(tag)``."""
+    checkpoint = tmp_path / 'ten_classes.safetensors'
+    safetensors.torch.save_file(timm.create_model(weights['name_tag'], num_classes=10).state_dict(), str(checkpoint))
+    before = len(hub[1].requests)
+    rc, _, err = _push(client, checkpoint, weights['name_tag'], '--num-classes', '10', '--dry-run')
+    assert rc == 2 and 'does not fit' in err, err
+    assert len(hub[1].requests) == before
+
+
+def _listed_sha256(out: str, fname: str) -> str:
+    return next(line.split('sha256 ')[1].strip() for line in out.splitlines() if line.strip().startswith(fname))
+
+
+def test_push_uploads_the_tags_own_config(client, hub, weights, tmp_path):
+    """A folder's config.json (edited, or of another conversion) is not what name.tag builds: the tag's is pushed."""
+    plain = weights['folders']['plain']
+    folder = tmp_path / 'edited'
+    shutil.copytree(plain, folder)
+    config = json.loads((folder / 'config.json').read_text())
+    config['model_args'] = {'bogus_kw': 1}
+    config['pretrained_cfg']['mean'] = [0, 0, 0]
+    (folder / 'config.json').write_text(json.dumps(config))
+    rc, out, err = _push(client, folder, weights['name_tag'], '--dry-run')
+    assert rc == 0, err
+    assert _listed_sha256(out, 'config.json') == sha256_file(plain / 'config.json')
+    assert _listed_sha256(out, WEIGHTS_NAME) == sha256_file(plain / WEIGHTS_NAME)
+
+
+def test_push_of_a_folder_refuses_checkpoint_options(client, hub, weights):
+    for option in (['--ema'], ['--num-classes', '10']):
+        rc, _, err = _push(client, weights['folders']['plain'], weights['name_tag'], *option, '--dry-run')
+        assert rc == 2 and 'pushed as it is' in err, err
+
+
+def test_convert_refuses_to_resample_or_misdescribe_a_fixed_size_model(tmp_path, capsys):
+    """A ViT/PiT checkpoint of another image size is refused, not resampled by the family filter, and an
+    --img-size the model is not built for is named before anything is written."""
+    tag = 'pit_ti_maxpool.in1k'
+    small = tmp_path / 'pit160.safetensors'
+    safetensors.torch.save_file(timm.create_model(tag, img_size=160).state_dict(), str(small))
+    out = tmp_path / 'out'
+    assert cli_main(['convert', str(small), '--model', tag, '-o', str(out)]) == 2
+    assert 'pos_embed' in capsys.readouterr().err and not out.exists()
+    full = tmp_path / 'pit224.safetensors'
+    safetensors.torch.save_file(timm.create_model(tag).state_dict(), str(full))
+    assert cli_main(['convert', str(full), '--model', tag.split('.')[0], '--img-size', '160', '-o', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert '--model-kwargs img_size=160' in err and 'Traceback' not in err and not out.exists()
+    assert cli_main(['convert', str(small), '--model', tag.split('.')[0], '--img-size', '160',
+                     '--model-kwargs', 'img_size=160', '-o', str(out)]) == 0
+    model = timm.create_model(f'local-dir:{out}', pretrained=True)
+    assert model.pretrained_cfg['input_size'] == (3, 160, 160)
+    assert sorted(p.name for p in out.iterdir()) == ['config.json', WEIGHTS_NAME]
+
+
+def test_corrupted_cache_offline_says_to_fetch_again_online(client, hub, published, hub_env, tmp_path):
+    assert client(client_pull, published['name_tag'], cache_dir=str(tmp_path))[0] == 'ok'
+    blob = next(p for p in tmp_path.rglob('*') if p.is_file() and p.parent.name == 'blobs' and
+                p.stat().st_size > 1 << 16)
+    blob.write_bytes(blob.read_bytes()[:-1] + b'x')
+    offline = HubClient(dict(hub_env, HF_HUB_OFFLINE='1'))
+    try:
+        result = offline(client_pull, published['name_tag'], cache_dir=str(tmp_path))
+    finally:
+        offline.close()
+    assert result[:2] == ('error', 'PretrainedWeightsError'), result
+    assert 'corrupted' in result[2] and 'fetch it again with network access (HF_HUB_OFFLINE is set now)' in result[2]
+    assert not blob.exists()

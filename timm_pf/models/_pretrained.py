@@ -62,7 +62,7 @@ def sha256_file(path: Union[str, Path]) -> str:
     return digest.hexdigest()
 
 
-def _verify_cached_blob(path: str, where: str) -> None:
+def _verify_cached_blob(path: str, where: str, offline: Optional[str]) -> None:
     """Compare a cached LFS file with the sha256 the Hub reported (the cache names the blob by it)."""
     blob = Path(path).resolve()
     if not _SHA256_RE.fullmatch(blob.name):
@@ -70,9 +70,10 @@ def _verify_cached_blob(path: str, where: str) -> None:
     actual = sha256_file(blob)
     if actual != blob.name:
         blob.unlink()  # let the next attempt download it again
+        again = f'fetch it again with network access ({offline} now)' if offline else 'try again'
         raise PretrainedWeightsError(
             f'{where}: the downloaded file is corrupted (sha256 {actual}, the Hub says {blob.name}). '
-            f'It was removed from the cache; try again.')
+            f'It was removed from the cache; {again}.')
 
 
 def _push_command(repo_id: str) -> str:
@@ -132,7 +133,7 @@ def fetch_file(hub_id: str, filename: str = WEIGHTS_NAME, cache_dir: Optional[Un
         raise PretrainedWeightsError(
             f'The {where} are not in the local cache ({cache}) and {offline or "the Hub cannot be reached"}. '
             f'Fetch them once with network access: `hf download {repo_id} {WEIGHTS_NAME} {CONFIG_NAME}{rev_arg}` '
-            f'(or create the model online), or use pretrained=False.') from e
+            f'(or create the model online), or build the model without pretrained weights.') from e
     except RevisionNotFoundError as e:
         raise PretrainedWeightsError(
             f'Revision {revision!r} does not exist in {repo_id}: use a branch, tag or commit of that repository '
@@ -141,7 +142,7 @@ def fetch_file(hub_id: str, filename: str = WEIGHTS_NAME, cache_dir: Optional[Un
         raise PretrainedWeightsError(
             f'No {where} are published: the Hub has no repository {repo_id} (or it is private and your token '
             f'cannot read it: set HF_TOKEN or run `hf auth login`). Publish them with {_push_command(repo_id)}, '
-            f'or use pretrained=False.') from e
+            f'or build the model without pretrained weights.') from e
     except RemoteEntryNotFoundError as e:
         only = ': timm-pf loads only safetensors weights' if filename == WEIGHTS_NAME else ''
         raise PretrainedWeightsError(
@@ -150,7 +151,7 @@ def fetch_file(hub_id: str, filename: str = WEIGHTS_NAME, cache_dir: Optional[Un
         raise PretrainedWeightsError(
             f'The {where} could not be fetched: {type(e).__name__}: {e}. Try again later.') from e
     if filename == WEIGHTS_NAME:
-        _verify_cached_blob(path, where)
+        _verify_cached_blob(path, where, offline)
     return path
 
 

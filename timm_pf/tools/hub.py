@@ -17,7 +17,9 @@ the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
 import json
+import os
 import shutil
+import tempfile
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +33,7 @@ from huggingface_hub import HfApi, get_token
 from huggingface_hub.utils import validate_repo_id
 from huggingface_hub import constants as hf_constants
 from huggingface_hub.errors import HFValidationError
+from timm.data.model_config import resolve_input_data_config
 from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 
 from .._private import load_model_config_from_path
@@ -217,20 +220,37 @@ def convert_checkpoint(
     filter_fn = checkpoint_filter_for(name_tag)
     if filter_fn is not None:
         try:
-            state_dict = filter_fn(state_dict, model)
+            filtered = filter_fn(state_dict, model)
         except Exception as e:  # a filter meets keys or shapes it does not know
             raise CheckpointError(
                 f'{checkpoint} cannot be converted for {name_tag} by its checkpoint filter: '
                 f'{type(e).__name__}: {e}') from e
+        # timm's filters resample position embeddings to the model's size; a conversion keeps every value
+        resampled = [f'{k} {tuple(state_dict[k].shape)} -> {tuple(v.shape)}' for k, v in filtered.items()
+                     if k in state_dict and v.numel() != state_dict[k].numel()]
+        if resampled:
+            raise CheckpointError(
+                f'{checkpoint} does not fit {name_tag}: {"; ".join(resampled)} would be resampled (weights of '
+                f'another image size?): build the model at the checkpoint\'s size, e.g. --model-kwargs img_size=N')
+        state_dict = filtered
     load_strict(model, state_dict, str(checkpoint), hints=_num_classes_hint(model))
     if not tag:
         model.pretrained_cfg = _described_cfg(model, img_size, train_args)
         described_by = f'the checkpoint ({model.num_classes} classes, {img_size} px from {size_source})'
     data_config = {'input_size': (3, img_size, img_size)} if img_size else None  # else the tag's
+    try:
+        resolve_input_data_config(model, args=data_config)
+    except ValueError as e:  # a ViT/PiT is built for one image size
+        raise CheckpointError(f'{name_tag} is built for {model.pretrained_cfg["input_size"][-1]} px, not '
+                              f'{img_size}: build it at that size with --model-kwargs img_size={img_size}') from e
     output_dir = Path(output_dir)
-    # model_args go to config.json, so `local-dir:` rebuilds e.g. a scaled-down variant
-    save_for_hf(model.eval(), str(output_dir), model_args=model_kwargs or None, safe_serialization=True,
-                data_config=data_config)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=output_dir, prefix='.converting-') as written:
+        # model_args go to config.json, so `local-dir:` rebuilds e.g. a scaled-down variant
+        save_for_hf(model.eval(), written, model_args=model_kwargs or None, safe_serialization=True,
+                    data_config=data_config)
+        for fname in (WEIGHTS_NAME, CONFIG_NAME):  # both files or neither
+            os.replace(Path(written) / fname, output_dir / fname)
     return ConvertResult(
         name_tag=name_tag,
         folder=output_dir,
@@ -358,11 +378,20 @@ def prepare_push(
         raise PushError(f'nothing says where the weights of {name_tag} come from: list the tag under "converted" '
                         f'in its hub_cards/families/ file or add its train_configs/ recipe (see hub_cards/README.md)')
     source, staging_dir = Path(source), Path(staging_dir)
-    if source.is_dir():
-        verify_folder(source, name_tag)
-        _copy_weights_and_config(source, staging_dir)
-    else:
-        convert_checkpoint(name_tag, source, staging_dir, use_ema=use_ema, num_classes=num_classes)  # strict load
+    with tempfile.TemporaryDirectory(prefix='timm-pf-convert-') as converted:
+        if source.is_dir():
+            if use_ema or num_classes is not None:
+                raise PushError(f'{source} is a converted folder, pushed as it is: --ema and --num-classes apply '
+                                f'to a checkpoint converted on the way')
+            folder = source
+        else:
+            folder = Path(converted)
+            convert_checkpoint(name_tag, source, folder, use_ema=use_ema, num_classes=num_classes)
+        # the weights must load into the model the tag's users get; its own config.json goes with them, so
+        # `name.tag` and `hf-hub:` build the same model with the same data config
+        model = verify_folder(folder, name_tag)
+    staging_dir.mkdir(parents=True, exist_ok=True)
+    save_for_hf(model, str(staging_dir), safe_serialization=True)
     if card_text is None:  # the committed card (checked against the model by the tests), else a fresh one
         committed = card_path(name_tag)
         card_text = committed.read_text(encoding='utf-8') if committed.is_file() else render_card(name_tag)

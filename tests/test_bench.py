@@ -238,6 +238,43 @@ def test_baselines_of_the_headline_models():
     assert bench.baseline_for('resnet50') is None
 
 
+def test_every_variant_has_the_baseline_the_model_zoo_names():
+    from timm_pf.models._registry import pf_model_names
+    baselines = {m: bench.baseline_for(m) for m in pf_model_names()}
+    assert {m for m, b in baselines.items() if b is None} == {'ghostnet_300m', 'ghostnet_600m', 'ghostnet_100', 'rba'} \
+        & set(baselines)  # the GhostNets are baselines themselves; rba wraps any model
+    assert {m: baselines[m] for m in ('vit_ti_maxpool', 'vit_b_maxpool', 'pit_ti_maxpool', 'pit_b_maxpool',
+                                      'vit_ti_replace', 'vit_b_replace', 'vit_s_maxpool_replace',
+                                      'resnet34_replace', 'resnet152_replace')} == {
+        'vit_ti_maxpool': 'vit_tiny_patch16_224', 'vit_b_maxpool': 'vit_base_patch16_224',
+        'pit_ti_maxpool': 'pit_ti_224', 'pit_b_maxpool': 'pit_b_224', 'vit_ti_replace': 'vit_tiny_patch16_224',
+        'vit_b_replace': 'vit_base_patch16_224', 'vit_s_maxpool_replace': 'vit_s_maxpool',
+        'resnet34_replace': 'resnet34', 'resnet152_replace': 'resnet152'}
+    assert all(timm.is_model(b) for b in baselines.values() if b)
+
+
+def test_a_replacement_vit_is_built_for_each_size(tmp_path, capsys):
+    """The *_replace variants have no pretrained cfg of their own; their ViTs still take img_size per size."""
+    assert runner._fixed_input_size('vit_ti_replace') and not runner._fixed_input_size('resnet34_replace')
+    code = main(['bench', '--models', 'vit_ti_replace', '--img-size', '64', '--batch-sizes', '1', '--repeats', '1',
+                 '--memory', 'off', '--no-progress', '--cpu-kernels', 'off', '--json', str(tmp_path / 'r.json')])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / 'r.json').read_text())['rows']
+    assert [(r['model'], r['baseline'], r['img_size']) for r in rows] == [
+        ('vit_tiny_patch16_224', None, 64), ('vit_ti_replace', 'vit_tiny_patch16_224', 64)]
+
+
+def test_a_model_that_is_also_a_baseline_gets_one_row(tmp_path, capsys):
+    code = main(['bench', '--models', 'resnet10t:resnet14t', 'resnet14t:resnet18', '--img-size', '32', '32',
+                 '--batch-sizes', '1', '1', '--repeats', '2', '--memory', 'off', '--no-progress',
+                 '--csv', str(tmp_path / 'b.csv')])
+    out = capsys.readouterr().out
+    assert code == 0
+    rows = [(r['model'], r['batch_size'], r['img_size']) for r in csv.DictReader((tmp_path / 'b.csv').open())]
+    assert sorted(rows) == sorted(set(rows)) and len(rows) == 3
+    assert out.count('infer, batch 1, 32px') == 1
+
+
 def test_resolve_models_globs_and_explicit_pairs():
     pattern = 'resnet1*t'
     pairs = bench.resolve_models([pattern, 'resnet18:resnet10t'])
@@ -345,10 +382,25 @@ def test_cli_writes_every_format(tmp_path, capsys):
     (['--models', 'resnet18:no_such_base'], 'unknown model'),
     (['--models', 'resnet18', '--batch-sizes', '0'], 'must be positive'),
     (['--preset', 'targets', '--batch-sizes', '4'], 'fixes the settings'),
+    (['--models', 'resnet18:resnet18'], 'pairs resnet18 with itself'),
+    (['--models', 'resnet18', '--amp', '--dtype', 'float16'], 'drop --dtype float16 or --amp'),
+    (['--models', 'resnet18', '--threads', '100000'], '--threads must be between 1 and'),
 ])
 def test_cli_bad_input_exits_2(argv, message, capsys):
     assert main(['bench', '--no-progress', *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('command, path, message', [
+    (['bench', '--models', 'resnet18', '--plot'], 'out.xyz', 'name the format with a suffix'),
+    (['bench', '--models', 'resnet18', '--plot'], 'noext', 'name the format with a suffix'),
+    (['bench', '--models', 'resnet18', '--plot'], '-', 'not to stdout'),
+    (['deform-points', '--output'], 'out.xyz', 'name the format with a suffix'),
+])
+def test_a_figure_path_without_a_format_is_refused_while_parsing(command, path, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([*command, path])
+    assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_cli_missing_cuda_exits_2(monkeypatch, capsys):
@@ -442,6 +494,11 @@ def test_resolution_sweep_builds_each_size_and_reports_the_ratio_per_size(monkey
 
     text, markdown = bench.format_report(result), bench.format_report(result, markdown=True)
     for out in (text, markdown):
+        for size in (32, 64):  # the cost of each size, where the papers' 224 px figures do not apply
+            cost = out.split(f'Model cost per image at {size}px (the papers report 224px)')[1].split('\n\n')[0]
+            vit = next(line for line in cost.splitlines() if line.lstrip('| ').startswith('vit_tiny'))
+            assert f'{result.row("vit_tiny_patch16_224", Setting("infer", 1, size)).macs / 1e9:.3f}' in vit
+        assert 'MACs 32px' in out.split('Summary')[1].split('\n\n')[0]
         table = out.split('Ratio vs resolution')[1].split('\n\n')[0]
         assert 'latency 32px' in table and 'memory 64px' in table
         vit = next(line for line in table.splitlines() if line.lstrip('| ').startswith('vit_tiny'))

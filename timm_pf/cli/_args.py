@@ -86,6 +86,18 @@ def output_file(text: str) -> str:
     return text
 
 
+IMAGE_SUFFIXES = ('.png', '.pdf', '.svg', '.jpg', '.jpeg')
+
+
+def image_file(text: str) -> str:
+    """A figure to write: an :func:`output_file` (not stdout) whose suffix names a format matplotlib writes."""
+    if text == '-':
+        raise argparse.ArgumentTypeError('a figure goes to a file, not to stdout')
+    if Path(text).suffix.lower() not in IMAGE_SUFFIXES:
+        raise argparse.ArgumentTypeError(f'{text}: name the format with a suffix, one of {", ".join(IMAGE_SUFFIXES)}')
+    return output_file(text)
+
+
 def output_dir(text: str) -> Path:
     """A folder to write into: an existing writable folder, or one that can be created."""
     _non_empty(text)

@@ -5,7 +5,7 @@ import os
 import sys
 from typing import Dict, List, Optional, Sequence
 
-from ._args import output_file, positive_float
+from ._args import image_file, output_file, positive_float
 
 _DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0, 'scaling': 300.0}
 _TARGET_THREADS = 2  # the targets are promised for 2 CPU threads
@@ -78,7 +78,7 @@ def _plan(args: argparse.Namespace):
         raise BenchInputError(f'--img-size must be at least 32, got {", ".join(str(s) for s in sizes if s < 32)}')
     names = list(dict.fromkeys(n for pair in pairs for n in pair if n))
     mode = 'train' if args.train else 'infer'
-    jobs = [(Setting(mode, bs, size), names) for size in sizes for bs in args.batch_sizes or batch_sizes]
+    jobs = [(Setting(mode, bs, size), names) for size in sizes for bs in dict.fromkeys(args.batch_sizes or batch_sizes)]
     return jobs, pairs
 
 
@@ -201,7 +201,7 @@ def register(subparsers) -> None:
                    help="write one CSV line per model and setting ('-': stdout)")
     p.add_argument('--json', type=output_file, metavar='PATH', help="write everything as JSON ('-': stdout)")
     p.add_argument('--markdown', type=output_file, metavar='PATH', help="write the tables as markdown ('-': stdout)")
-    p.add_argument('--plot', type=output_file, metavar='PNG',
+    p.add_argument('--plot', type=image_file, metavar='PNG',
                    help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--strict', action='store_true',

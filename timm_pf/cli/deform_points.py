@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._args import input_file, non_negative_float, number, output_file, positive_int
+from ._args import image_file, input_file, non_negative_float, number, positive_int
 from ._errors import BadInput
 
 _DEFAULT_CENTRES = ('0.35,0.45', '0.9,0.1')  # relative (y, x): near the centre and near a corner
@@ -194,6 +194,6 @@ def register(subparsers) -> None:
     parser.add_argument('--centres', nargs='+', type=_parse_centre, metavar='Y,X',
                         help='output locations to draw, relative "y,x" in [0, 1] '
                              '(default: near the centre and near a corner)')
-    parser.add_argument('--output', type=output_file, default='deform_points.png', help='PNG to write')
+    parser.add_argument('--output', type=image_file, default='deform_points.png', help='figure to write (.png, .pdf, .svg, .jpg)')
     parser.add_argument('--dpi', type=positive_int, default=150)
     parser.set_defaults(func=draw_sampling_points)

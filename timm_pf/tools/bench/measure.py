@@ -75,6 +75,10 @@ _STATISTICS = ('median', 'min')
 _PROC_STATUS, _PROC_CLEAR_REFS = '/proc/self/status', '/proc/self/clear_refs'
 
 
+# More threads than this per CPU only oversubscribe (oneDNN fails to create primitives for absurd counts).
+_MAX_THREADS_PER_CPU = 4
+
+
 @dataclass
 class BenchOptions:
     """How to run: device, numerics, compilation, threads and the repeat policy."""
@@ -127,8 +131,11 @@ class BenchOptions:
             raise BenchInputError('--max-repeats must be at least 1')
         if not self.time_budget > 0:
             raise BenchInputError('--time-budget must be positive')
-        if self.threads is not None and self.threads < 1:
-            raise BenchInputError('--threads must be at least 1')
+        if self.threads is not None and not 1 <= self.threads <= _MAX_THREADS_PER_CPU * (os.cpu_count() or 1):
+            raise BenchInputError(f'--threads must be between 1 and {_MAX_THREADS_PER_CPU}x the {os.cpu_count()} '
+                                  f'CPUs of this machine, got {self.threads}')
+        if self.amp and self.dtype != 'float32':
+            raise BenchInputError(f'--amp autocasts a float32 model: drop --dtype {self.dtype} or --amp')
         if self.runtime == 'onnxruntime':
             self._validate_onnxruntime()
 

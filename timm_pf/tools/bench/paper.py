@@ -12,10 +12,13 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 from ..cards import CARDS_DIR, results_rows
 
 __all__ = [
-    'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_SIZES', 'SCALING_PAIRS',
+    'PAPER_IMG_SIZE', 'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_SIZES', 'SCALING_PAIRS',
     'ReportedSpeed', 'PaperReport',
     'Setting', 'SpeedTarget', 'baseline_for', 'paper_latency_ratio',
 ]
+
+# The image size of every params / MACs / speed figure the papers report (ImageNet at 224 px).
+PAPER_IMG_SIZE = 224
 
 # The variants ``timm-pf bench`` runs by default, each next to its baseline.
 HEADLINE_MODELS = (
@@ -29,8 +32,15 @@ BASELINE_RULES: Tuple[Tuple[str, str], ...] = (
     ('ours_r101_*', 'resnet101'),
     ('ours_wrn50_2_*', 'wide_resnet50_2'),
     ('ours_wrn101_2_*', 'wide_resnet101_2'),
+    # a Replacement Learning variant finalises into its plain model
+    ('vit_s_maxpool_replace', 'vit_s_maxpool'),
+    *((f'resnet{depth}_replace', f'resnet{depth}') for depth in (34, 50, 101, 152)),
+    ('vit_ti_*', 'vit_tiny_patch16_224'),
     ('vit_s_*', 'vit_small_patch16_224'),
+    ('vit_b_*', 'vit_base_patch16_224'),
+    ('pit_ti_*', 'pit_ti_224'),
     ('pit_s_*', 'pit_s_224'),
+    ('pit_b_*', 'pit_b_224'),
     ('parameternet_300m*', 'ghostnet_300m'),
     ('parameternet_600m*', 'ghostnet_600m'),
     ('ghostnet_dyn*', 'ghostnet_100'),

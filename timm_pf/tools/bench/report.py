@@ -6,7 +6,7 @@ import math
 from dataclasses import asdict
 from typing import Dict, List, Optional, Sequence
 
-from .paper import Setting
+from .paper import PAPER_IMG_SIZE, Setting
 from .runner import BenchResult, BenchRow
 
 __all__ = ['format_report', 'ratio_vs_resolution', 'to_csv', 'to_json']
@@ -44,7 +44,7 @@ def _summary_table(result: BenchResult, markdown: bool) -> List[str]:
         rows.append(cells[:2] + [_fmt(first.params_ratio, '.2f', 'x'), _fmt(first.macs_ratio, '.2f', 'x')] + cells[2:])
     if not rows:
         return []
-    headers = ['model', 'baseline', 'params', 'MACs']
+    headers = ['model', 'baseline', 'params', f'MACs {settings[0].img_size}px']
     for setting in settings:
         headers += [f'latency {setting}', f'memory {setting}']
     out = [_heading('Summary: ours / baseline', markdown), _table(headers, rows, markdown), '']
@@ -105,21 +105,21 @@ def _resolution_table(result: BenchResult, markdown: bool) -> List[str]:
 
 def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
     out = []
-    seen = set()
     for img_size in dict.fromkeys(r.img_size for r in result.rows):
         rows = []
-        for r in result.rows:
-            if r.img_size != img_size or r.model in seen:
-                continue
-            seen.add(r.model)
+        at_paper_size = img_size == PAPER_IMG_SIZE  # the papers report their 224 px models
+        for r in {r.model: r for r in result.rows if r.img_size == img_size}.values():
+            paper = [_fmt(r.paper_params_m, 'g'), _fmt(r.paper_gmacs, 'g'), r.paper_speeds or '-',
+                     r.paper_source or '-'] if at_paper_size else ['-'] * 4
             rows.append([
                 r.model, r.baseline or '',
-                _fmt(r.params / 1e6), _fmt(r.paper_params_m, 'g'), _fmt(r.params_ratio, '.2f', 'x'),
-                _fmt(r.macs / 1e9, '.3f'), _fmt(r.paper_gmacs, 'g'), _fmt(r.macs_ratio, '.2f', 'x'),
-                _fmt(r.activations / 1e6), r.paper_speeds or '-', r.paper_source or '-',
+                _fmt(r.params / 1e6), paper[0], _fmt(r.params_ratio, '.2f', 'x'),
+                _fmt(r.macs / 1e9, '.3f'), paper[1], _fmt(r.macs_ratio, '.2f', 'x'),
+                _fmt(r.activations / 1e6), *paper[2:],
             ])
         if rows:
-            out += [_heading(f'Model cost per image at {img_size}px (paper values beside ours)', markdown),
+            beside = 'paper values beside ours' if at_paper_size else f'the papers report {PAPER_IMG_SIZE}px'
+            out += [_heading(f'Model cost per image at {img_size}px ({beside})', markdown),
                     _table(['model', 'baseline', 'params (M)', 'paper', 'vs base', 'GMACs', 'paper', 'vs base',
                             'acts (M)', 'paper speed', 'paper source'], rows, markdown), '']
     return out

@@ -84,6 +84,8 @@ def resolve_models(patterns: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
             raise BenchInputError(_unknown_model_message(pattern))
         if explicit_baseline and not _registered(explicit_baseline):
             raise BenchInputError(_unknown_model_message(explicit_baseline))
+        if explicit_baseline and explicit_baseline in names:
+            raise BenchInputError(f'--models {pattern}:{explicit_baseline} pairs {explicit_baseline} with itself')
         for name in names:
             pair = (name, explicit_baseline or baseline_for(name))
             if pair not in pairs:
@@ -370,8 +372,13 @@ def _run_benchmark(
 
 def _fixed_input_size(name: str) -> bool:
     """Whether the model is built for one input size (ViT, PiT: ``img_size=`` lays out its position embedding)."""
+    import timm
     from timm.models import get_pretrained_cfg
-    return bool(getattr(get_pretrained_cfg(name), 'fixed_input_size', False))
+    cfg = get_pretrained_cfg(name)
+    if cfg is None:  # a variant without cfgs of its own (the *_replace ones): its model's, built on the meta device
+        model = timm.create_model(name, device='meta')
+        return bool((getattr(model, 'pretrained_cfg', None) or {}).get('fixed_input_size', False))
+    return bool(cfg.fixed_input_size)
 
 
 def _size_error(subject: _Subject, img_size: int) -> str:
@@ -428,7 +435,7 @@ def _grouped(names: Sequence[str], baselines: Dict[str, Optional[str]]) -> List[
         head = base if base in names else name
         if head not in order:
             order.append(head)
-            order.extend(n for n in names if baselines.get(n) == head and n != head)
+            order.extend(n for n in names if baselines.get(n) == head and n != head and n not in order)
     order.extend(n for n in names if n not in order)
     return order
 

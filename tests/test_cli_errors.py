@@ -2,6 +2,7 @@
 names the problem, never a traceback; bad values and output paths are refused before any work starts."""
 import os
 import sys
+import warnings
 
 import pytest
 import torch
@@ -156,6 +157,20 @@ def test_deform_points_needs_scikit_image_only_for_the_demo_image(images, monkey
     assert "pip install 'timm-pf[plot]'" in _one_error_line(capsys)
 
 
+@pytest.mark.parametrize('mode', ['L', 'RGBA', 'P', 'CMYK'])
+def test_deform_points_draws_any_image_mode_without_warnings(mode, images, capsys):
+    from PIL import Image
+    source = images / f'photo.{"jpg" if mode == "CMYK" else "png"}'
+    image = Image.new('RGB', (50, 50), 'white')  # resampling white can round to just above 1
+    image.paste(Image.effect_noise((25, 50), 90).convert('RGB'))
+    image.convert(mode).save(source)  # square: no crop, so Pillow's read-only pixels reach torch uncopied
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        assert main(['deform-points', '--img-size', '64', '--image', str(source),
+                     '--output', str(images / 'o.png')]) == 0
+    assert capsys.readouterr().err == ''
+
+
 def test_deform_points_unknown_model_is_named(images, capsys):
     assert main(['deform-points', '--model', 'no_such_model', '--output', str(images / 'o.png')]) == 2
     assert 'unknown model' in _one_error_line(capsys)
@@ -224,3 +239,12 @@ def test_run_does_not_warn_for_scripts_without_a_cuda_default(tmp_path, monkeypa
     monkeypatch.setattr(sys, 'argv', list(sys.argv))
     assert main(['run', 'other.py']) == 0
     assert capsys.readouterr().err == ''
+
+
+def test_a_kernel_cache_that_cannot_be_created_names_the_variable(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / 'a_file'
+    blocker.write_text('')
+    monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(blocker / 'kernels'))
+    assert main(['build-kernels']) == 2
+    line = _one_error_line(capsys)
+    assert f'cannot create the kernel cache folder {blocker / "kernels"} (set by TIMM_PF_KERNEL_DIR)' in line

@@ -399,6 +399,14 @@ def test_bad_interval_is_rejected(interval):
         replace_layers(timm.create_model('vit_tiny_patch16_224', **TINY_VIT), interval=interval)
 
 
+@pytest.mark.parametrize('init', [(float('nan'), 0.5), (0.5, float('inf')), (1, 2, 3), 0.5, ('a', 'b'), (True, 0.5)])
+def test_bad_init_is_rejected(init):
+    model = timm.create_model('vit_tiny_patch16_224', **TINY_VIT)
+    with pytest.raises(ValueError, match='init must be two finite numbers'):
+        replace_layers(model, init=init)
+    assert not is_replaced(model)
+
+
 def test_interval_that_selects_nothing_is_rejected():
     # 6 layers: interval 6 selects only the last layer, which has no successor
     with pytest.raises(ValueError, match='(?s)selects no replaceable layer.*last layer'):

@@ -90,8 +90,9 @@ def _load_image(path: Optional[Path], size: int):
     side = min(height, width)  # centre crop to a square, then resize
     top, left = (height - side) // 2, (width - side) // 2
     pixels = pixels[top:top + side, left:left + side, :3]
-    tensor = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1).float() / 255
-    return F.interpolate(tensor[None], size=(size, size), mode='bilinear', antialias=True, align_corners=False)[0]
+    tensor = torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float() / 255  # a copy: Pillow's is read-only
+    resized = F.interpolate(tensor[None], size=(size, size), mode='bilinear', antialias=True, align_corners=False)
+    return resized[0].clamp(0, 1)  # antialiased resampling overshoots at sharp edges
 
 
 def _load_weights(model: torch.nn.Module, path: Path) -> None:

@@ -122,6 +122,9 @@ def _private_dir(folder: Path) -> Path:
             os.mkdir(missing, 0o700)
         except FileExistsError:  # made meanwhile: checked below if it is the folder itself
             pass
+        except OSError as e:  # a file on the way, a folder without write permission, ...
+            named = f' (set by {_DIR_ENV})' if os.environ.get(_DIR_ENV) else ''
+            raise type(e)(e.errno, f'cannot create the kernel cache folder {missing}{named}: {e.strerror}') from e
     _check_private_dir(folder)
     return folder
 

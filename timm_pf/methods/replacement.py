@@ -30,6 +30,7 @@ appear as ``<layer>.neighbour_mix.a``/``.b`` (0-dim, so timm's optimizer factory
 no-weight-decay group), and deep copies (EMA) and state-dict round trips work as for any timm model.
 :func:`finalize` bakes the mixes into plain weights, giving back the original architecture.
 """
+import math
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Type
 
@@ -180,6 +181,9 @@ def replace_layers(
     """
     if isinstance(interval, bool) or not isinstance(interval, int) or interval < 2:
         raise ValueError(f'interval must be an integer >= 2 (every interval-th layer is replaced), got {interval!r}')
+    if (not isinstance(init, (tuple, list)) or len(init) != 2
+            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in init)):
+        raise ValueError(f'init must be two finite numbers (a_l, b_l), got {init!r}')
     if is_replaced(model):
         raise ValueError('model is already in replacement-learning form (call finalize() first to start over)')
     layer_types = tuple(layer_types) if layer_types else _default_layer_types(model)

@@ -54,7 +54,8 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
             with torch.serialization.safe_globals([argparse.Namespace]):
                 checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
     except Exception as e:  # torch/safetensors raise many types for truncated or foreign files
-        raise CheckpointError(f'cannot read checkpoint {path}: {type(e).__name__}: {e}') from e
+        raise CheckpointError(f'cannot read checkpoint {path} (not a safetensors or torch.save file, or a damaged '
+                              f'one): {type(e).__name__}: {e}') from e
     if not isinstance(checkpoint, dict):
         raise CheckpointError(f'checkpoint {path} holds a {type(checkpoint).__name__}, not a state dict')
     return checkpoint

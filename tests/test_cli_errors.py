@@ -248,3 +248,10 @@ def test_a_kernel_cache_that_cannot_be_created_names_the_variable(tmp_path, monk
     assert main(['build-kernels']) == 2
     line = _one_error_line(capsys)
     assert f'cannot create the kernel cache folder {blocker / "kernels"} (set by TIMM_PF_KERNEL_DIR)' in line
+
+
+def test_run_without_a_script_names_only_the_script(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(['run'])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and 'required: script (' in err and 'script_args' not in err

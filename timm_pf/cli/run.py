@@ -69,5 +69,6 @@ def register(subparsers) -> None:
         'run', help="run timm's train.py / validate.py / benchmark.py with timm_pf models registered",
         description=__doc__.split('\n\n')[1])
     p.add_argument('script', type=Path, help="path to timm's script, e.g. pytorch-image-models/validate.py")
-    p.add_argument('script_args', nargs=argparse.REMAINDER, help='arguments passed to the script')
+    # argparse marks a REMAINDER positional required; the script may take no arguments
+    p.add_argument('script_args', nargs=argparse.REMAINDER, help='arguments passed to the script').required = False
     p.set_defaults(func=_run)

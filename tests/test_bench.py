@@ -385,6 +385,8 @@ def test_cli_writes_every_format(tmp_path, capsys):
     (['--models', 'resnet18:resnet18'], 'pairs resnet18 with itself'),
     (['--models', 'resnet18', '--amp', '--dtype', 'float16'], 'drop --dtype float16 or --amp'),
     (['--models', 'resnet18', '--threads', '100000'], '--threads must be between 1 and'),
+    (['--models', 'resnet18:resnet10t', '--train', '--batch-sizes', '1', '--img-size', '32', '--repeats', '1',
+      '--memory', 'off'], 'a BatchNorm layer gets one value per channel'),
 ])
 def test_cli_bad_input_exits_2(argv, message, capsys):
     assert main(['bench', '--no-progress', *argv]) == 2

@@ -237,6 +237,12 @@ class _Step:
         start = time.perf_counter()
         try:
             self()
+        except ValueError as err:
+            if 'more than 1 value per channel' in str(err):  # F.batch_norm in training mode
+                raise BenchInputError(
+                    f'{self.subject.name} cannot train at {self.setting}: a BatchNorm layer gets one value per '
+                    f'channel (batch x height x width = 1 at its stage); use a larger batch or image size') from err
+            raise RuntimeError(f'{self.subject.name} failed at {self.setting}: {err}') from err
         except Exception as err:
             raise RuntimeError(f'{self.subject.name} failed at {self.setting}: {err}') from err
         self.sync()

@@ -166,3 +166,19 @@ def test_stale_variant_card_is_caught(tmp_path):
     assert len(problems) == 1 and 'Learnable parameters in training' in problems[0]
     with pytest.raises(CardError, match='no pretrained tags'):
         render_card('vit_ti_replace.in1k', stats_cells={}, cards_dir=cards_dir)
+
+
+def test_a_folder_card_leaves_out_the_notes_of_the_tag_the_model_was_built_from(tmp_path):
+    """save_for_hf copies the registered tag's notes ("no released weights ...") into any folder made from
+    that model; they describe the tag's weights, not the folder's."""
+    from timm.models import save_for_hf
+    from timm_pf.tools.cards import render_folder_card
+    from timm_pf.tools.hub import load_folder_model
+    model = timm.create_model('pit_ti_maxpool', num_classes=10)
+    tag_notes = model.pretrained_cfg['notes']
+    save_for_hf(model, tmp_path / 'plain', safe_serialization=True)
+    card = render_folder_card(*load_folder_model(tmp_path / 'plain'), 'me/pit10')
+    assert tag_notes and not any(note in card for note in tag_notes)
+    model.pretrained_cfg = dict(model.pretrained_cfg, notes=('fine-tuned on my 10 classes',))
+    save_for_hf(model, tmp_path / 'own', safe_serialization=True)
+    assert 'fine-tuned on my 10 classes' in render_folder_card(*load_folder_model(tmp_path / 'own'), 'me/pit10')

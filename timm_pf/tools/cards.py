@@ -407,6 +407,17 @@ def _span_note(span: Dict[str, Any]) -> str:
     return f'blocks after `{span["source"]}` up to `{span["target"]}` replaced by {kind}{bias} ({span["layout"]})'
 
 
+def _own_notes(cfg: Dict[str, Any]) -> Sequence[str]:
+    """The notes of a folder's pretrained cfg, unless they are those of the registered tag the model was built
+    from (timm's ``save_for_hf`` copies them; they describe that tag's weights, not the folder's)."""
+    notes = cfg.get('notes') or ()
+    try:
+        registered = timm.models.get_pretrained_cfg(f'{cfg["architecture"]}.{cfg.get("tag") or ""}'.rstrip('.'))
+    except Exception:  # no such tag registered
+        registered = None
+    return () if registered is not None and tuple(registered.notes or ()) == tuple(notes) else notes
+
+
 def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: str,
                        cards_dir: Union[str, Path] = CARDS_DIR) -> str:
     """Card of a model pushed from a folder in timm's ``save_for_hf`` layout to ``repo_id``.
@@ -446,7 +457,7 @@ def render_folder_card(model: nn.Module, model_args: Dict[str, Any], repo_id: st
             summary=f"`{arch}` weights in timm's format.",
             provenance=(f"a folder in timm's `save_for_hf` layout published with {how}; the folder does not "
                         f"record how the weights were trained (`--card FILE` publishes a card that does)."),
-            notes=cfg.get('notes') or (),
+            notes=_own_notes(cfg),
             family=_family_if_any(arch, cards_dir),
         )
     return render(CardSpec(name=repo_id, model_ref=f'hf-hub:{repo_id}', hub_repo=repo_id, data_cfg=cfg,

@@ -664,3 +664,21 @@ def test_cli_bad_runtime_exits_2(argv, message, capsys):
     assert main(['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--no-progress', *argv]) == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1
+
+
+def test_stats_restore_the_training_mode_when_the_forward_fails():
+    from timm_pf.methods.stats import count_activations, count_macs
+    model = timm.create_model('resnet18').train()
+    for count in (count_macs, count_activations):
+        with pytest.raises(RuntimeError):
+            count(model, (5, 32, 32))  # 5 channels into a 3-channel stem
+        assert model.training and all(p.requires_grad for p in model.parameters())
+
+
+def test_model_stats_measure_a_vit_at_the_size_it_was_built_for():
+    from timm_pf.methods.stats import model_stats
+    for name in ('vit_ti_maxpool', 'pit_ti_maxpool'):
+        stats = model_stats(timm.create_model(name, img_size=96))
+        assert stats.input_size == (3, 96, 96)
+    resnet = timm.create_model('resnet10t')
+    assert model_stats(resnet).input_size == tuple(resnet.pretrained_cfg['input_size'])

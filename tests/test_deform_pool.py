@@ -341,3 +341,52 @@ def test_fake_tensor_mode_shares_no_constants_with_real_calls():
     out = deform_pool2d(x, offset, None, 3, 1, 1)
     assert not isinstance(out, FakeTensor)
     torch.testing.assert_close(out, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize('reduction', ['max', 'avg'])
+def test_offsets_far_outside_sample_zeros_on_both_paths(reduction):
+    """Infinite or huge offsets leave the image: zeros from the tap loop and from grid_sample alike, and the
+    sampled form equals the tap loop on offsets that leave the image by a few pixels (gradients included)."""
+    from timm_pf.layers import sampled_deform_pool2d
+    torch.manual_seed(0)
+    x = torch.randn(1, 2, 5, 6, dtype=torch.float64)
+    args = ((3, 3), (1, 1), (1, 1), (1, 1), reduction)
+    for value in (float('inf'), -float('inf'), 1e30):
+        offset = torch.full((1, 18, 5, 6), value, dtype=torch.float64)
+        assert not deform_pool2d(x, offset, None, 3, 1, 1, 1, reduction).any()
+        assert not sampled_deform_pool2d(x, offset, None, *args).any()
+    offset = (torch.randn(1, 18, 5, 6, dtype=torch.float64) * 4).requires_grad_()
+    tap_loop = deform_pool2d(x, offset, None, 3, 1, 1, 1, reduction)
+    sampled = sampled_deform_pool2d(x, offset, None, *args)
+    torch.testing.assert_close(sampled, tap_loop, rtol=0, atol=1e-12)
+    weights = torch.linspace(-1, 1, tap_loop.numel(), dtype=torch.float64).view_as(tap_loop)
+    (grad_loop,) = torch.autograd.grad(tap_loop, offset, weights)
+    (grad_sampled,) = torch.autograd.grad(sampled, offset, weights)
+    torch.testing.assert_close(grad_sampled, grad_loop, rtol=0, atol=1e-10)
+
+
+@pytest.mark.parametrize('kwargs, message', [
+    (dict(dilation=0), 'dilation must be an int >= 1'),
+    (dict(padding=-1), 'padding must be an int >= 0'),
+    (dict(kernel_size=0), 'kernel_size must be an int >= 1'),
+    (dict(stride=0), 'stride must be an int >= 1'),
+    (dict(kernel_size=3.0), 'kernel_size must be an int >= 1'),
+])
+def test_pooling_geometry_that_max_pool2d_refuses_is_refused(kwargs, message):
+    args = dict(dict(kernel_size=3, stride=1, padding=1), **kwargs)
+    with pytest.raises(ValueError, match=message):
+        deform_pool2d(torch.randn(1, 2, 4, 4), torch.zeros(1, 18, 4, 4), None, **args)
+
+
+def test_layer_constructors_refuse_sizes_that_cannot_pool():
+    from timm_pf.layers import PfMaxPool2d
+    with pytest.raises(ValueError, match='kernel_size must be an int >= 1'):
+        DeformMaxPool2d(0)
+    with pytest.raises(ValueError, match='odd and positive'):
+        LearnedDeformPool2d(4, kernel_size=-1)
+    with pytest.raises(ValueError, match='cannot be split into 0 deformable groups'):
+        LearnedDeformPool2d(4, deform_groups=0)
+    with pytest.raises(ValueError, match='odd positive kernel_size'):
+        PfMaxPool2d(-1)
+    with pytest.raises(ValueError, match='stride >= 1'):
+        PfMaxPool2d(3, 0)

@@ -225,3 +225,27 @@ def test_macs_are_conv_plus_fusion_plus_routing(batch):
     fusion_macs = e * cout * cin * k * k
     routing_macs = cin * e
     assert count_macs(conv, (cin, size, size), batch_size=batch) == conv_macs + fusion_macs + routing_macs
+
+
+def test_half_precision_routing_of_a_large_map_stays_finite():
+    """The spatial sum of a large map overflows float16 (65504): half precision and autocast route on the mean."""
+    torch.manual_seed(0)
+    conv = DynamicConv2d(16, 16, 3, padding=1).eval()
+    x = torch.relu(torch.randn(1, 16, 160, 160)) * 4 + 2  # channel sums near 9e4
+    with torch.no_grad():
+        expected = conv.routing_weights(x)
+        with torch.autocast('cpu', dtype=torch.float16):
+            autocast = conv.routing_weights(x)
+            assert conv(x).isfinite().all()
+        half = conv.half().routing_weights(x.half())
+    for routing in (autocast, half):
+        torch.testing.assert_close(routing.float(), expected, rtol=0, atol=2e-3)
+
+
+def test_shapes_that_cannot_convolve_are_refused_when_built_or_called():
+    with pytest.raises(ValueError, match='cannot be split into 4 groups'):
+        DynamicConv2d(4, 6, 3, groups=4)
+    with pytest.raises(ValueError, match='kernel_size must be positive'):
+        DynamicConv2d(4, 4, 0)
+    with pytest.raises(ValueError, match='one kernel per sample: 1 samples, 3 kernels'):
+        per_sample_conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 4, 4, 3, 3), padding=(1, 1))

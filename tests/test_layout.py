@@ -79,6 +79,14 @@ def test_old_import_paths_give_the_moved_modules(old):
     assert namespace['m'] is new
 
 
+@pytest.mark.parametrize('old, sub', [('rba', 'blocks'), ('rba', 'fit'), ('bench', 'runner'), ('bench', 'measure')])
+def test_submodules_of_old_paths_are_the_moved_submodules(old, sub):
+    """One module object for both names: classes and exceptions of the old path are those of the new one."""
+    new = importlib.import_module(f'timm_pf.{MOVED[old]}.{sub}')
+    assert importlib.import_module(f'timm_pf.{old}.{sub}') is new
+    assert getattr(importlib.import_module(f'timm_pf.{MOVED[old]}'), sub) is new
+
+
 def test_old_import_paths_of_the_readme():
     from timm_pf.data import digits_tensors
     from timm_pf.replacement import finalize, replace_layers, replacement_report

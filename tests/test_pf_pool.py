@@ -73,7 +73,7 @@ def test_non_contiguous_input():
 
 
 def test_even_kernel_is_rejected():
-    with pytest.raises(ValueError, match='odd kernel_size'):
+    with pytest.raises(ValueError, match='odd positive kernel_size'):
         PfMaxPool2d(2)
 
 

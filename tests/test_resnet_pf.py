@@ -269,6 +269,24 @@ def test_cpu_inference_reads_channels_last_kernels_of_the_current_weights(tmp_pa
         torch.testing.assert_close(loaded.forward_features(x), other.forward_features(x))
 
 
+def test_writes_through_data_reach_cpu_inference():
+    """``.data`` writes count no version; the sampled values of the kernel still show them."""
+    torch.manual_seed(0)
+    model, other = (timm.create_model('ours_r50_max', num_classes=10).eval() for _ in range(2))
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        model(x)  # fills the kernel cache
+        for mine, theirs in zip((*model.parameters(), *model.buffers()), (*other.parameters(), *other.buffers())):
+            mine.data.copy_(theirs.data)
+        torch.testing.assert_close(model(x), other(x))
+        model.conv1.weight.data.mul_(2)
+        conv = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+        conv.weight.copy_(model.conv1.weight)
+        stem = model.act1(model.bn1(conv(x)))
+        torch.testing.assert_close(model.act1(model.bn1(model.conv1(x.contiguous(memory_format=torch.channels_last)))),
+                                   stem)
+
+
 def test_odd_feature_sizes(hybrid):
     # 200 px gives a 25x25 map before stage 3, where the official hybrid block fails (avg-pool 12 vs shortcut 13)
     assert hybrid(torch.randn(1, 3, 200, 200)).shape == (1, 10)

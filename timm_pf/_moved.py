@@ -26,12 +26,20 @@ MOVED = {
 }
 
 
+def _new_name(fullname: str) -> Optional[str]:
+    """Where ``timm_pf.<old name>[.<submodule>]`` lives now (None for other names)."""
+    old, _, rest = fullname[len(_PACKAGE) + 1:].partition('.') if fullname.startswith(f'{_PACKAGE}.') else ('', '', '')
+    if old not in MOVED:
+        return None
+    return f'{_PACKAGE}.{MOVED[old]}' + (f'.{rest}' if rest else '')
+
+
 class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    """Finds ``timm_pf.<old name>`` and puts the moved module in ``sys.modules`` under that name too."""
+    """Finds ``timm_pf.<old name>`` and its submodules and puts the moved module in ``sys.modules`` under the old
+    name too: one module object for both names, so classes and exceptions are the same."""
 
     def find_spec(self, fullname: str, path=None, target=None) -> Optional[importlib.machinery.ModuleSpec]:
-        package, _, name = fullname.rpartition('.')
-        if package == _PACKAGE and name in MOVED:
+        if _new_name(fullname) is not None:
             return importlib.util.spec_from_loader(fullname, self)
         return None
 
@@ -39,8 +47,7 @@ class _MovedModuleFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         return None  # the default placeholder, replaced in sys.modules by exec_module
 
     def exec_module(self, module: ModuleType) -> None:
-        name = module.__name__.rpartition('.')[2]
-        sys.modules[module.__name__] = importlib.import_module(f'{_PACKAGE}.{MOVED[name]}')
+        sys.modules[module.__name__] = importlib.import_module(_new_name(module.__name__))
 
 
 def install() -> None:

@@ -8,7 +8,10 @@ channels-last kernel is a cached copy used only where nothing can differ: CPU in
 tracing, compiling or exporting) on channels-last input. It is rebuilt when the parameter changes (another
 tensor after ``.to()`` / ``.float()`` / ``load_state_dict(assign=True)``, or a new version after an in-place
 write such as ``load_state_dict`` or an optimizer step) and lives outside the module (a weak map), so copies,
-pickles and state dicts of the model never see it.
+pickles and state dicts of the model never see it. A write through ``.data`` counts no version (PyTorch's
+``.data`` hides writes from autograd's version counter); it is found by comparing :data:`FINGERPRINT_SAMPLES`
+evenly spaced values of the kernel at each call, so only a ``.data`` write that changes none of them (a part
+of the kernel) goes unseen: write under ``torch.no_grad()`` instead.
 """
 import weakref
 from typing import Tuple
@@ -24,8 +27,12 @@ from .graph_capture import is_capturing_graph
 
 __all__ = ['ChannelsLastKernelConv2d', 'use_channels_last_kernels']
 
-# conv -> (identity of the parameter it was made from, the channels-last kernel)
-_KERNELS: 'weakref.WeakKeyDictionary[nn.Conv2d, Tuple[tuple, torch.Tensor]]' = weakref.WeakKeyDictionary()
+# Values of a kernel compared at each cached call, to notice writes through ``.data`` (see the module docstring).
+FINGERPRINT_SAMPLES = 64
+
+# conv -> (identity of the parameter it was made from, its sampled values, the channels-last kernel)
+_KERNELS: 'weakref.WeakKeyDictionary[nn.Conv2d, Tuple[tuple, torch.Tensor, torch.Tensor]]' = \
+    weakref.WeakKeyDictionary()
 
 
 def _parameter_identity(weight: torch.Tensor) -> tuple:
@@ -34,13 +41,20 @@ def _parameter_identity(weight: torch.Tensor) -> tuple:
     return weight.data_ptr(), tensor_version(weight), weight.dtype, weight.shape
 
 
+def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
+    """:data:`FINGERPRINT_SAMPLES` evenly spaced values of the kernel (a strided view of the NCHW parameter)."""
+    flat = weight.detach().reshape(-1)
+    return flat[::max(1, flat.numel() // FINGERPRINT_SAMPLES)]
+
+
 def _channels_last_kernel(conv: nn.Conv2d) -> torch.Tensor:
     identity = _parameter_identity(conv.weight)
     cached = _KERNELS.get(conv)
-    if cached is None or cached[0] != identity:
-        cached = identity, conv.weight.detach().contiguous(memory_format=torch.channels_last)
+    if cached is None or cached[0] != identity or not torch.equal(cached[1], _fingerprint(conv.weight)):
+        cached = (identity, _fingerprint(conv.weight).clone(),
+                  conv.weight.detach().contiguous(memory_format=torch.channels_last))
         _KERNELS[conv] = cached
-    return cached[1]
+    return cached[2]
 
 
 def _reads_cached_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:

@@ -59,10 +59,11 @@ _REDUCTIONS = ('max', 'avg')
 _GATHER_BUDGET = 2 ** 19  # values gathered at once by the max tap loop (2 MiB in float32)
 
 
-def _pair(value: _IntOrPair, name: str) -> Tuple[int, int]:
-    pair = (value, value) if isinstance(value, int) else tuple(value)
-    if len(pair) != 2 or not all(isinstance(v, int) for v in pair):
-        raise ValueError(f'{name} must be an int or a pair of ints, got {value!r}')
+def _pair(value: _IntOrPair, name: str, low: int = 1) -> Tuple[int, int]:
+    """``value`` as a pair of ints, each at least ``low`` (0 for padding, 1 for the other sizes)."""
+    pair = (value, value) if isinstance(value, int) else tuple(value) if isinstance(value, (tuple, list)) else ()
+    if len(pair) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) and v >= low for v in pair):
+        raise ValueError(f'{name} must be an int >= {low} or a pair of them, got {value!r}')
     return pair
 
 
@@ -408,8 +409,10 @@ def sampled_deform_pool2d(
     grid_y = tap_y[:, None, None] + (torch.arange(out_height, dtype=dtype, device=device) * stride[0])[:, None]
     grid_x = tap_x[:, None, None] + torch.arange(out_width, dtype=dtype, device=device) * stride[1]
     offset = offset.reshape(batch * groups, num_points, 2, out_height, out_width)
-    norm_y = (offset[:, :, 0] + grid_y) * (2.0 / height) + (1.0 / height - 1.0)
-    norm_x = (offset[:, :, 1] + grid_x) * (2.0 / width) + (1.0 / width - 1.0)
+    # beyond one pixel outside the (padded) input every corner reads zeros: clamped there, as the tap loop clamps,
+    # so that infinite offsets sample zeros instead of reaching grid_sample as NaN
+    norm_y = (offset[:, :, 0] + grid_y).clamp(-1.0, float(height)) * (2.0 / height) + (1.0 / height - 1.0)
+    norm_x = (offset[:, :, 1] + grid_x).clamp(-1.0, float(width)) * (2.0 / width) + (1.0 / width - 1.0)
     grid = torch.stack((norm_x, norm_y), dim=-1).reshape(batch * groups, num_points * out_height, out_width, 2)
     samples = F.grid_sample(
         input.reshape(batch * groups, channels // groups, height, width), grid,
@@ -526,7 +529,7 @@ def deform_pool2d(
         raise ValueError(f'input must be (B, C, H, W), got shape {tuple(input.shape)}')
     kernel_size = _pair(kernel_size, 'kernel_size')
     stride = _pair(stride, 'stride')
-    padding = _pair(padding, 'padding')
+    padding = _pair(padding, 'padding', low=0)
     dilation = _pair(dilation, 'dilation')
     batch, channels, height, width = input.shape
     num_points = kernel_size[0] * kernel_size[1]
@@ -591,7 +594,7 @@ class DeformPool2d(nn.Module):
             raise ValueError(f'reduction must be one of {_REDUCTIONS}, got {reduction!r}')
         self.kernel_size = _pair(kernel_size, 'kernel_size')
         self.stride = _pair(stride, 'stride')
-        self.padding = _pair(padding, 'padding')
+        self.padding = _pair(padding, 'padding', low=0)
         self.dilation = _pair(dilation, 'dilation')
         self.reduction = reduction
 
@@ -645,10 +648,11 @@ class LearnedDeformPool2d(nn.Module):
             dtype=None,
     ):
         super().__init__()
-        if channels % deform_groups:
+        if deform_groups < 1 or channels % deform_groups:
             raise ValueError(f'{channels} channels cannot be split into {deform_groups} deformable groups')
-        if kernel_size % 2 == 0:
-            raise ValueError(f'kernel_size must be odd so that offsets align with the output, got {kernel_size}')
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f'kernel_size must be odd and positive so that offsets align with the output, got '
+                             f'{kernel_size}')
         self.num_points = deform_groups * kernel_size * kernel_size
         self.offset_conv = nn.Conv2d(channels, 3 * self.num_points, 3, stride=stride, padding=1, device=device,
                                      dtype=dtype)

@@ -128,6 +128,8 @@ def per_sample_conv2d(
     """
     batch, out_chs = x.shape[0], weight.shape[1]
     exporting = _is_exporting()
+    if not exporting and weight.shape[0] != batch:
+        raise ValueError(f'per_sample_conv2d needs one kernel per sample: {batch} samples, {weight.shape[0]} kernels')
     as_matmul = _runs_as_matmul(x, weight.shape[-2:], stride, padding, exporting)
     if as_matmul or exporting:
         if as_matmul:
@@ -315,6 +317,11 @@ class DynamicConv2d(CondConv2d):
         check_num_experts(num_experts)
         if routing not in ROUTING_TYPES:
             raise ValueError(f'unknown routing {routing!r}, expected one of {ROUTING_TYPES}')
+        if groups < 1 or in_channels % groups or out_channels % groups:
+            raise ValueError(f'{in_channels} input and {out_channels} output channels cannot be split into '
+                             f'{groups} groups')
+        if min((kernel_size,) if isinstance(kernel_size, int) else kernel_size) < 1:
+            raise ValueError(f'kernel_size must be positive, got {kernel_size}')
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts, **dd)
         self.geometry = _ConvGeometry(
@@ -332,11 +339,13 @@ class DynamicConv2d(CondConv2d):
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
         if not torch.jit.is_scripting():
-            if isinstance(self.routing, nn.Linear) and not torch.jit.is_tracing():
+            if (isinstance(self.routing, nn.Linear) and not torch.jit.is_tracing()
+                    and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)):
                 # sigmoid routing as one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its
                 # scale: this runs once per conv, so its op count matters at batch 1. (Not in TorchScript: its
                 # type check of a submodule goes wrong once any module of the class has been traced; not when
-                # tracing, where the scale would be a traced value that the TorchScript ONNX exporter rejects.)
+                # tracing, where the scale would be a traced value that the TorchScript ONNX exporter rejects;
+                # not in half precision or under autocast, where the sum of a large map overflows float16.)
                 logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
                                      alpha=1.0 / (x.shape[2] * x.shape[3]))
                 return logits.sigmoid_()

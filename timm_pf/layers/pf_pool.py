@@ -97,8 +97,10 @@ class PfMaxPool2d(nn.Module):
 
     def __init__(self, kernel_size: int = 3, stride: int = 1, device=None, dtype=None):
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f'PfMaxPool2d needs an odd kernel_size for same padding, got {kernel_size}')
+        if kernel_size < 1 or kernel_size % 2 != 1:
+            raise ValueError(f'PfMaxPool2d needs an odd positive kernel_size for same padding, got {kernel_size}')
+        if stride < 1:
+            raise ValueError(f'PfMaxPool2d needs a stride >= 1, got {stride}')
         self.kernel_size = kernel_size
         self.stride = stride
 

@@ -68,10 +68,13 @@ def _dummy_input(model: nn.Module, input_size: Sequence[int], batch_size: int) -
 
 @contextmanager
 def _frozen(model: nn.Module):
-    """Parameters temporarily not requiring grad. Under ``no_grad`` a view of a parameter (e.g. PiT's
-    expanded class token) still requires grad without a grad_fn, which FlopCounterMode's module tracker
-    rejects when such a view is passed to a submodule."""
+    """The model in eval mode with parameters not requiring grad, both restored afterwards (also when the
+    forward fails). Under ``no_grad`` a view of a parameter (e.g. PiT's expanded class token) still requires
+    grad without a grad_fn, which FlopCounterMode's module tracker rejects when such a view is passed to a
+    submodule."""
+    was_training = model.training
     params = [p for p in model.parameters() if p.requires_grad]
+    model.eval()
     for p in params:
         p.requires_grad_(False)
     try:
@@ -79,17 +82,15 @@ def _frozen(model: nn.Module):
     finally:
         for p in params:
             p.requires_grad_(True)
+        model.train(was_training)
 
 
 @torch.no_grad()
 def count_macs(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
     """Multiply-accumulates of one forward pass per image (FLOPs / 2 from ``FlopCounterMode``)."""
-    was_training = model.training
-    model.eval()
     x = _dummy_input(model, input_size, batch_size)
     with _frozen(model), FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS) as counter:
         model(x)
-    model.train(was_training)
     return counter.get_total_flops() // 2 // batch_size
 
 
@@ -109,20 +110,21 @@ class _ActivationCounter(TorchDispatchMode):
 @torch.no_grad()
 def count_activations(model: nn.Module, input_size: Sequence[int] = (3, 224, 224), batch_size: int = 1) -> int:
     """Elements written by convolutions and matrix products in one forward pass, per image."""
-    was_training = model.training
-    model.eval()
     x = _dummy_input(model, input_size, batch_size)
     counter = _ActivationCounter()
-    with counter:
+    with _frozen(model), counter:
         model(x)
-    model.train(was_training)
     return counter.total // batch_size
 
 
 def model_stats(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ModelStats:
-    """Params, MACs and activations at ``input_size`` (default: the model's pretrained cfg input size)."""
+    """Params, MACs and activations at ``input_size`` (default: the size a ViT/PiT was built for with
+    ``img_size=``, else the model's pretrained cfg input size)."""
     if input_size is None:
         input_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
+        built_for = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+        if isinstance(built_for, tuple) and len(built_for) == 2:
+            input_size = (input_size[0], *built_for)
     input_size = tuple(input_size)
     return ModelStats(
         params=count_params(model),

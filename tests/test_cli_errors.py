@@ -255,3 +255,16 @@ def test_run_without_a_script_names_only_the_script(capsys):
         main(['run'])
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and 'required: script (' in err and 'script_args' not in err
+
+
+def test_run_names_the_script_its_errors_come_from(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    (tmp_path / 'fails.py').write_text('raise RuntimeError("x" * 5000)\n')
+    (tmp_path / 'needs.py').write_text('import no_such_package_here\n')
+    assert main(['run', 'fails.py']) == 1
+    line = _one_error_line(capsys)
+    assert 'fails.py failed: RuntimeError: xxx' in line and 'more characters; TIMM_PF_TRACEBACK=1' in line
+    assert len(line) < 1700
+    assert main(['run', 'needs.py']) == 2
+    assert "needs.py needs the module 'no_such_package_here'" in _one_error_line(capsys)

@@ -233,8 +233,8 @@ def test_push_refuses_a_folder_converted_for_another_class_count(client, hub, we
     checkpoint = tmp_path / 'ten_classes.safetensors'
     safetensors.torch.save_file(timm.create_model(weights['name_tag'], num_classes=10).state_dict(), str(checkpoint))
     folder = tmp_path / 'ten_classes'
-    assert cli_main(['convert', str(checkpoint), '--model', weights['name_tag'], '--num-classes', '10',
-                     '-o', str(folder)]) == 0
+    assert cli_main(['convert', str(checkpoint), '--model', weights['name_tag'].split('.')[0], '--num-classes', '10',
+                     '--img-size', '224', '-o', str(folder)]) == 0
     assert json.loads((folder / 'config.json').read_text())['num_classes'] == 10
     before = len(hub[1].requests)
     rc, _, err = _push(client, folder, weights['name_tag'], '--dry-run')
@@ -502,7 +502,7 @@ def test_push_of_a_checkpoint_for_another_class_count_is_refused(client, hub, we
     safetensors.torch.save_file(timm.create_model(weights['name_tag'], num_classes=10).state_dict(), str(checkpoint))
     before = len(hub[1].requests)
     rc, _, err = _push(client, checkpoint, weights['name_tag'], '--num-classes', '10', '--dry-run')
-    assert rc == 2 and 'does not fit' in err, err
+    assert rc == 2 and 'describes its own model' in err and '--num-classes 10' in err, err
     assert len(hub[1].requests) == before
 
 
@@ -544,7 +544,7 @@ def test_convert_refuses_to_resample_or_misdescribe_a_fixed_size_model(tmp_path,
     safetensors.torch.save_file(timm.create_model(tag).state_dict(), str(full))
     assert cli_main(['convert', str(full), '--model', tag.split('.')[0], '--img-size', '160', '-o', str(out)]) == 2
     err = capsys.readouterr().err
-    assert '--model-kwargs img_size=160' in err and 'Traceback' not in err and not out.exists()
+    assert 'built for 224 px, not 160' in err and '--model-kwargs img_size=160' in err and not out.exists()
     assert cli_main(['convert', str(small), '--model', tag.split('.')[0], '--img-size', '160',
                      '--model-kwargs', 'img_size=160', '-o', str(out)]) == 0
     model = timm.create_model(f'local-dir:{out}', pretrained=True)
@@ -565,3 +565,26 @@ def test_corrupted_cache_offline_says_to_fetch_again_online(client, hub, publish
     assert result[:2] == ('error', 'PretrainedWeightsError'), result
     assert 'corrupted' in result[2] and 'fetch it again with network access (HF_HUB_OFFLINE is set now)' in result[2]
     assert not blob.exists()
+
+
+def test_convert_with_a_tag_refuses_another_model_of_the_family(weights, tmp_path, capsys):
+    """A tag's config.json describes the tag's model: weights of a model built otherwise convert without a tag."""
+    tag = 'ours_r50_hybrid.pf_in1k'
+    kwargs = ['layers=[1,1,1,1]', 'channels=[16,32,64,128]', 'stem_width=16']
+    small = tmp_path / 'small.safetensors'
+    safetensors.torch.save_file(timm.create_model('ours_r50_hybrid', num_classes=10, **{
+        'layers': [1, 1, 1, 1], 'channels': [16, 32, 64, 128], 'stem_width': 16}).state_dict(), str(small))
+    out = tmp_path / 'out'
+    assert cli_main(['convert', str(small), '--model', tag, '--model-kwargs', *kwargs, '--num-classes', '10',
+                     '-o', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert 'describes its own model' in err and '--model ours_r50_hybrid' in err and not out.exists()
+    assert cli_main(['convert', str(small), '--model', 'ours_r50_hybrid', '--model-kwargs', *kwargs,
+                     '--num-classes', '10', '--img-size', '32', '-o', str(out)]) == 0
+
+
+def test_convert_of_a_replacement_training_form_says_to_finalize_first(tmp_path, capsys):
+    checkpoint = tmp_path / 'r34.safetensors'
+    safetensors.torch.save_file({'x': torch.zeros(1)}, str(checkpoint))
+    assert cli_main(['convert', str(checkpoint), '--model', 'resnet34_replace', '-o', str(tmp_path / 'out')]) == 2
+    assert 'timm_pf.replacement.finalize(model)' in capsys.readouterr().err

@@ -9,6 +9,8 @@ import sys
 from typing import Callable, Tuple, Type
 
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
+# An error line is cut after this many characters.
+MAX_MESSAGE_CHARS = 1500
 EXIT_CODES_HELP = ('exit codes: 0 ok, 1 failure outside the user\'s control (Hub unreachable or refusing, kernel '
                    'build, unexpected error), 2 bad input (the message names it)')
 
@@ -77,5 +79,8 @@ def run_command(func: Callable, args, prog: str) -> int:
             raise
         code, message = classify(err)
         line = ' '.join(part.strip() for part in message.splitlines() if part.strip()) or type(err).__name__
+        if len(line) > MAX_MESSAGE_CHARS:  # e.g. torch's list of every missing and mis-shaped key
+            line = (f'{line[:MAX_MESSAGE_CHARS]} ... ({len(line) - MAX_MESSAGE_CHARS} more characters; '
+                    f'TIMM_PF_TRACEBACK=1 shows all)')
         print(f'{prog}: error: {line}', file=sys.stderr)
         return code

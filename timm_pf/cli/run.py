@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ._errors import BadInput
+from ._errors import BadInput, Failure
 
 # timm's train.py, validate.py and benchmark.py: parser.add_argument('--device', default='cuda', ...)
 _DEFAULTS_TO_CUDA = re.compile(r"""add_argument\(\s*['"]--device['"][^)]*?default\s*=\s*['"]cuda""", re.S)
@@ -61,6 +61,11 @@ def _run(args: argparse.Namespace) -> int:
         if isinstance(e.code, str):  # sys.exit('message')
             print(e.code, file=sys.stderr)
         return e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    except ModuleNotFoundError as e:  # a package the script imports (e.g. pandas for inference.py)
+        raise BadInput(f'{script.name} needs the module {e.name!r}, which is not installed: pip install '
+                       f'{(e.name or "").split(".")[0]}') from e
+    except Exception as e:  # the script's own error: say where it came from (TIMM_PF_TRACEBACK=1 shows the lines)
+        raise Failure(f'{script.name} failed: {type(e).__name__}: {e}') from e
     return 0
 
 

@@ -45,6 +45,12 @@ def resolve_name_tag(name: str) -> str:
     if not timm.is_model(arch) or not model_entrypoint(arch).__module__.startswith('timm_pf.'):
         raise UnknownTagError(f'{arch!r} is not a timm-pf model{did_you_mean(arch, pf_model_names())}')
     tags = [split_model_name_tag(n)[1] for n in pf_pretrained_tags([arch])]
+    if not tags and model_entrypoint(arch).__module__.endswith('.replace'):
+        raise UnknownTagError(
+            f'{arch} is the training form of Replacement Learning, which has no pretrained tag: load its weights '
+            f'into timm.create_model({arch!r}, ...), turn it into its plain model with '
+            f'timm_pf.replacement.finalize(model), save that with timm.models.save_for_hf(model, folder, '
+            f'safe_serialization=True) and push the folder with `timm-pf push FOLDER --repo-id ORG/NAME`.')
     if not tags:
         raise UnknownTagError(f'{arch} has no pretrained tag with a {HF_HUB_ORG} Hub repository: weights of it go to '
                               f'a repository of your own (save them with timm.models.save_for_hf(model, folder, '

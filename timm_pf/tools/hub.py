@@ -98,7 +98,7 @@ def create_model(name: str, pretrained: bool = False, checkpoint: Optional[Union
             _check_local_dir(Path(name[len('local-dir:'):]), kwargs)
         if not isinstance(e, (TypeError, ValueError, AssertionError)):
             raise
-        given = ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+        given = _typed_kwargs(kwargs)
         raise ModelArgsError(f'cannot build {name}' + (f' with {given}' if given else '') +
                              f': {type(e).__name__}: {e}') from e
     if checkpoint is not None:
@@ -130,6 +130,11 @@ def _check_local_dir(folder: Path, kwargs: Dict[str, Any]) -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Converting
+
+def _typed_kwargs(kwargs: Dict[str, Any]) -> str:
+    """Model kwargs as ``--model-kwargs`` takes them: ``key=value`` separated by spaces."""
+    return ' '.join(f'{k}={v!r}' for k, v in kwargs.items())
+
 
 def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
     """The ``checkpoint_filter_fn`` of the module that registers ``model_name`` (None if it has none)."""
@@ -203,6 +208,14 @@ def convert_checkpoint(
     model_kwargs = dict(model_kwargs or {})
     train_args = _train_args(raw)
     if tag:
+        tag_classes = timm.models.get_pretrained_cfg(name_tag).num_classes
+        other = [f'--model-kwargs {_typed_kwargs(model_kwargs)}'] if model_kwargs else []
+        other += [f'--num-classes {num_classes}'] if num_classes not in (None, tag_classes) else []
+        if other:
+            raise CheckpointError(
+                f'{name_tag} describes its own model ({tag_classes} classes, no model kwargs), not one built with '
+                f'{" and ".join(other)}: convert such weights with the bare model name (--model {arch}), and '
+                f'config.json describes the checkpoint')
         described_by = f'the tag {name_tag}'
     else:
         name_tag = arch
@@ -241,8 +254,11 @@ def convert_checkpoint(
     try:
         resolve_input_data_config(model, args=data_config)
     except ValueError as e:  # a ViT/PiT is built for one image size
-        raise CheckpointError(f'{name_tag} is built for {model.pretrained_cfg["input_size"][-1]} px, not '
-                              f'{img_size}: build it at that size with --model-kwargs img_size={img_size}') from e
+        embed = getattr(model, 'patch_embed', None)
+        built_for = getattr(embed, 'img_size', model.pretrained_cfg['input_size'])[-1]
+        raise CheckpointError(f'{name_tag} is built for {built_for} px, not {img_size}: give the image size '
+                              f'it is built for with --img-size {built_for}, or build it at {img_size} px with '
+                              f'--model-kwargs img_size={img_size}') from e
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix='.converting-') as written:

@@ -101,7 +101,11 @@ RECIPES: Dict[str, Recipe] = {r.name: r for r in (
             reprob=0.25, mixup=0.8, cutmix=1.0, drop_path=0.1, aug_repeats=3, img_size=224,
             interpolation='bicubic', train_interpolation='bicubic',
         ),
-        notes=('DeiT scales lr as 5e-4 x batch / 512: 1e-3 for the global batch of 1024.',),
+        notes=('DeiT scales lr as 5e-4 x batch / 512: 1e-3 for the global batch of 1024.',
+               'Repeated augmentation (aug_repeats: 3) needs a distributed run (torchrun); with one process add '
+               '--aug-repeats 0, which timm\'s train.py otherwise refuses.',
+               'With -inc1, RandAugment of timm 1.0.31 can posterize to 0 bits, which Pillow >= 13 refuses '
+               '(ValueError: bits must be between or equal to 1 and 8): there, install pillow<13.'),
     ),
     Recipe(
         name='parameternet_in1k',

@@ -195,6 +195,7 @@ def register(subparsers) -> None:
     parser.add_argument('--centres', nargs='+', type=_parse_centre, metavar='Y,X',
                         help='output locations to draw, relative "y,x" in [0, 1] '
                              '(default: near the centre and near a corner)')
-    parser.add_argument('--output', type=image_file, default='deform_points.png', help='figure to write (.png, .pdf, .svg, .jpg)')
+    parser.add_argument('--output', type=image_file, default='deform_points.png',
+                        help='figure to write (.png, .pdf, .svg, .jpg)')
     parser.add_argument('--dpi', type=positive_int, default=150)
     parser.set_defaults(func=draw_sampling_points)

@@ -12,7 +12,8 @@ from typing import Dict, Iterable, List, Optional, Tuple, Union
 from ..cards import CARDS_DIR, results_rows
 
 __all__ = [
-    'PAPER_IMG_SIZE', 'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_SIZES', 'SCALING_PAIRS',
+    'PAPER_IMG_SIZE', 'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_SIZES',
+    'SCALING_PAIRS',
     'ReportedSpeed', 'PaperReport',
     'Setting', 'SpeedTarget', 'baseline_for', 'paper_latency_ratio',
 ]

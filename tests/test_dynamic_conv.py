@@ -249,3 +249,9 @@ def test_shapes_that_cannot_convolve_are_refused_when_built_or_called():
         DynamicConv2d(4, 4, 0)
     with pytest.raises(ValueError, match='one kernel per sample: 1 samples, 3 kernels'):
         per_sample_conv2d(torch.randn(1, 4, 5, 5), torch.randn(3, 4, 4, 3, 3), padding=(1, 1))
+
+
+def test_runs_on_the_meta_device():
+    """timm's default-cfg test builds and runs models on the meta device, which has no autocast state."""
+    conv = DynamicConv2d(3, 8, 3, padding=1, device='meta')
+    assert conv(torch.empty(1, 3, 16, 16, device='meta')).shape == (1, 8, 16, 16)

@@ -51,6 +51,11 @@ def _is_exporting() -> bool:
     return is_exporting()
 
 
+def _autocasting(x: torch.Tensor) -> bool:
+    """Whether autocast is on for ``x``'s device (only CPU and CUDA have autocast; the meta device has none)."""
+    return x.device.type in ('cpu', 'cuda') and torch.is_autocast_enabled(x.device.type)
+
+
 def _runs_as_matmul(x: torch.Tensor, kernel_size: Tuple[int, ...], stride: _Pair, padding: _Pair,
                     exporting: bool) -> bool:
     """Whether :func:`per_sample_conv2d` (and its backward) computes this convolution as a batched matmul: a 1x1
@@ -340,7 +345,7 @@ class DynamicConv2d(CondConv2d):
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
         if not torch.jit.is_scripting():
             if (isinstance(self.routing, nn.Linear) and not torch.jit.is_tracing()
-                    and x.dtype in (torch.float32, torch.float64) and not torch.is_autocast_enabled(x.device.type)):
+                    and x.dtype in (torch.float32, torch.float64) and not _autocasting(x)):
                 # sigmoid routing as one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its
                 # scale: this runs once per conv, so its op count matters at batch 1. (Not in TorchScript: its
                 # type check of a submodule goes wrong once any module of the class has been traced; not when

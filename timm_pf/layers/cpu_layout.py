@@ -48,11 +48,10 @@ def _fingerprint(weight: torch.Tensor) -> torch.Tensor:
 
 
 def _channels_last_kernel(conv: nn.Conv2d) -> torch.Tensor:
-    identity = _parameter_identity(conv.weight)
+    identity, fingerprint = _parameter_identity(conv.weight), _fingerprint(conv.weight)
     cached = _KERNELS.get(conv)
-    if cached is None or cached[0] != identity or not torch.equal(cached[1], _fingerprint(conv.weight)):
-        cached = (identity, _fingerprint(conv.weight).clone(),
-                  conv.weight.detach().contiguous(memory_format=torch.channels_last))
+    if cached is None or cached[0] != identity or not torch.equal(cached[1], fingerprint):
+        cached = identity, fingerprint.clone(), conv.weight.detach().contiguous(memory_format=torch.channels_last)
         _KERNELS[conv] = cached
     return cached[2]
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-from timm.layers import CondConv2d, Mlp, is_exporting, pad_same, register_notrace_module
+from timm.layers import CondConv2d, Mlp, is_exporting, pad_same, register_notrace_module, to_2tuple
 
 from .._private import scan
 from .cpu_kernels import cpu_kernels
@@ -325,7 +325,7 @@ class DynamicConv2d(CondConv2d):
         if groups < 1 or in_channels % groups or out_channels % groups:
             raise ValueError(f'{in_channels} input and {out_channels} output channels cannot be split into '
                              f'{groups} groups')
-        if min((kernel_size,) if isinstance(kernel_size, int) else kernel_size) < 1:
+        if min(to_2tuple(kernel_size)) < 1:
             raise ValueError(f'kernel_size must be positive, got {kernel_size}')
         super().__init__(
             in_channels, out_channels, kernel_size, stride, padding, dilation, groups, bias, num_experts, **dd)

@@ -7,7 +7,7 @@ elements written by convolutions and matrix products.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop
 
 from .._private import TorchDispatchMode
 
-__all__ = ['ModelStats', 'count_params', 'count_macs', 'count_activations', 'model_stats']
+__all__ = ['ModelStats', 'count_params', 'count_macs', 'count_activations', 'built_input_size', 'model_stats']
 
 _ACTIVATION_OPS = {
     torch.ops.aten.convolution.default,
@@ -117,15 +117,19 @@ def count_activations(model: nn.Module, input_size: Sequence[int] = (3, 224, 224
     return counter.total // batch_size
 
 
+def built_input_size(model: nn.Module) -> Tuple[int, ...]:
+    """``(C, H, W)`` the model takes: the size a ViT/PiT was built for with ``img_size=`` (its patch embedding's),
+    else its pretrained cfg input size (which ``img_size=`` does not update)."""
+    input_size = tuple((getattr(model, 'pretrained_cfg', None) or {}).get('input_size', (3, 224, 224)))
+    built_for = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
+    if isinstance(built_for, tuple) and len(built_for) == 2:
+        return (input_size[0], *built_for)
+    return input_size
+
+
 def model_stats(model: nn.Module, input_size: Optional[Sequence[int]] = None) -> ModelStats:
-    """Params, MACs and activations at ``input_size`` (default: the size a ViT/PiT was built for with
-    ``img_size=``, else the model's pretrained cfg input size)."""
-    if input_size is None:
-        input_size = getattr(model, 'pretrained_cfg', {}).get('input_size', (3, 224, 224))
-        built_for = getattr(getattr(model, 'patch_embed', None), 'img_size', None)
-        if isinstance(built_for, tuple) and len(built_for) == 2:
-            input_size = (input_size[0], *built_for)
-    input_size = tuple(input_size)
+    """Params, MACs and activations at ``input_size`` (default: :func:`built_input_size`)."""
+    input_size = built_input_size(model) if input_size is None else tuple(input_size)
     return ModelStats(
         params=count_params(model),
         macs=count_macs(model, input_size),

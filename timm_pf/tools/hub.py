@@ -37,7 +37,7 @@ from timm.data.model_config import resolve_input_data_config
 from timm.models import model_entrypoint, save_for_hf, split_model_name_tag
 
 from .._private import load_model_config_from_path
-from ..methods.stats import count_params
+from ..methods.stats import built_input_size, count_params
 from ..models._cfg import HF_HUB_ORG, hub_repo_id
 from ..models._checkpoint import (
     CheckpointError, CheckpointMismatch, load_checkpoint_file, load_strict, read_checkpoint, unwrap_checkpoint,
@@ -254,8 +254,7 @@ def convert_checkpoint(
     try:
         resolve_input_data_config(model, args=data_config)
     except ValueError as e:  # a ViT/PiT is built for one image size
-        embed = getattr(model, 'patch_embed', None)
-        built_for = getattr(embed, 'img_size', model.pretrained_cfg['input_size'])[-1]
+        built_for = built_input_size(model)[-1]
         raise CheckpointError(f'{name_tag} is built for {built_for} px, not {img_size}: give the image size '
                               f'it is built for with --img-size {built_for}, or build it at {img_size} px with '
                               f'--model-kwargs img_size={img_size}') from e
@@ -394,20 +393,16 @@ def prepare_push(
         raise PushError(f'nothing says where the weights of {name_tag} come from: list the tag under "converted" '
                         f'in its hub_cards/families/ file or add its train_configs/ recipe (see hub_cards/README.md)')
     source, staging_dir = Path(source), Path(staging_dir)
-    with tempfile.TemporaryDirectory(prefix='timm-pf-convert-') as converted:
-        if source.is_dir():
-            if use_ema or num_classes is not None:
-                raise PushError(f'{source} is a converted folder, pushed as it is: --ema and --num-classes apply '
-                                f'to a checkpoint converted on the way')
-            folder = source
-        else:
-            folder = Path(converted)
-            convert_checkpoint(name_tag, source, folder, use_ema=use_ema, num_classes=num_classes)
-        # the weights must load into the model the tag's users get; its own config.json goes with them, so
-        # `name.tag` and `hf-hub:` build the same model with the same data config
-        model = verify_folder(folder, name_tag)
-    staging_dir.mkdir(parents=True, exist_ok=True)
-    save_for_hf(model, str(staging_dir), safe_serialization=True)
+    if source.is_dir():
+        if use_ema or num_classes is not None:
+            raise PushError(f'{source} is a converted folder, pushed as it is: --ema and --num-classes apply '
+                            f'to a checkpoint converted on the way')
+        # the weights must load into the model the tag's users get; its own config.json goes with them (not the
+        # folder's), so `name.tag` and `hf-hub:` build the same model with the same data config
+        staging_dir.mkdir(parents=True, exist_ok=True)
+        save_for_hf(verify_folder(source, name_tag), str(staging_dir), safe_serialization=True)
+    else:  # a conversion for a tag loads strictly into the tag's model and writes the tag's config.json
+        convert_checkpoint(name_tag, source, staging_dir, use_ema=use_ema, num_classes=num_classes)
     if card_text is None:  # the committed card (checked against the model by the tests), else a fresh one
         committed = card_path(name_tag)
         card_text = committed.read_text(encoding='utf-8') if committed.is_file() else render_card(name_tag)

@@ -125,12 +125,12 @@ def fit_spans(
         weight, b = st.solve(ridge)
         dim = weight.shape[-1]
         num_tokens = weight.shape[0] if per_token else None
-        module = LinearBlockApprox(dim, layouts[j], bias=bias, num_tokens=num_tokens)
-        with torch.no_grad():
-            module.weight.copy_(weight.float())
+        module = LinearBlockApprox(dim, layouts[j], bias=bias, num_tokens=num_tokens).to(dev, dtype)
+        with torch.no_grad():  # the float64 solution cast once, to the model's dtype
+            module.weight.copy_(weight)
             if b is not None:
-                module.bias.copy_(b.float())
-        modules.append(module.to(dev, dtype))
+                module.bias.copy_(b)
+        modules.append(module)
     return modules
 
 

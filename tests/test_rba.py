@@ -206,7 +206,7 @@ def test_maps_take_the_dtype_of_the_model(dtype):
     assert approx(images[:2]).dtype == dtype
 
 
-def test_approximating_again_refuses_spans_that_overlap_the_earlier_ones():
+def test_approximating_again_refuses_spans_that_overlap_the_earlier_ones(tmp_path):
     model, images = _tiny_vit(), [torch.randn(8, 3, 32, 32)]
     approx = rba.approximate(model, [(1, 3)], images)
     for span in [(0, 2), (2, 4), (0, 4), (1, 3)]:
@@ -219,6 +219,13 @@ def test_approximating_again_refuses_spans_that_overlap_the_earlier_ones():
     assert report.notes['removed_blocks'] == ['blocks.2']
     assert all('blocks.2' not in (r['source'], r['target']) for r in report.spans())
     assert math.isnan(report.metrics['br'][2][3]) and not math.isnan(report.metrics['br'][1][3])
+    # nor is a span ranked that replaces blocks the map 1 -> 3 replaces (apply would refuse it)
+    ranked = {(r['source_index'], r['target_index']) for r in report.spans()}
+    assert {(0, 1), (3, 4), (3, 5)} <= ranked
+    assert not {(1, 3), (0, 3), (1, 4), (0, 4)} & ranked
+    report.to_json(tmp_path / 'report.json')
+    reloaded = rba.RedundancyReport.from_json(tmp_path / 'report.json')
+    assert ranked == {(r['source_index'], r['target_index']) for r in reloaded.spans()}
 
 
 def test_a_trunk_of_one_block_is_named():

@@ -113,19 +113,23 @@ class RedundancyReport:
     def spans(self, rank_by: str = 'br', max_blocks: Optional[int] = None) -> List[Dict[str, Any]]:
         """Replaceable spans (source, target) ranked by a metric, most redundant first.
 
-        ``params_removed`` is the net saving of a shared ``D x D`` map without bias.
+        ``params_removed`` is the net saving of a shared ``D x D`` map without bias. In the report of an
+        approximated model, spans that replace blocks its maps already replace are left out.
         """
         if rank_by not in self.metrics:
             raise RbaError(f'cannot rank by {rank_by!r}: this report has {", ".join(self.metrics)}')
         if max_blocks is not None and max_blocks < 1:
             raise RbaError(f'max_blocks must be None or >= 1, got {max_blocks}')
+        # spans an earlier RBA replaced: a span that replaces any of their blocks cannot be applied
+        replaced = [tuple(self.block_names.index(name) for name in span)
+                    for span in self.notes.get('replaced_spans', [])]
         rows = []
         for i in range(len(self.block_names)):
             for j in range(i + 1, len(self.block_names)):
                 if self.segments[i] != self.segments[j] or (max_blocks is not None and j - i > max_blocks):
                     continue
                 values = {m: self.metrics[m][i][j] for m in self.metrics}
-                if math.isnan(values[rank_by]):
+                if math.isnan(values[rank_by]) or any(max(i, k) < min(j, l) for k, l in replaced):
                     continue
                 rows.append(dict(
                     source=self.block_names[i], target=self.block_names[j], source_index=i, target_index=j,
@@ -286,5 +290,7 @@ def analyze(
         num_images=num_images,
         metrics={m: mats[m] for m in metrics},
         notes=dict(rows='every token (or feature-map pixel) of every image', layouts=sorted(set(layouts)),
-                   **({'removed_blocks': [blocks[i].name for i in sorted(removed)]} if removed else {})),
+                   **({'removed_blocks': [blocks[i].name for i in sorted(removed)]} if removed else {}),
+                   **({'replaced_spans': [[s['source'], s['target']] for s in model.rba_spans]}
+                      if getattr(model, 'rba_spans', None) else {})),
     )

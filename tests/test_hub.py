@@ -282,6 +282,19 @@ def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weig
     assert client(client_pull, 'hf-hub:maintainer/test_resnet') == ('ok', tensor_digests(other.state_dict()))
 
 
+def test_push_deletes_the_pickle_weights_it_replaces(client, hub, tmp_path):
+    repo_id = 'maintainer/was_pickled'
+    model = timm.create_model('test_resnet', num_classes=7)
+    save_for_hf(model, str(tmp_path / 'pickled'), safe_serialization=False)
+    client(client_upload_folder, repo_id, str(tmp_path / 'pickled'))
+    save_for_hf(model, str(tmp_path / 'safe'), safe_serialization=True)
+    rc, out, err = client(client_cli, ['push', str(tmp_path / 'safe'), '--repo-id', repo_id])
+    assert rc == 0, err
+    assert 'pytorch_model.bin' in out and 'deleted if the branch holds one' in out
+    repo = hub[1].repos[repo_id]
+    assert sorted(repo.commits[repo.branches['main']].files) == ['README.md', 'config.json', WEIGHTS_NAME]
+
+
 def test_offline_uses_the_cache(client, hub, published, hub_env):
     online = client(client_pull, published['name_tag'])  # fills the cache
     assert online[0] == 'ok'

@@ -338,6 +338,10 @@ def load_folder_model(folder: Union[str, Path]) -> Tuple[nn.Module, Dict[str, An
 # ---------------------------------------------------------------------------------------------------------------
 # Publishing
 
+# weights an earlier push in timm's pickle layout left; a push replaces them with model.safetensors
+STALE_WEIGHTS = ('pytorch_model.bin',)
+
+
 @dataclass
 class PushPlan:
     """What a push uploads: staged files (weights, config, card) and where they go."""
@@ -353,6 +357,8 @@ class PushPlan:
         visibility = 'private' if self.private else 'public if new, else as it is'
         lines = [f'{hf_constants.ENDPOINT}/{self.repo_id} (branch {branch}, {visibility}):']
         lines += [f'  {name:<20} {size:>14,d} bytes  sha256 {digest}' for name, size, digest in self.files]
+        lines += [f'  {name:<20} deleted if the branch holds one (weights in the older pickle format)'
+                  for name in STALE_WEIGHTS]
         return '\n'.join(lines)
 
 
@@ -508,6 +514,7 @@ def push_to_hub(plan: PushPlan, token: Optional[str] = None, commit_message: Opt
         folder_path=str(plan.folder),
         revision=plan.revision,
         allow_patterns=[name for name, _, _ in plan.files],
+        delete_patterns=list(STALE_WEIGHTS),
         commit_message=commit_message or f'Add {plan.label} weights (timm-pf {__version__})',
     )
     return PushResult(commit_url=commit.commit_url, private=bool(api.model_info(plan.repo_id).private))

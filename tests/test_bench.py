@@ -629,7 +629,11 @@ def test_onnxruntime_sweep_exports_once_per_size_and_reports_a_failed_export(mon
     assert all(p['sizes'][0]['latency_ratio'] is None for p in sweep if p['model'] == TINY_BROKEN)
     text = bench.format_report(result)
     assert 'ONNX Runtime' in text and 'Not timed' in text and f'{TINY_BROKEN}, infer b1 32px: export failed' in text
-    assert json.loads(bench.to_json(result))['rows'][2]['error'] == result.rows[2].error
+    report = json.loads(bench.to_json(result))
+    assert report['rows'][2]['error'] == result.rows[2].error
+    assert report['options']['runtime'] == 'onnxruntime'
+    assert report['options']['memory'] == 'not measured in ONNX Runtime'
+    assert report['options']['cpu_kernels'] == 'not used by ONNX Runtime'
     target = SpeedTarget(TINY_BROKEN, TINY_BASE, Setting('infer', 1, 32), 'latency', 1.0, runtime='onnxruntime')
     [check] = bench.check_targets(result, [target, replace(target, runtime='torch')])  # only its own runtime
     assert check.status == 'ERROR' and 'export failed' in check.error

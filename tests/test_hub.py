@@ -228,7 +228,8 @@ def test_push_refuses_weights_that_do_not_load_strictly(client, hub, weights, tm
 
 
 def test_push_refuses_a_folder_converted_for_another_class_count(client, hub, weights, tmp_path):
-    """A folder's own model args do not apply to ``create_model(tag, pretrained=True)``: its weights must fit the tag."""
+    """A folder's own model args do not apply to ``create_model(tag, pretrained=True)``: its weights must fit
+    the tag."""
     torch.manual_seed(0)
     checkpoint = tmp_path / 'ten_classes.safetensors'
     safetensors.torch.save_file(timm.create_model(weights['name_tag'], num_classes=10).state_dict(), str(checkpoint))

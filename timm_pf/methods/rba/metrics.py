@@ -201,7 +201,8 @@ class RedundancyReport:
                 for i in range(n):
                     for j in range(n):
                         if np.isfinite(mat[i, j]):
-                            ax.text(j, i, f'{mat[i, j] + 0.0:.2g}', ha='center', va='center', fontsize=5.5 if n <= 8 else 4.5,
+                            ax.text(j, i, f'{mat[i, j] + 0.0:.2g}', ha='center', va='center',
+                                    fontsize=5.5 if n <= 8 else 4.5,
                                     color='black' if mat[i, j] > mid else 'white')
             bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
             bar.formatter.set_useOffset(False)

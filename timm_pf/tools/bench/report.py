@@ -4,7 +4,7 @@ import io
 import json
 import math
 from dataclasses import asdict
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from .paper import PAPER_IMG_SIZE, Setting
 from .runner import BenchResult, BenchRow
@@ -167,6 +167,14 @@ def _memory_method(options) -> str:
     return 'not measured in ONNX Runtime' if options.runtime == 'onnxruntime' else options.memory
 
 
+def _applied_options(options) -> Dict[str, Any]:
+    """The options as they applied to the timings: ONNX Runtime measures no memory and runs no kernel of ours."""
+    applied = asdict(options)
+    if options.runtime == 'onnxruntime':
+        applied.update(memory=_memory_method(options), cpu_kernels='not used by ONNX Runtime')
+    return applied
+
+
 def _target_table(result: BenchResult, markdown: bool) -> List[str]:
     if not result.targets:
         return []
@@ -226,7 +234,7 @@ def to_json(result: BenchResult) -> str:
     """Environment, options, rows (with every timed run) and target checks as JSON."""
     data = {
         'environment': result.environment,
-        'options': asdict(result.options),
+        'options': _applied_options(result.options),
         'rows': [asdict(r) for r in result.rows],
         'ratio_vs_resolution': ratio_vs_resolution(result),
         'targets': [{**asdict(c.target), 'measured': c.measured, 'status': c.status, 'unstable': c.unstable,

@@ -10,7 +10,8 @@ from torchvision.models.feature_extraction import create_feature_extractor, get_
 
 from _hosts import hosted
 from timm_pf.layers import (
-    ChannelsLastKernelConv2d, Conv2dNhwc, DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer, GridAttention,
+    ChannelsLastKernelConv2d, Conv2dNhwc, DeformAvgPool2d, DeformMaxPool2d, DynamicConv2d, EfficientTokenMixer,
+    GridAttention,
     LearnedDeformPool2d, MaxPool2dNhwc, PfMaxPool2d, use_channels_last_kernels)
 from timm_pf.layers.graph_capture import is_capturing_graph
 
@@ -36,7 +37,8 @@ def _layer(name: str):
         'max_pool_nhwc': (MaxPool2dNhwc(3, inplace=True), (grid,)),
         'conv_nhwc': (Conv2dNhwc(12, 6, 3, stride=2, padding=1), (grid,)),
         'channels_last_kernel_conv': (
-            use_channels_last_kernels(nn.Conv2d(8, 6, 3, padding=1)), (nchw.contiguous(memory_format=torch.channels_last),)),
+            use_channels_last_kernels(nn.Conv2d(8, 6, 3, padding=1)),
+            (nchw.contiguous(memory_format=torch.channels_last),)),
         'grid_attention': (
             GridAttention(12, num_heads=3, qkv_bias=True, qk_norm=True, norm_layer=nn.LayerNorm), (grid,)),
     }
@@ -46,7 +48,8 @@ def _layer(name: str):
 
 LAYERS = [
     'pf_max', 'pf_max_s2', 'deform_max', 'deform_avg', 'learned_deform', 'dynamic_conv', 'dynamic_conv_softmax_bias',
-    'dynamic_conv_same_dw', 'mixer_max', 'mixer_dwconv_relu', 'max_pool_nhwc', 'conv_nhwc', 'channels_last_kernel_conv', 'grid_attention']
+    'dynamic_conv_same_dw', 'mixer_max', 'mixer_dwconv_relu', 'max_pool_nhwc', 'conv_nhwc', 'channels_last_kernel_conv',
+    'grid_attention']
 
 
 def _fx(model: nn.Module) -> nn.Module:

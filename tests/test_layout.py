@@ -17,7 +17,8 @@ PACKAGE_DIR = Path(timm_pf.__file__).parent
 # torch/timm model and are the ground; version.py, _data (the shipped data folders) and _private (the private
 # timm and torch names) are read by every floor.
 FLOORS = {
-    'version': 0, '_data': 0, '_private': 0, 'layers': 1, 'methods': 1, 'models': 2, 'tools': 3, 'cli': 4, '__main__': 5}
+    'version': 0, '_data': 0, '_private': 0, 'layers': 1, 'methods': 1, 'models': 2, 'tools': 3, 'cli': 4,
+    '__main__': 5}
 
 
 def _floor(module: str) -> int:
@@ -132,7 +133,8 @@ def attributes():
 before = attributes()
 import timm_pf
 after = attributes()
-print(json.dumps({"compared": sorted(before), "replaced": sorted(k for k, v in before.items() if after.get(k) is not v)}))
+replaced = sorted(k for k, v in before.items() if after.get(k) is not v)
+print(json.dumps({"compared": sorted(before), "replaced": replaced}))
 '''
     out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True).stdout
     result = json.loads(out.strip().splitlines()[-1])

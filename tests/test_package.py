@@ -40,7 +40,8 @@ def _run(cmd, cwd: Path, env=None, ok: bool = True) -> subprocess.CompletedProce
 
 def _package_files() -> dict:
     """Wheel path -> source file of everything the wheel must hold, read from the repository."""
-    files = {p.relative_to(REPO).as_posix(): p for p in (REPO / 'timm_pf').rglob('*.py') if '__pycache__' not in p.parts}
+    files = {p.relative_to(REPO).as_posix(): p for p in (REPO / 'timm_pf').rglob('*.py')
+             if '__pycache__' not in p.parts}
     files.update({p.relative_to(REPO).as_posix(): p for p in (REPO / 'timm_pf' / 'layers' / 'csrc').iterdir()})
     for name in (HUB_CARDS, TRAIN_CONFIGS):
         files.update({f'timm_pf/_data/{name}/{p.relative_to(REPO / name).as_posix()}': p
@@ -115,7 +116,8 @@ def runs(installed) -> Dict[str, List[subprocess.CompletedProcess]]:
         'card': [[timm_pf, 'card', CARD], [timm_pf, 'card', CARD, '--check']],
         'train-config': [[timm_pf, 'train-config', 'ours_r50_hybrid', 'quickstart/digits'],
                          [timm_pf, 'train-config', '--list']],
-        'deform-points': [[timm_pf, 'deform-points', '--img-size', '64', '--init-std', '0.02', '--output', 'points.png']],
+        'deform-points': [[timm_pf, 'deform-points', '--img-size', '64', '--init-std', '0.02',
+                           '--output', 'points.png']],
         'where': [[installed['python'], '-c', where]],
     }
 

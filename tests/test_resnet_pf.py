@@ -188,7 +188,8 @@ def test_channels_last_execution_matches_nchw(hybrid):
     assert torch.allclose(ours, reference, atol=1e-5) and torch.equal(ours, from_cl)
 
 
-@pytest.mark.parametrize('batch,size,last_stage_nchw', [(1, 224, True), (4, 224, True), (8, 224, False), (1, 512, False)])
+@pytest.mark.parametrize('batch,size,last_stage_nchw',
+                         [(1, 224, True), (4, 224, True), (8, 224, False), (1, 512, False)])
 def test_last_stage_runs_nchw_only_on_small_maps(batch, size, last_stage_nchw):
     model = timm.create_model('ours_r50_hybrid', num_classes=10).eval()
     layouts = []

@@ -275,8 +275,10 @@ def test_filter_errors_name_the_problem(vit_s_official):
     cases = [
         ({**ours, 'cls_token': torch.zeros(1, 1, 384)}, 'class token'),
         ({**ours, 'transformers.0.blocks.0.norm1.weight': torch.ones(144)}, 'PiT'),
-        ({k: v for k, v in ours.items() if k != 'blocks.3.mlp.fc1.weight'}, r'missing keys \(1\): blocks.3.mlp.fc1.weight'),
-        ({**ours, 'blocks.0.mlp.fc1.weight': torch.zeros(1536, 192)}, r'shape mismatches \(1\): blocks.0.mlp.fc1.weight'),
+        ({k: v for k, v in ours.items() if k != 'blocks.3.mlp.fc1.weight'},
+         r'missing keys \(1\): blocks.3.mlp.fc1.weight'),
+        ({**ours, 'blocks.0.mlp.fc1.weight': torch.zeros(1536, 192)},
+         r'shape mismatches \(1\): blocks.0.mlp.fc1.weight'),
         ({**ours, 'norm.weight': torch.full((384,), float('nan'))}, 'NaN'),
         ({**ours, 'norm.weight': [1.0] * 384}, 'not a tensor'),
     ]

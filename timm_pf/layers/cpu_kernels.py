@@ -184,7 +184,8 @@ def _load_verified(name: str, library: Path) -> ModuleType:
         try:
             return _import_library(name, origin)
         except ImportError as e:
-            raise KernelBuildError(f'the built kernel {library} does not load ({e}); delete its folder to rebuild') from e
+            raise KernelBuildError(
+                f'the built kernel {library} does not load ({e}); delete its folder to rebuild') from e
     finally:
         os.close(fd)
 

@@ -52,7 +52,8 @@ from .._private import current_dispatch_mode
 from .graph_capture import is_capturing_graph
 
 __all__ = [
-    'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d', 'LearnedDeformPool2d']
+    'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d',
+    'LearnedDeformPool2d']
 
 _IntOrPair = Union[int, Tuple[int, int]]
 _REDUCTIONS = ('max', 'avg')

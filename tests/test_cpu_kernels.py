@@ -216,7 +216,8 @@ def _assert_refused(match):
     with pytest.raises(ck.KernelBuildError, match=match):
         ck.build_cpu_kernels()
     with ck.cpu_kernel_policy('auto'):  # the default policy falls back to the eager path, saying why
-        assert ck.cpu_kernels() is None
+        with pytest.warns(RuntimeWarning, match=f'dynamic convs run the eager path: .*{match}'):
+            assert ck.cpu_kernels() is None
         assert re.search(match, ck.kernel_status()), ck.kernel_status()
 
 
@@ -286,8 +287,88 @@ def test_a_cache_entry_that_is_not_the_users_own_build_is_never_loaded(monkeypat
     _assert_refused(match)
     monkeypatch.setenv('CXX', str(tmp_path / 'no-such-compiler'))
     with ck.cpu_kernel_policy('build'):  # a present entry is never rebuilt over either
-        assert ck.cpu_kernels() is None
+        with pytest.warns(RuntimeWarning, match=match):
+            assert ck.cpu_kernels() is None
         assert re.search(match, ck.kernel_status())
+
+
+def _root_owned_by_someone_else(root):
+    os.chown(root, _other_uid(), -1)
+
+
+def _root_writable_by_others(root):
+    root.chmod(0o777)
+
+
+def _folder_above_the_root_writable_by_others(root):
+    root.parent.chmod(0o777)
+
+
+@pytest.mark.parametrize('plant, match', [
+    (_root_owned_by_someone_else, r'refusing the kernel cache root .*/shared is owned by uid \d+'),
+    (_root_writable_by_others, r'root .*/shared is writable by group or others \(mode 777\) and not sticky'),
+    (_folder_above_the_root_writable_by_others,
+     r'root .*/shared: the folder above it, .* is writable by group or others \(mode 777\) and not sticky'),
+], ids=lambda v: v.__name__.strip('_') if callable(v) else '')
+def test_a_cache_root_others_can_rename_in_is_neither_built_in_nor_loaded(monkeypatch, tmp_path, plant, match):
+    root = tmp_path / 'above' / 'shared'
+    root.mkdir(mode=0o700, parents=True)
+    monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(root))
+    library = _planted_build(root)
+    monkeypatch.setattr(ck, '_import_library', lambda *a: pytest.fail('an unsafe library was loaded'))
+    plant(root)
+    _assert_refused(match)
+    shutil.rmtree(library.parent)
+    monkeypatch.setattr(subprocess, 'run', lambda *a, **k: pytest.fail('compiled into an unsafe cache'))
+    with pytest.raises(ck.KernelBuildError, match=match):
+        ck.build_cpu_kernels()
+    assert not library.parent.exists() or not any(library.parent.iterdir())
+
+
+def test_a_cache_path_that_cannot_be_made_or_a_failing_compiler_fall_back(monkeypatch, tmp_path):
+    x = torch.randn(1, 8, 9, 9)
+    (tmp_path / 'a-file').write_text('not a folder')
+    monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(tmp_path / 'a-file'))
+    with ck.cpu_kernel_policy('build'):  # the first batch-1 call resolves the kernel: eager, with the reason
+        torch.testing.assert_close(_layer()(x), _eager(_layer(), x))
+        assert re.search(r'cannot create the kernel cache folder .*a-file.*TIMM_PF_KERNEL_DIR', ck.kernel_status())
+    if not TOOLCHAIN:
+        return
+    monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(tmp_path / 'cache'))
+    monkeypatch.setenv('CXX', shutil.which('false'))
+    with ck.cpu_kernel_policy('build'):
+        torch.testing.assert_close(_layer()(x), _eager(_layer(), x))
+        assert re.search(r"compiling dynamic_conv_cpu.cpp failed: .*CalledProcessError: .*'--version'",
+                         ck.kernel_status())
+
+
+TINY_EXTENSION = r"""
+#include <Python.h>
+#define NAME_OF(x) #x
+#define NAME(x) NAME_OF(x)
+#define INIT_OF(x) PyInit_##x
+#define INIT(x) INIT_OF(x)
+static PyMethodDef methods[] = {{nullptr, nullptr, 0, nullptr}};
+static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, NAME(TORCH_EXTENSION_NAME), nullptr, -1, methods};
+PyMODINIT_FUNC INIT(TORCH_EXTENSION_NAME)(void) { return PyModule_Create(&module); }
+"""
+
+
+@pytest.mark.skipif(not TOOLCHAIN, reason='no C++ compiler or ninja')
+def test_builds_again_in_one_process_and_names_a_compiler_error(monkeypatch, tmp_path):
+    source = tmp_path / 'tiny.cpp'
+    source.write_text(TINY_EXTENSION)
+    monkeypatch.setattr(ck, '_SOURCE', source)
+    monkeypatch.setattr(ck, '_module_name', lambda: 'timm_pf_tiny_rebuilt')
+    with ck.cpu_kernel_policy('off'):
+        for root in ('a', 'a', 'b'):  # again after its cache was deleted, then into another cache
+            monkeypatch.setenv('TIMM_PF_KERNEL_DIR', str(tmp_path / root))
+            assert ck.build_cpu_kernels().__name__ == 'timm_pf_tiny_rebuilt'
+            assert ck._library_path('timm_pf_tiny_rebuilt').is_file()
+            shutil.rmtree(tmp_path / root)
+        source.write_text(TINY_EXTENSION + 'this is not C++;\n')
+        with pytest.raises(ck.KernelBuildError, match=r'compiling tiny.cpp failed: .*tiny.cpp:\d+:\d+: error: '):
+            ck.build_cpu_kernels()
 
 
 def test_the_checksum_is_written_through_no_planted_symlink(tmp_path):
@@ -328,7 +409,8 @@ def test_a_corrupted_build_is_refused(monkeypatch, tmp_path):
     with ck.cpu_kernel_policy('auto'):
         with pytest.raises(ck.KernelBuildError, match='does not load.*delete its folder'):
             ck.build_cpu_kernels()
-        assert ck.cpu_kernels() is None
+        with pytest.warns(RuntimeWarning, match='does not load'):
+            assert ck.cpu_kernels() is None
         assert 'does not load' in ck.kernel_status()
 
 

@@ -21,23 +21,30 @@ moves the library into place (a symlink planted at the target is replaced, never
 the library is written beside it. Before loading, the library, its checksum file and every folder between
 them and the cache root must be real (no symlink), owned by the current user and not group/world writable,
 and the library must match its checksum; the library is then loaded from the descriptor that was checked.
-Anything else is refused with a :class:`KernelBuildError` naming the reason (the eager path runs).
+The cache root and every folder above it must be owned by the user or root and sticky where others can write
+(as /tmp), so that nobody else can swap a folder between its check and its use.
+Anything else is refused with a :class:`KernelBuildError` naming the reason and the fix; the eager path runs,
+and a refused build warns once (``RuntimeWarning``). The compiler runs in a separate process.
 """
 import functools
 import hashlib
 import importlib.machinery
 import importlib.util
+import json
 import logging
 import os
+import re
 import shutil
 import stat
+import subprocess
 import sys
 import sysconfig
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from types import ModuleType
-from typing import Iterator, Optional
+from typing import Iterator, List, Optional
 
 import torch
 
@@ -57,6 +64,7 @@ class KernelBuildError(RuntimeError):
 
 
 _loaded: Optional[ModuleType] = None
+_loaded_fds: List[int] = []
 _resolved = False
 _unavailable_reason = ''
 
@@ -111,20 +119,38 @@ def _unsafe_reason(st: os.stat_result, path: Path, kind: str) -> Optional[str]:
 def _check_private_dir(path: Path) -> None:
     reason = _unsafe_reason(os.lstat(path), path, 'dir')
     if reason:
-        raise KernelBuildError(f'refusing the kernel cache: {reason}')
+        raise KernelBuildError(f'refusing the kernel cache: {reason}; delete it and run `timm-pf build-kernels`')
+
+
+def _check_root(root: Path) -> None:
+    """No one but the user (and root) may rename or replace what is in the cache root (a symlink to it is
+    followed) or in any folder above it: each is owned by the user or root, and sticky where others can write
+    (as /tmp). Otherwise someone else could swap a cache folder between its check and its use."""
+    real = Path(os.path.realpath(root))
+    for folder in (real, *real.parents):
+        st = os.stat(folder)
+        where = '' if folder == real else f': the folder above it, {folder},'
+        if st.st_uid not in (0, os.geteuid()):
+            raise KernelBuildError(f'refusing the kernel cache root {root}{where} is owned by uid {st.st_uid}; '
+                                   f'set {_DIR_ENV} to a folder of your own')
+        if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH) and not st.st_mode & stat.S_ISVTX:
+            raise KernelBuildError(f'refusing the kernel cache root {root}{where} is writable by group or others '
+                                   f'(mode {stat.S_IMODE(st.st_mode):o}) and not sticky; make it private (chmod 700) '
+                                   f'or set {_DIR_ENV} to a private folder')
 
 
 def _private_dir(folder: Path) -> Path:
     """Create ``folder`` and every missing folder above it with mode 0700 (mkdir's mode can only lose bits to
-    the umask); an existing ``folder`` must be safe (see :func:`_unsafe_reason`)."""
+    the umask); the cache root must be safe (:func:`_check_root`), and so must ``folder`` (:func:`_unsafe_reason`)."""
     for missing in reversed([p for p in (folder, *folder.parents) if not os.path.lexists(p)]):
         try:
             os.mkdir(missing, 0o700)
-        except FileExistsError:  # made meanwhile: checked below if it is the folder itself
+        except FileExistsError:  # made meanwhile: checked below
             pass
         except OSError as e:  # a file on the way, a folder without write permission, ...
             named = f' (set by {_DIR_ENV})' if os.environ.get(_DIR_ENV) else ''
             raise type(e)(e.errno, f'cannot create the kernel cache folder {missing}{named}: {e.strerror}') from e
+    _check_root(_kernel_dir())
     _check_private_dir(folder)
     return folder
 
@@ -135,12 +161,14 @@ def _open_checked(path: Path) -> int:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as e:
         reason = f'{path} is a symlink' if os.path.islink(path) else f'{path} cannot be opened ({e.strerror})'
-        raise KernelBuildError(f'refusing the built kernel: {reason}') from e
+        raise KernelBuildError(
+            f'refusing the built kernel: {reason}; delete {path.parent} and run `timm-pf build-kernels`') from e
     st = os.fstat(fd)
     reason = _unsafe_reason(st, path, 'file')
     if reason:
         os.close(fd)
-        raise KernelBuildError(f'refusing the built kernel: {reason}')
+        raise KernelBuildError(
+            f'refusing the built kernel: {reason}; delete {path.parent} and run `timm-pf build-kernels`')
     return fd
 
 
@@ -165,6 +193,7 @@ def _load_verified(name: str, library: Path) -> ModuleType:
     """Load ``library`` only if it, its checksum file and the folders below the cache root are this user's
     and unmodified; the library is loaded from the checked descriptor, so it cannot be swapped in between."""
     root, folder = _kernel_dir(), library.parent
+    _check_root(root)
     for parent in (folder, *folder.parents):
         if parent == root:
             break
@@ -182,12 +211,17 @@ def _load_verified(name: str, library: Path) -> ModuleType:
                 f'build); delete {folder} and run `timm-pf build-kernels`')
         origin = f'/proc/self/fd/{fd}' if os.path.exists(f'/proc/self/fd/{fd}') else str(library)
         try:
-            return _import_library(name, origin)
+            module = _import_library(name, origin)
         except ImportError as e:
             raise KernelBuildError(
                 f'the built kernel {library} does not load ({e}); delete its folder to rebuild') from e
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
+    # the descriptor of a loaded library stays open: the loader knows the library by its path, and a later
+    # library opened under the same number would be taken for this one
+    _loaded_fds.append(fd)
+    return module
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -211,33 +245,57 @@ def _private_umask() -> Iterator[None]:
         os.umask(old)
 
 
+# The build runs in a fresh interpreter: torch's extension builder renames a second build of one name in a
+# process (``name_v1``), which a later process could not import under ``name``, and the parent only ever imports
+# the library through the checks of :func:`_load_verified`.
+_BUILD_SCRIPT = """
+import json, logging, sys
+logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)  # no "CUDA runtime" notice
+from torch.utils import cpp_extension
+name, source, cflags, build_dir, verbose = json.loads(sys.argv[1])
+cpp_extension.load(name, [source], extra_cflags=cflags, extra_ldflags=['-fopenmp'], build_directory=build_dir,
+                   verbose=verbose)
+"""
+
+
+def _build_error(done: subprocess.CompletedProcess) -> str:
+    """The line that says why a build failed: the compiler's first error, else Python's exception line."""
+    lines = (done.stdout or '').strip().splitlines()
+    compiler_error = next((line for line in lines if ': error:' in line or ': fatal error:' in line), None)
+    exception = next((line for line in reversed(lines) if re.match(r'[\w.]+(Error|Exception)\b', line)), None)
+    return (compiler_error or exception or (lines or [f'exit code {done.returncode}'])[-1]).strip()
+
+
 def _compile(name: str, library: Path, verbose: bool) -> ModuleType:
-    """Compile into a fresh private folder and import the result from there, then move the library and its
-    sha256 into ``library``'s folder."""
+    """Compile into a fresh private folder (in another process), move the library and its sha256 into
+    ``library``'s folder, and load it from there."""
     logging.getLogger('torch.utils.cpp_extension').setLevel(logging.ERROR)  # no "CUDA runtime" notice
     from torch.utils import cpp_extension
+    folder = _private_dir(library.parent)
     compiler = os.environ.get('CXX', 'c++')
     if shutil.which(compiler) is None:
         raise KernelBuildError(f'no C++ compiler ({compiler!r} not found; set CXX or install g++)')
     if not cpp_extension.is_ninja_available():
         raise KernelBuildError("ninja is not installed (pip install 'timm-pf[kernels]')")
-    folder = _private_dir(library.parent)
     with _private_umask():
         build_dir = Path(tempfile.mkdtemp(dir=folder, prefix='build-'))
         try:
-            module = cpp_extension.load(
-                name, [str(_SOURCE)], extra_cflags=list(_CFLAGS), extra_ldflags=['-fopenmp'],
-                build_directory=str(build_dir), verbose=verbose)
+            args = json.dumps([name, str(_SOURCE), list(_CFLAGS), str(build_dir), verbose])
+            done = subprocess.run([sys.executable, '-c', _BUILD_SCRIPT, args], stdout=None if verbose else
+                                  subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if done.returncode:
+                raise KernelBuildError(f'compiling {_SOURCE.name} failed: {_build_error(done)}'
+                                       + ('' if verbose else ' (`timm-pf build-kernels --verbose` shows all)'))
             built = build_dir / library.name
             os.chmod(built, 0o700)
             with open(built, 'rb') as f:
                 _write_private(_checksum_path(library), hashlib.sha256(f.read()).hexdigest().encode() + b'\n')
             os.replace(built, library)
-        except (RuntimeError, OSError, ImportError) as e:
+        except (OSError, subprocess.SubprocessError) as e:
             raise KernelBuildError(f'compiling {_SOURCE.name} failed: {e}') from e
         finally:
             shutil.rmtree(build_dir, ignore_errors=True)
-    return module
+    return _load_verified(name, library)
 
 
 def build_cpu_kernels(verbose: bool = False) -> ModuleType:
@@ -275,8 +333,10 @@ def cpu_kernels() -> Optional[ModuleType]:
         return None
     try:
         return build_cpu_kernels()
-    except KernelBuildError as e:
+    except (KernelBuildError, OSError) as e:  # OSError: a cache folder that cannot be created
         _unavailable_reason = str(e)
+        if os.path.lexists(path):  # the user's build is there but refused: say so where it happens
+            warnings.warn(f'timm_pf: dynamic convs run the eager path: {e}', RuntimeWarning, stacklevel=2)
         return None
 
 

@@ -279,6 +279,8 @@ class _HubHandler(BaseHTTPRequestHandler):
         if repo in self.state.frozen_settings:
             return self._error(403, f'The settings of {repo} cannot be changed by this token')
         visibility = payload.get('visibility')
+        if visibility is None and isinstance(payload.get('private'), bool):  # huggingface_hub < 2 sends this form
+            visibility = 'private' if payload['private'] else 'public'
         if visibility not in (None, 'public', 'private'):
             return self._error(400, f'invalid visibility {visibility!r}')
         if visibility is not None:

@@ -182,3 +182,26 @@ def test_a_folder_card_leaves_out_the_notes_of_the_tag_the_model_was_built_from(
     model.pretrained_cfg = dict(model.pretrained_cfg, notes=('fine-tuned on my 10 classes',))
     save_for_hf(model, tmp_path / 'own', safe_serialization=True)
     assert 'fine-tuned on my 10 classes' in render_folder_card(*load_folder_model(tmp_path / 'own'), 'me/pit10')
+
+
+def test_write_regenerates_a_checkout_and_leaves_an_installed_package_alone(monkeypatch, tmp_path, capsys):
+    import timm_pf._data as data
+    from timm_pf.cli import main
+    from timm_pf.tools import recipes
+    if (Path(recipes.__file__).parents[2] / '.git').exists():  # a source checkout links the repository's folders
+        assert data.checkout_dir(data.HUB_CARDS) == (Path(recipes.__file__).parents[2] / 'hub_cards').resolve()
+    installed = {}
+    for name in (data.HUB_CARDS, data.TRAIN_CONFIGS):  # as a wheel installs them: real folders, copies
+        installed[name] = tmp_path / name
+        shutil.copytree(data.data_dir(name), installed[name])
+    before = {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*')}
+    monkeypatch.setattr(data, 'data_dir', installed.__getitem__)
+    assert data.checkout_dir(data.HUB_CARDS) is None
+    assert main(['card', '--write']) == 2
+    assert 'part of the installed package' in capsys.readouterr().err
+    monkeypatch.setattr(recipes, 'CONFIG_DIR', installed[data.TRAIN_CONFIGS])
+    assert recipes.main(['--write', '--dir', str(installed[data.TRAIN_CONFIGS])]) == 2
+    assert 'give --dir to write elsewhere' in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in tmp_path.rglob('*')} == before
+    assert recipes.main(['--write', '--dir', str(tmp_path / 'mine')]) == 0  # a folder of the user's own
+    assert any((tmp_path / 'mine').rglob('*.yaml'))

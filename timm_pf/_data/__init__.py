@@ -7,8 +7,9 @@ package data) all find them at the same place inside the package, read through :
 """
 from importlib.resources import files
 from pathlib import Path
+from typing import Optional
 
-__all__ = ['HUB_CARDS', 'TRAIN_CONFIGS', 'data_dir']
+__all__ = ['HUB_CARDS', 'TRAIN_CONFIGS', 'data_dir', 'checkout_dir']
 
 HUB_CARDS = 'hub_cards'
 TRAIN_CONFIGS = 'train_configs'
@@ -22,3 +23,10 @@ def data_dir(name: str) -> Path:
     if name not in (HUB_CARDS, TRAIN_CONFIGS):
         raise ValueError(f'no data folder {name!r}: expected {HUB_CARDS!r} or {TRAIN_CONFIGS!r}')
     return Path(files(__name__).joinpath(name))
+
+
+def checkout_dir(name: str) -> Optional[Path]:
+    """The repository folder ``name`` links to in a source checkout, or None in an installed wheel, whose copy
+    belongs to the package and is not rewritten (``timm-pf card --write`` regenerates the repository's cards)."""
+    link = data_dir(name)
+    return link.resolve() if link.is_symlink() else None

@@ -124,6 +124,7 @@ def run_push(args) -> int:
 
 
 def run_card(args) -> int:
+    from timm_pf._data import HUB_CARDS, checkout_dir, data_dir
     from timm_pf.tools.cards import card_names, orphan_cards, render_card, resolve_card_name, write_cards
     names = [resolve_card_name(m) for m in args.models]
     if not (args.write or args.check):
@@ -131,6 +132,9 @@ def run_card(args) -> int:
             raise BadInput('name one model or tag to print its card, or use --write / --check')
         print(render_card(names[0]), end='')
         return 0
+    if args.write and checkout_dir(HUB_CARDS) is None:
+        raise BadInput(f'--write regenerates hub_cards/cards/ of a source checkout (pip install -e); the cards at '
+                       f'{data_dir(HUB_CARDS)} are part of the installed package: print one with `timm-pf card NAME`')
     statuses = write_cards(names or card_names(), check_only=args.check)
     orphans = [] if names else orphan_cards(card_names())
     for path in orphans:

@@ -22,7 +22,7 @@ from typing import Any, Dict, List, Optional, Tuple
 import timm
 import yaml
 
-from .._data import TRAIN_CONFIGS, data_dir
+from .._data import TRAIN_CONFIGS, checkout_dir, data_dir
 from ..models._registry import did_you_mean
 
 __all__ = [
@@ -257,6 +257,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     mode.add_argument('--write', action='store_true')
     mode.add_argument('--check', action='store_true')
     args = parser.parse_args(argv)
+    if args.write and args.dir == CONFIG_DIR and checkout_dir(TRAIN_CONFIGS) is None:
+        print(f'--write regenerates train_configs/ of a source checkout (pip install -e); the copy at {CONFIG_DIR} '
+              f'is part of the installed package: give --dir to write elsewhere', file=sys.stderr)
+        return 2
     stale = []
     for rel, text in expected_configs().items():
         path = args.dir / rel

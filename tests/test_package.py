@@ -73,7 +73,12 @@ def test_the_wheel_holds_the_package_its_data_and_its_cpp_source(wheel):
                                        f'unexpected: {sorted(held - set(expected))}')
         changed = [n for n in sorted(held) if archive.read(n) != expected[n].read_bytes()]
         entry_points = next(archive.read(n).decode() for n in archive.namelist() if n.endswith('/entry_points.txt'))
+        licenses = [n for n in archive.namelist() if '.dist-info/licenses/' in n]
+        assert [archive.read(n) for n in licenses] == [(REPO / 'LICENSE').read_bytes()], licenses
+        metadata = next(archive.read(n).decode() for n in archive.namelist() if n.endswith('.dist-info/METADATA'))
     assert not changed, f'differ from the repository: {changed}'
+    assert 'License-Expression: Apache-2.0' in metadata and 'License-File: LICENSE' in metadata
+    assert 'Apache License' in (REPO / 'LICENSE').read_text()
     assert 'timm-pf = timm_pf.cli:main' in entry_points
 
 

@@ -60,6 +60,20 @@ def no_cuda(monkeypatch):
     (['convert', 'ckpt.pth', '--model', 'ours_r50_max', '-o', 'OUT', '--model-kwargs', 'layers=[1,1'],
      'not a complete Python literal'),
     (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--model-kwargs', '=3'], '--model-kwargs'),
+    # a split is one folder under --data-dir: never the root itself or a path around it
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--split', ''], 'not the name of a split'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--split', '.'], 'not the name of a split'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--split', 'train/../validation'],
+     'not the name of a split'),
+    (['rba', 'evaluate', '--model', 'resnet18', '--data-dir', 'D', '--span', '0:1', '--val-split', ''],
+     '--val-split'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--crop-pct', '1e9'], '--crop-pct'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', 'D', '--crop-pct', '1e-3'], '--crop-pct'),
+    (['digits', 'OUT', '--seed', '4294967296'], '--seed: must be an integer >= 0 and <= 4294967295'),
+    (['deform-points', '--dpi', '100000'], '--dpi'),
+    (['push', 'OUT', '--repo-id', ''], '--repo-id: an empty value'),
+    (['push', 'OUT', '--repo-id', 'me/x', '--branch', ''], 'is not a valid branch name'),
+    (['push', 'OUT', '--repo-id', 'me/x', '--branch', 'a b..c'], 'is not a valid branch name'),
 ])
 def test_bad_values_exit_2_naming_the_argument(argv, names, tmp_path, monkeypatch, no_cuda, capsys):
     monkeypatch.chdir(tmp_path)
@@ -268,3 +282,43 @@ def test_run_names_the_script_its_errors_come_from(tmp_path, monkeypatch, capsys
     assert len(line) < 1700
     assert main(['run', 'needs.py']) == 2
     assert "needs.py needs the module 'no_such_package_here'" in _one_error_line(capsys)
+
+
+def test_paths_the_system_refuses_while_parsing_are_named(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    for argv in (['digits', 'a' * 300], ['deform-points', '--output', 'a' * 300 + '.png'],
+                 ['bench', '--csv', 'b' * 300 + '/x.csv']):
+        assert _exit_code(argv) == 2
+        assert 'File name too long' in _one_error_line(capsys)
+
+
+class _ClosedStdout:
+    """stdout whose reader went away, as after `timm-pf ... | head -1`."""
+
+    def write(self, text):
+        raise BrokenPipeError(32, 'Broken pipe')
+
+    def flush(self):
+        pass
+
+
+def test_a_closed_stdout_is_named_and_the_bench_files_are_written_first(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'stdout', _ClosedStdout())
+    argv = ['bench', '--models', 'resnet10t:resnet14t', '--img-size', '32', '--batch-sizes', '1', '--repeats', '1',
+            '--warmup', '1', '--memory', 'off', '--no-progress', '--cpu-kernels', 'off', '--csv', 'b.csv',
+            '--json', 'b.json']
+    assert _exit_code(argv) == 1
+    assert _one_error_line(capsys) == ('timm-pf bench: error: the output was closed before everything was written '
+                                       '(broken pipe)')
+    assert (tmp_path / 'b.csv').read_text().count('\n') >= 2 and (tmp_path / 'b.json').stat().st_size > 0
+
+
+def test_text_an_ascii_terminal_cannot_show_is_escaped(tmp_path):
+    import subprocess
+    env = {**os.environ, 'LC_ALL': 'C', 'LANG': 'C', 'PYTHONUTF8': '0', 'PYTHONIOENCODING': 'ascii',
+           'PYTHONCOERCECLOCALE': '0'}
+    out = subprocess.run([sys.executable, '-m', 'timm_pf', 'card', 'ours_r50_max.pf_in1k'], env=env, cwd=tmp_path,
+                         capture_output=True)
+    assert out.returncode == 0, out.stderr.decode('ascii', 'replace')
+    assert b'\\xa7' in out.stdout and b'library_name: timm' in out.stdout

@@ -43,11 +43,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _tolerant_streams() -> None:
+    """Text the terminal's encoding cannot show (a card's section sign in an ASCII locale) is escaped, not fatal."""
+    for stream in (sys.stdout, sys.stderr):
+        if hasattr(stream, 'reconfigure'):
+            stream.reconfigure(errors='backslashreplace')
+
+
 def main(argv: Optional[List[str]] = None) -> int:
+    _tolerant_streams()
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, 'func', None):
-        parser.print_help()
+        parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT
     prog = f'timm-pf {args.command}' + (f' {args.rba_command}' if getattr(args, 'rba_command', None) else '')
     return run_command(args.func, args, prog)

@@ -2,21 +2,23 @@
 is parsed, so bad input exits with code 2 before anything is measured, converted or written."""
 import argparse
 import ast
+import functools
 import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 
 def number(kind: type = int, low: Optional[float] = None, high: Optional[float] = None,
            open_low: bool = False, open_high: bool = False) -> Callable[[str], Union[int, float]]:
     """An ``int``/``float`` argument within ``[low, high]`` (``open_*``: that bound excluded)."""
     bounds = []
+    shown = '{:d}' if kind is int else '{:g}'
     if low is not None:
-        bounds.append(f'{">" if open_low else ">="} {low:g}')
+        bounds.append(f'{">" if open_low else ">="} {shown.format(low)}')
     if high is not None:
-        bounds.append(f'{"<" if open_high else "<="} {high:g}')
+        bounds.append(f'{"<" if open_high else "<="} {shown.format(high)}')
     wanted = f'{"an integer" if kind is int else "a number"}' + (f' {" and ".join(bounds)}' if bounds else '')
 
     def parse(text: str) -> Union[int, float]:
@@ -67,11 +69,24 @@ def _writable_dir(folder: Path, what: str) -> None:
         raise argparse.ArgumentTypeError(f'{what}: the folder {folder} is not writable') from None
 
 
+def _path_check(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """``check`` with an operating-system error on the way (no permission, a name too long) named as bad input."""
+    @functools.wraps(check)
+    def checked(text: str):
+        try:
+            return check(text)
+        except OSError as e:
+            shown = text if len(text) <= 80 else text[:77] + '...'
+            raise argparse.ArgumentTypeError(f'{shown}: {e.strerror or e}') from None
+    return checked
+
+
 def _non_empty(text: str) -> None:
     if not text.strip():
         raise argparse.ArgumentTypeError('an empty path')
 
 
+@_path_check
 def output_file(text: str) -> str:
     """A file to write (``-``: stdout): not a folder, in an existing writable folder."""
     if text == '-':
@@ -89,6 +104,7 @@ def output_file(text: str) -> str:
 IMAGE_SUFFIXES = ('.png', '.pdf', '.svg', '.jpg', '.jpeg')
 
 
+@_path_check
 def image_file(text: str) -> str:
     """A figure to write: an :func:`output_file` (not stdout) whose suffix names a format matplotlib writes."""
     if text == '-':
@@ -98,6 +114,7 @@ def image_file(text: str) -> str:
     return output_file(text)
 
 
+@_path_check
 def output_dir(text: str) -> Path:
     """A folder to write into: an existing writable folder, or one that can be created."""
     _non_empty(text)
@@ -111,6 +128,7 @@ def output_dir(text: str) -> Path:
     return path
 
 
+@_path_check
 def input_file(text: str) -> Path:
     """An existing, readable file."""
     path = Path(text)
@@ -121,6 +139,28 @@ def input_file(text: str) -> Path:
     if not os.access(path, os.R_OK):
         raise argparse.ArgumentTypeError(f'{text} is not readable')
     return path
+
+
+def split_name(text: str) -> str:
+    """The name of one split folder under ``--data-dir`` (not empty, not a path, so never the root itself)."""
+    if not text.strip() or text in ('.', '..') or '/' in text or os.sep in text:
+        raise argparse.ArgumentTypeError(f'{text!r} is not the name of a split folder (e.g. train, validation)')
+    return text
+
+
+def non_empty(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError('an empty value')
+    return text
+
+
+def branch_name(text: str) -> str:
+    """A git branch name the Hub accepts (no spaces, ``..``, ``~^:?*[\\``, leading ``-`` or ``/``)."""
+    bad = (not text.strip() or any(c.isspace() or c in '~^:?*[\\' for c in text) or '..' in text or '//' in text
+           or text.startswith(('-', '/')) or text.endswith(('/', '.', '.lock')) or '@{' in text)
+    if bad:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a valid branch name')
+    return text
 
 
 def key_value(text: str) -> str:

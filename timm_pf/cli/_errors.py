@@ -40,6 +40,8 @@ def classify(err: BaseException) -> Tuple[int, str]:
                         'RemoteEntryNotFoundError', 'HFValidationError')
     if isinstance(err, KeyboardInterrupt):
         return 130, 'interrupted'
+    if isinstance(err, BrokenPipeError):  # a ConnectionError, but the reader of stdout went away (`| head`)
+        return EXIT_FAILURE, 'the output was closed before everything was written (broken pipe)'
     if isinstance(err, _loaded('timm_pf.models._pretrained', 'PretrainedWeightsError')):
         # a repository or revision that does not exist was named; offline, unreachable or corrupted is not the input
         return (EXIT_BAD_INPUT if isinstance(err.__cause__, not_found) else EXIT_FAILURE), str(err)

@@ -121,17 +121,20 @@ def _run(args: argparse.Namespace) -> int:
         if importlib.util.find_spec('matplotlib') is None:
             raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
     result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
-    stdout_taken = '-' in (args.csv, args.json, args.markdown)
-    print(format_report(result), file=sys.stderr if stdout_taken else sys.stdout, end='')
-    if args.markdown:
-        _write(format_report(result, markdown=True), args.markdown)
-    if args.csv:
-        _write(to_csv(result), args.csv)
-    if args.json:
-        _write(to_json(result) + '\n', args.json)
+    # the files first: a closed or full stdout must not lose the run's results
+    outputs = [(args.markdown, lambda: format_report(result, markdown=True)), (args.csv, lambda: to_csv(result)),
+               (args.json, lambda: to_json(result) + '\n')]
+    for path, render in outputs:
+        if path and path != '-':
+            _write(render(), path)
     if args.plot:
         plot_result(result, args.plot)
         print(f'wrote {args.plot}', file=sys.stderr)
+    stdout_taken = '-' in (args.csv, args.json, args.markdown)
+    print(format_report(result), file=sys.stderr if stdout_taken else sys.stdout, end='')
+    for path, render in outputs:
+        if path == '-':
+            _write(render(), path)
     failed = [c for c in result.targets if c.status in ('FAIL', 'UNSTABLE', 'ERROR')]
     return 1 if args.strict and failed else 0
 
@@ -185,7 +188,8 @@ def register(subparsers) -> None:
     p.add_argument('--max-repeats', type=int, default=50,
                    help='cap on the timed rounds per setting without --repeats (default: 50)')
     p.add_argument('--time-budget', type=positive_float, metavar='SECONDS',
-                   help='seconds of timed rounds, shared by the settings (default: 50; targets: 240)')
+                   help='seconds of timed rounds, shared by the settings (default per --preset: '
+                        + ', '.join(f'{k} {v:g}' for k, v in _DEFAULT_BUDGET.items()) + ')')
     p.add_argument('--memory', choices=('tensors', 'rss', 'off'), default='tensors',
                    help='peak memory on CPU: tensors = live tensor storage tracked per operator (like '
                         "CUDA's max_memory_allocated; default), rss = resident-set growth of a fresh process "

@@ -13,7 +13,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from ._args import image_file, input_file, non_negative_float, number, positive_int
+from ._args import image_file, input_file, non_negative_float, number
 from ._errors import BadInput
 
 _DEFAULT_CENTRES = ('0.35,0.45', '0.9,0.1')  # relative (y, x): near the centre and near a corner
@@ -197,5 +197,5 @@ def register(subparsers) -> None:
                              '(default: near the centre and near a corner)')
     parser.add_argument('--output', type=image_file, default='deform_points.png',
                         help='figure to write (.png, .pdf, .svg, .jpg)')
-    parser.add_argument('--dpi', type=positive_int, default=150)
+    parser.add_argument('--dpi', type=number(int, 10, 1200), default=150, help='resolution of the figure (default 150)')
     parser.set_defaults(func=draw_sampling_points)

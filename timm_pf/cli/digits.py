@@ -1,7 +1,7 @@
 """``timm-pf digits``: write scikit-learn's digits as an image folder for timm's train.py/validate.py."""
 import argparse
 
-from ._args import non_negative_int, number, output_dir
+from ._args import number, output_dir
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -22,5 +22,5 @@ def register(subparsers) -> None:
     # every class (about 180 images each) keeps images on both sides of the split
     p.add_argument('--val-fraction', type=number(float, 0.01, 0.99), default=0.2,
                    help='held-out fraction, 0.01 to 0.99 (default: 0.2)')
-    p.add_argument('--seed', type=non_negative_int, default=0, help='split seed (default: 0)')
+    p.add_argument('--seed', type=number(int, 0, 2 ** 32 - 1), default=0, help='split seed (default: 0)')
     p.set_defaults(func=_run)

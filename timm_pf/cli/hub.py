@@ -5,7 +5,7 @@ from pathlib import Path
 
 from timm.utils import ParseKwargs
 
-from ._args import input_file, key_value, number, output_dir, positive_int
+from ._args import branch_name, input_file, key_value, non_empty, number, output_dir, positive_int
 from ._errors import BadInput, Failure
 
 
@@ -44,11 +44,11 @@ def register(subparsers) -> None:
     target = push.add_mutually_exclusive_group(required=True)
     _add_source_args(push, 'with -m: a folder made by `timm-pf convert`, or a checkpoint file to convert on the '
                            "way; with --repo-id: a folder in timm's save_for_hf layout", model_group=target)
-    target.add_argument('--repo-id', default=None, metavar='ORG/NAME',
+    target.add_argument('--repo-id', type=non_empty, default=None, metavar='ORG/NAME',
                         help='push the folder to this repository (a model that is not one of our pretrained tags)')
     push.add_argument('--card', type=input_file, default=None, metavar='FILE',
                       help='model card (README.md) to upload instead of the rendered one')
-    push.add_argument('--revision', '--branch', dest='revision', default=None,
+    push.add_argument('--revision', '--branch', dest='revision', type=branch_name, default=None,
                       help='branch to push to (created if missing; default: main)')
     push.add_argument('--private', action='store_true',
                       help='make the repository private (creates it private, or makes an existing public one '

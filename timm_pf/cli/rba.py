@@ -20,8 +20,8 @@ from torch.utils.data import DataLoader, Subset
 from timm.utils import ParseKwargs
 
 from ._args import (
-    device, input_file, key_value, non_negative_float, non_negative_int, output_dir, output_file, positive_float,
-    positive_int,
+    device, input_file, key_value, non_negative_float, non_negative_int, number, output_dir, output_file, positive_int,
+    split_name,
 )
 from ._errors import BadInput
 
@@ -63,7 +63,7 @@ def register(subparsers) -> None:
     _add_fit_args(evaluate, required=False)
     evaluate.add_argument('--rba-model', type=Path, default=None,
                           help='folder written by "rba apply" (instead of fitting --span here)')
-    evaluate.add_argument('--val-split', default='validation', help='split to measure accuracy on')
+    evaluate.add_argument('--val-split', type=split_name, default='validation', help='split to measure accuracy on')
     evaluate.add_argument('--probe-images', type=positive_int, default=None,
                           help='images of --split the linear probes train on (default: all)')
     evaluate.add_argument('--skip-baseline', action='store_true',
@@ -86,12 +86,14 @@ def _add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def _add_data_args(parser: argparse.ArgumentParser, images_help: str) -> None:
     parser.add_argument('--data-dir', type=Path, required=True, help='image folder root with one folder per split')
-    parser.add_argument('--split', default='train', help='split used for the analysis/fit (default: train)')
+    parser.add_argument('--split', type=split_name, default='train',
+                        help='split used for the analysis/fit (default: train)')
     parser.add_argument('--num-images', type=positive_int, default=1000,
                         help=f'{images_help} (random subset; default 1000)')
     parser.add_argument('--batch-size', type=positive_int, default=32)
     parser.add_argument('--workers', type=non_negative_int, default=0, help='data loader processes (default 0)')
-    parser.add_argument('--crop-pct', type=positive_float, default=None, help='override the model\'s eval crop_pct')
+    parser.add_argument('--crop-pct', type=number(float, 0.1, 2.0), default=None,
+                        help='override the model\'s eval crop_pct (0.1 to 2)')
     parser.add_argument('--seed', type=non_negative_int, default=0, help='seed of the image subset')
 
 
@@ -276,4 +278,5 @@ def run_evaluate(args) -> int:
         print(f'| {r["model"]} | {r["params"] / 1e6:.3f} | {r["macs"] / 1e6:.2f} | {head} | {r["probe_top1"]:.2f} |')
     if args.output:
         Path(args.output).write_text(json.dumps(dict(model=args.model, spans=spans, results=rows), indent=1))
+        print(f'wrote {args.output}')
     return 0

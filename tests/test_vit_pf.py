@@ -143,6 +143,40 @@ def test_mlp_activation_runs_in_place_in_inference(name):
         hook.remove()
 
 
+@pytest.mark.parametrize('name', ['vit_s_maxpool', 'pit_s_maxpool'])
+@pytest.mark.parametrize('where', ['module', 'global'])
+def test_forward_hooks_see_what_their_layer_returned(name, where):
+    """A hook that keeps a layer's output (activation statistics, quantisation calibration) sees it unactivated
+    in inference too: the in-place activations leave hooked outputs alone."""
+    model = timm.create_model(name, embed_dim=48, depth=2, num_heads=2, img_size=64) if name.startswith('vit') \
+        else timm.create_model(name, base_dims=(8, 8, 8), depth=(2, 2, 2), heads=(1, 2, 2), img_size=64)
+    model.eval()
+    layers = {n: m for n, m in model.named_modules() if n.endswith(('mlp.fc1', 'attn.expand', 'attn.spatial'))}
+    assert {n.rsplit('.', 1)[-1] for n in layers} == {'fc1', 'expand', 'spatial'}
+    seen = {}
+
+    def keep(module, args, out):
+        seen[module] = (args[0].clone(), out)
+
+    if where == 'module':
+        handles = [m.register_forward_hook(keep) for m in layers.values()]
+    else:
+        handles = [torch.nn.modules.module.register_module_forward_hook(
+            lambda m, a, o: keep(m, a, o) if m in layers.values() else None)]
+    x = torch.randn(2, 3, 64, 64)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    assert set(seen) == set(layers.values())
+    with torch.no_grad():
+        for module, (inp, kept) in seen.items():
+            assert torch.equal(kept, module(inp)), [n for n, m in layers.items() if m is module]
+        torch.testing.assert_close(out, model(x), rtol=0, atol=1e-6)
+
+
 def test_other_mlp_layers_keep_their_activation():
     model = _tiny_vit(mlp_layer=GluMlp, device='meta')
     assert all(isinstance(b.mlp, GluMlp) and not isinstance(b.mlp.act, InPlaceActivation) for b in model.blocks)

@@ -46,10 +46,10 @@ def _eager_in_place_ok(x: torch.Tensor) -> bool:
 class MaxPool2dNhwc(nn.MaxPool2d):
     """Stride-1, size-preserving max-pool of a ``(B, H, W, C)`` grid (padding acts as -inf).
 
-    Without autograd it runs :func:`max_filter_nhwc` (overwriting its input when ``inplace``); when
-    gradients are needed, when tracing or exporting (a single pooling op in the graph) and in TorchScript
-    it runs PyTorch's pooling kernel on the channels_last view, whose backward routes each gradient to one
-    argmax as ``nn.MaxPool2d`` does. ``device`` / ``dtype`` are accepted for timm's constructor convention.
+    Without autograd it runs :func:`max_filter_nhwc` (overwriting its input when ``inplace`` and no forward hook
+    is on it); when gradients are needed, when tracing or exporting (a single pooling op in the graph) and in
+    TorchScript it runs PyTorch's pooling kernel on the channels_last view, whose backward routes each gradient
+    to one argmax as ``nn.MaxPool2d`` does. ``device`` / ``dtype`` are accepted for timm's constructor convention.
     """
 
     def __init__(self, kernel_size: int = 3, inplace: bool = False, device=None, dtype=None) -> None:
@@ -61,7 +61,7 @@ class MaxPool2dNhwc(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting() or not _eager_in_place_ok(x):
             return F.max_pool2d(x.permute(0, 3, 1, 2), self.kernel_size, self.stride, self.padding).permute(0, 2, 3, 1)
-        return max_filter_nhwc(x, self.kernel_size, self.inplace)
+        return max_filter_nhwc(x, self.kernel_size, self.inplace and not _hooked(self))  # a hook keeps its input
 
 
 class Conv2dNhwc(nn.Conv2d):
@@ -138,32 +138,41 @@ _INPLACE_ACTS = {
 }
 
 
-def activate(act: nn.Module, x: torch.Tensor) -> torch.Tensor:
+@torch.jit.unused
+def _hooked(module: Optional[nn.Module]) -> bool:
+    """Whether a forward hook may hold the input or output of ``module`` (its own hooks, or global ones)."""
+    hooks = nn.modules.module
+    return bool(hooks._global_forward_hooks or hooks._global_forward_pre_hooks) or (
+        module is not None and bool(module._forward_hooks or module._forward_pre_hooks))
+
+
+def activate(act: nn.Module, x: torch.Tensor, producer: Optional[nn.Module] = None) -> torch.Tensor:
     """``act(x)``, computed in place in ``x``'s memory when ``act`` has an in-place kernel and autograd and graph
-    capture do not need ``x`` (:func:`_eager_in_place_ok`). Callers pass their own intermediate: an activation
-    buffer is then not allocated, which at the sizes of the transformers' hidden features (several MB) also
-    saves the page faults of a fresh allocation."""
+    capture do not need ``x`` (:func:`_eager_in_place_ok`), and no forward hook may hold ``x`` (``producer``, the
+    module that returned it, has none, nor are there global ones: a hook must see what its layer returned).
+    Callers pass their own intermediate: an activation buffer is then not allocated, which at the sizes of the
+    transformers' hidden features (several MB) also saves the page faults of a fresh allocation."""
     inplace_kernel = _INPLACE_ACTS.get(type(act))
-    if inplace_kernel is None or not _eager_in_place_ok(x):
+    if inplace_kernel is None or not _eager_in_place_ok(x) or _hooked(producer):
         return act(x)
     return inplace_kernel(act, x)
 
 
 @register_notrace_module  # an FX leaf: its in-place choice stays out of traced graphs
 class InPlaceActivation(nn.Module):
-    """Wraps an activation module that a block applies to its own intermediate (the MLP's ``fc1`` output):
-    eager inference computes it in place (:func:`activate`), autograd, graph capture and TorchScript run
-    ``act`` itself. Forward hooks on the producing layer see its output activated in inference, as with
-    ``nn.ReLU(inplace=True)``."""
+    """Wraps an activation module that a block applies to its own intermediate (the output of ``producer``, the
+    MLP's ``fc1``): eager inference computes it in place (:func:`activate`) unless a forward hook is on
+    ``producer``; autograd, graph capture and TorchScript run ``act`` itself."""
 
-    def __init__(self, act: nn.Module) -> None:
+    def __init__(self, act: nn.Module, producer: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.act = act
+        self._producer = [producer]  # a plain list: not a submodule, so no second copy of its keys
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
             return self.act(x)
-        return activate(self.act, x)
+        return activate(self.act, x, self._producer[0])
 
 
 # spatial operation name -> (builder(channels, kernel_size, device=, dtype=), default kernel size, Appendix A)
@@ -237,13 +246,14 @@ class EfficientTokenMixer(nn.Module):
             if x.ndim != 4:
                 raise ValueError(
                     f'the efficient token mixer expects a (B, H, W, C) token grid, got shape {tuple(x.shape)}')
-        x = self._activate(self.expand(x))
-        x = self._activate(self.spatial(x))
+        x = self._activate(self.expand(x), 'expand')
+        x = self._activate(self.spatial(x), 'spatial')
         return self.proj_drop(self.proj(x))
 
-    def _activate(self, x: torch.Tensor) -> torch.Tensor:
-        """``self.act(x)``, in place on the mixer's own intermediate where autograd does not need it: in
-        inference the block then allocates one hidden-width buffer besides the expansion's output."""
+    def _activate(self, x: torch.Tensor, producer: str) -> torch.Tensor:
+        """``self.act(x)``, in place on the mixer's own intermediate where autograd does not need it and no hook
+        is on the submodule ``producer`` that returned it: in inference the block then allocates one hidden-width
+        buffer besides the expansion's output."""
         if torch.jit.is_scripting():
             return self.act(x)
-        return activate(self.act, x)
+        return activate(self.act, x, getattr(self, producer))

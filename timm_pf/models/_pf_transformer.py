@@ -116,7 +116,7 @@ def pf_block(
             dtype=block_kwargs.get('dtype'),
         )
     if type(block.mlp) is Mlp:  # its activation's input is fc1's own output (not so in other mlp_layers)
-        block.mlp.act = InPlaceActivation(block.mlp.act)
+        block.mlp.act = InPlaceActivation(block.mlp.act, block.mlp.fc1)
     return block
 
 

@@ -336,3 +336,18 @@ def test_official_pth_through_timm_pretrained_loader(tmp_path):
         'ours_r50_hybrid', pretrained=True, num_classes=10, pretrained_cfg_overlay=dict(file=str(path)))
     assert model.fc.out_features == 10
     assert torch.equal(model.layer2[0].spatial.conv.weight, official['layer2.0.conv_block.1.0.weight'])
+
+
+@pytest.mark.parametrize('name', ['ours_r50_hybrid', 'ours_r50_dwconv', 'ours_r50_eb'])
+def test_norm_and_act_layers_reach_every_block(name):
+    """``norm_layer`` / ``act_layer`` apply to the spatial convs too (frozen-BN or GroupNorm backbones), as in
+    timm's ResNet; the default model keeps its keys."""
+    class MyBN(nn.BatchNorm2d):
+        pass
+
+    model = timm.create_model(name, norm_layer=MyBN, act_layer='silu', device='meta')
+    norms = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert norms and all(type(m) is MyBN for m in norms), {type(m).__name__ for m in norms}
+    assert not any(isinstance(m, nn.ReLU) for m in model.modules())
+    default = timm.create_model(name, device='meta')
+    assert list(model.state_dict()) == list(default.state_dict())

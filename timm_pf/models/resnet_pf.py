@@ -58,10 +58,13 @@ def _conv_bn_act(
         stride: int,
         groups: int = 1,
         pre_pool: bool = False,
+        norm_layer: Type[nn.Module] = nn.BatchNorm2d,
+        act_layer: Type[nn.Module] = nn.ReLU,
         device=None,
         dtype=None,
 ) -> nn.Module:
-    """Conv + BN + ReLU on ``channels`` (keys ``conv``/``bn``), optionally after a 2x2 average pool."""
+    """Conv + norm + activation on ``channels`` (keys ``conv``/``bn``), optionally after a 2x2 average pool;
+    the block's ``norm_layer`` / ``act_layer``, as timm's ResNet uses them."""
     dd = {'device': device, 'dtype': dtype}
     layers = OrderedDict()
     if pre_pool and stride > 1:
@@ -70,33 +73,38 @@ def _conv_bn_act(
         layers['pool'] = nn.AvgPool2d(stride, stride, ceil_mode=True, count_include_pad=False)
         stride = 1
     layers['conv'] = create_conv2d(channels, channels, kernel_size, stride=stride, groups=groups, **dd)
-    layers['bn'] = BatchNormAct2d(channels, act_layer=nn.ReLU, **dd)
+    if norm_layer is nn.BatchNorm2d:  # the fused module of timm (same keys as the BatchNorm)
+        layers['bn'] = BatchNormAct2d(channels, act_layer=act_layer, **dd)
+    else:
+        layers['bn'] = norm_layer(channels, **dd)
+        layers['act'] = act_layer(inplace=True)
     return nn.Sequential(layers)
 
 
-def _learned_deform_pool(channels: int, stride: int, reduction: str, device=None, dtype=None) -> nn.Module:
+def _learned_deform_pool(channels: int, stride: int, reduction: str, device=None, dtype=None, **_) -> nn.Module:
     # LearnedDeformPool2d takes no device / dtype yet: built on the CPU, then moved
     return LearnedDeformPool2d(channels, stride=stride, reduction=reduction).to(device=device, dtype=dtype)
 
 
-# Spatial operation of a bottleneck, by name: ``factory(channels, stride, device=None, dtype=None) -> nn.Module``.
-# The module replaces the 3x3 conv + BN + ReLU of a regular bottleneck (input and output have ``channels``
-# channels; ``stride`` is 1 or 2). Extend it to add operations; ``spatial_op=<name>`` then selects them.
+# Spatial operation of a bottleneck, by name: ``factory(channels, stride, norm_layer=, act_layer=, device=None,
+# dtype=None) -> nn.Module`` (the block's norm and activation layers; ops without them ignore them). The module
+# replaces the 3x3 conv + BN + ReLU of a regular bottleneck (input and output have ``channels`` channels;
+# ``stride`` is 1 or 2). Extend it to add operations; ``spatial_op=<name>`` then selects them.
 SPATIAL_OPS: Dict[str, Callable[..., nn.Module]] = {
     # the paper's eff-layer: 3x3 max-pool, no BN / ReLU after it (§4.1 footnote 3)
-    'max': lambda channels, stride, **dd: PfMaxPool2d(3, stride),
+    'max': lambda channels, stride, **kw: PfMaxPool2d(3, stride),
     # Table 2 competitors: the 3x3 conv replaced by a 1x1 conv or a 3x3 depthwise conv (BN + ReLU kept)
-    'conv1x1': lambda channels, stride, **dd: _conv_bn_act(channels, 1, stride, **dd),
-    'dwconv3x3': lambda channels, stride, **dd: _conv_bn_act(channels, 3, stride, groups=channels, **dd),
+    'conv1x1': lambda channels, stride, **kw: _conv_bn_act(channels, 1, stride, **kw),
+    'dwconv3x3': lambda channels, stride, **kw: _conv_bn_act(channels, 3, stride, groups=channels, **kw),
     # regular bottleneck ('B') and the hybrid's downsampling block ('H' with stride 2, Appendix A)
-    'conv3x3': lambda channels, stride, **dd: _conv_bn_act(channels, 3, stride, **dd),
-    'avg_conv3x3': lambda channels, stride, **dd: _conv_bn_act(channels, 3, stride, pre_pool=True, **dd),
+    'conv3x3': lambda channels, stride, **kw: _conv_bn_act(channels, 3, stride, **kw),
+    'avg_conv3x3': lambda channels, stride, **kw: _conv_bn_act(channels, 3, stride, pre_pool=True, **kw),
     # Deformable pooling (§5.1 "Deformable Max-pool Operation", App. B "Deformable Avg-pool Operation"): the
     # max-pool pools at points moved by a zero-initialised 3x3 conv predicting 18 offsets + 9 sigmoid masks
     # (DCNv2-style, built on DCNv2 per §5.1 footnote 5). With the 13 efficient blocks of the hybrid R50:
     # 18.03M params and 2.88 GMACs, as Table 3 / Table B.1 (18.0M, 2.9G).
-    'deform_max': lambda channels, stride, **dd: _learned_deform_pool(channels, stride, 'max', **dd),
-    'deform_avg': lambda channels, stride, **dd: _learned_deform_pool(channels, stride, 'avg', **dd),
+    'deform_max': lambda channels, stride, **kw: _learned_deform_pool(channels, stride, 'max', **kw),
+    'deform_avg': lambda channels, stride, **kw: _learned_deform_pool(channels, stride, 'avg', **kw),
 }
 
 BLOCK_LETTERS: Dict[str, str] = {
@@ -209,7 +217,7 @@ class PfBottleneck(nn.Module):
         self.conv1 = nn.Conv2d(inplanes, width, kernel_size=1, bias=False, **dd)
         self.bn1 = norm_layer(width, **dd)
         self.act1 = act_layer(inplace=True)
-        self.spatial = SPATIAL_OPS[spatial_op](width, stride, **dd)
+        self.spatial = SPATIAL_OPS[spatial_op](width, stride, norm_layer=norm_layer, act_layer=act_layer, **dd)
         self.drop_block = drop_block() if drop_block is not None else nn.Identity()
         self.conv3 = nn.Conv2d(width, outplanes, kernel_size=1, bias=False, **dd)
         self.bn3 = norm_layer(outplanes, **dd)

@@ -351,3 +351,20 @@ def test_norm_and_act_layers_reach_every_block(name):
     assert not any(isinstance(m, nn.ReLU) for m in model.modules())
     default = timm.create_model(name, device='meta')
     assert list(model.state_dict()) == list(default.state_dict())
+
+
+@pytest.mark.parametrize('batch', [1, 8])
+def test_outputs_keep_the_inputs_layout_at_every_batch_size(batch):
+    """The CPU path runs channels-last inside (NCHW for small last stages), but what it returns for an NCHW input
+    is NCHW, as timm's ResNet returns it: ``.view`` works on the features at any batch size."""
+    model = timm.create_model('ours_r50_max', num_classes=10, layers=(1, 1, 1, 1)).eval()
+    x = torch.randn(batch, 3, 64, 64)
+    with torch.no_grad():
+        features = model.forward_features(x)
+        final, intermediates = model.forward_intermediates(x)
+        only = model.forward_intermediates(x, intermediates_only=True)
+        cl = model.forward_features(x.contiguous(memory_format=torch.channels_last))
+    for t in [features, final, *intermediates, *only]:
+        assert t.is_contiguous(), t.shape
+    features.view(batch, -1)
+    assert torch.equal(cl, features)

@@ -307,18 +307,31 @@ class PfResNet(ResNet):
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """timm's ResNet steps after the input check, written out: TorchScript has no ``super()``."""
+        """timm's ResNet steps after the input check, written out: TorchScript has no ``super()``. The features
+        of an NCHW input come back NCHW, whatever layout the CPU path chose inside (:func:`_layout_of`)."""
+        given = x
         x = self._prepare_input(x)
         x = self.maxpool(self.act1(self.bn1(self.conv1(x))))
         if self.grad_checkpointing and not torch.jit.is_scripting():
-            return checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
-        x = self.layer3(self.layer2(self.layer1(x)))
+            x = checkpoint_seq([self.layer1, self.layer2, self.layer3, self.layer4], x, flatten=True)
+        else:
+            x = self.layer3(self.layer2(self.layer1(x)))
+            if not torch.jit.is_scripting():
+                x = _last_stage_layout(x)
+            x = self.layer4(x)
         if not torch.jit.is_scripting():
-            x = _last_stage_layout(x)
-        return self.layer4(x)
+            x = _layout_of(x, given)
+        return x
 
     def forward_intermediates(self, x: torch.Tensor, *args, **kwargs):
-        return super().forward_intermediates(self._prepare_input(x), *args, **kwargs)
+        """timm's ``forward_intermediates``, every returned map NCHW for an NCHW input (:func:`_layout_of`)."""
+        out = super().forward_intermediates(self._prepare_input(x), *args, **kwargs)
+        if isinstance(out, torch.Tensor):
+            return _layout_of(out, x)
+        if isinstance(out, list):
+            return [_layout_of(t, x) for t in out]
+        final, intermediates = out
+        return _layout_of(final, x), [_layout_of(t, x) for t in intermediates]
 
 
 @torch.jit.ignore  # TorchScript skips it (see PfResNet._prepare_input), FX graphs scripted later call it
@@ -355,9 +368,20 @@ def _last_stage_layout(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous() if out_pixels < _NCHW_LAST_STAGE_PIXELS else x
 
 
+@torch.jit.ignore  # TorchScript keeps the input's layout throughout
+def _layout_of(x: torch.Tensor, given: torch.Tensor) -> torch.Tensor:
+    """``x`` contiguous (NCHW) when the caller's input ``given`` is, so that outputs do not depend on the layout
+    the CPU path picked per batch size (``.view`` works as for ``resnet50``); other inputs get the maps as the
+    path left them."""
+    if x.dim() == 4 and given.dim() == 4 and given.is_contiguous() and not x.is_contiguous():
+        return x.contiguous()
+    return x
+
+
 # leaf calls of FX graphs: the checks and the layout choices need the concrete input
 torch.fx.wrap('_prepare_input')
 torch.fx.wrap('_last_stage_layout')
+torch.fx.wrap('_layout_of')
 
 
 # Official (naver-ai/PfLayer resnet_pf.py) parameter names -> ours.

@@ -7,6 +7,7 @@ import shutil
 import stat
 import subprocess
 import sys
+import warnings
 from contextlib import contextmanager
 
 import pytest
@@ -430,3 +431,20 @@ def test_build_kernels_command_and_bench_report(built, capsys):
         env = _environment(BenchOptions(), [_layer()])
         assert env['dynamic_conv_batch1'].startswith('fused CPU kernel')
     assert 'dynamic_conv_batch1' not in _environment(BenchOptions(), [torch.nn.Conv2d(3, 3, 1)])
+
+
+def test_a_quantized_routing_layer_takes_the_eager_path(built):
+    """quantize_dynamic swaps the routing nn.Linear for a quantized one: the kernel, which reads the Linear's
+    weights, is not called, and the model runs as with the kernel off."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(DynamicConv2d(8, 16, 1), torch.nn.ReLU(),
+                                DynamicConv2d(16, 16, 3, padding=1, groups=16)).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')  # torch.ao.quantization's deprecation notices
+        quantized = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
+    x = torch.randn(1, 8, 9, 9)
+    with torch.no_grad(), counting_kernel() as kernel:
+        out = quantized(x)
+        assert kernel.calls == 0
+    with torch.no_grad(), ck.cpu_kernel_policy('off'):
+        torch.testing.assert_close(out, quantized(x))

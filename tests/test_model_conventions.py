@@ -66,3 +66,18 @@ def test_low_precision_forward_matches_float32(name, dtype):
         out = model.to(dtype)(x.to(dtype))
     assert out.dtype == dtype and not out.isnan().any()
     assert (out.float() - ref).abs().max() <= 0.1 * ref.std()
+
+
+@pytest.mark.parametrize('name, kwargs', [
+    ('ours_r50_max', dict(layers=(1, 1, 1, 1))),
+    ('ours_r50_deform_max', dict(layers=(1, 1, 1, 1))),
+    ('vit_ti_maxpool', dict(img_size=32, depth=2)),
+])
+def test_compiles_as_one_graph_in_inference(name, kwargs):
+    """The eager fast paths (cached channels-last kernels, in-place activations and max filters) stay out of
+    torch.compile's graph: inference compiles with fullgraph=True, as timm's own models do."""
+    model = timm.create_model(name, num_classes=10, **kwargs).eval()
+    x = torch.randn(2, 3, 32, 32)
+    compiled = torch.compile(model, backend='eager', fullgraph=True)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-5, atol=1e-5)

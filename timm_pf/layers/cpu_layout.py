@@ -60,8 +60,8 @@ def _reads_cached_kernel(conv: nn.Conv2d, x: torch.Tensor) -> bool:
     """CPU inference on channels-last input with an NCHW kxk kernel, outside any tracer, compiler or exporter
     (and no kernel made in inference mode: such tensors count no versions)."""
     weight = conv.weight
-    return (x.device.type == 'cpu' and x.dim() == 4 and not torch.is_grad_enabled() and not weight.is_inference()
-            and not is_capturing_graph()
+    return (not is_capturing_graph() and x.device.type == 'cpu' and x.dim() == 4 and not torch.is_grad_enabled()
+            and not weight.is_inference()
             and weight.shape[-2] * weight.shape[-1] > 1  # a 1x1 kernel is laid out the same in both formats
             and x.is_contiguous(memory_format=torch.channels_last)
             and not weight.is_contiguous(memory_format=torch.channels_last))

@@ -344,13 +344,14 @@ class DynamicConv2d(CondConv2d):
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
         if not torch.jit.is_scripting():
-            if (isinstance(self.routing, nn.Linear) and not torch.jit.is_tracing()
+            if (type(self.routing) is nn.Linear and not torch.jit.is_tracing()
                     and x.dtype in (torch.float32, torch.float64) and not _autocasting(x)):
                 # sigmoid routing as one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its
                 # scale: this runs once per conv, so its op count matters at batch 1. (Not in TorchScript: its
                 # type check of a submodule goes wrong once any module of the class has been traced; not when
                 # tracing, where the scale would be a traced value that the TorchScript ONNX exporter rejects;
-                # not in half precision or under autocast, where the sum of a large map overflows float16.)
+                # not in half precision or under autocast, where the sum of a large map overflows float16; not
+                # for a routing layer replaced by another module, e.g. quantized.)
                 logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),
                                      alpha=1.0 / (x.shape[2] * x.shape[3]))
                 return logits.sigmoid_()
@@ -359,7 +360,8 @@ class DynamicConv2d(CondConv2d):
 
     def forward(self, x: torch.Tensor, routing_weights: Optional[torch.Tensor] = None) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            if self._kernel_layout and routing_weights is None and not is_capturing_graph():
+            if (self._kernel_layout and routing_weights is None and type(self.routing) is nn.Linear
+                    and not is_capturing_graph()):
                 kernel = cpu_kernels()
                 if kernel is not None:
                     # batch-1 float32 CPU inference in one call (None for any other input: eager path below)

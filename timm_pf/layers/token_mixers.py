@@ -14,9 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from timm.layers import GELU, Attention, get_act_layer, is_exporting, register_notrace_module
+from timm.layers import GELU, Attention, get_act_layer, register_notrace_module
 
 from .cpu_layout import check_zero_padding
+from .graph_capture import is_capturing_graph
 from .pf_pool import running_max
 
 __all__ = ['max_filter_nhwc', 'MaxPool2dNhwc', 'Conv2dNhwc', 'GridAttention', 'EfficientTokenMixer', 'SPATIAL_OPS',
@@ -38,8 +39,8 @@ def max_filter_nhwc(x: torch.Tensor, kernel_size: int = 3, inplace: bool = False
 @torch.jit.unused
 def _eager_in_place_ok(x: torch.Tensor) -> bool:
     """True when the modules here may run their index-free / in-place eager kernels: no gradient flows
-    through ``x`` and no graph is being traced or exported (scripted code never calls this)."""
-    return not (torch.jit.is_tracing() or is_exporting() or (torch.is_grad_enabled() and x.requires_grad))
+    through ``x`` and no graph is being traced, compiled or exported (scripted code never calls this)."""
+    return not (is_capturing_graph() or (torch.is_grad_enabled() and x.requires_grad))
 
 
 @register_notrace_module  # an FX leaf: its kernel choice stays out of traced graphs

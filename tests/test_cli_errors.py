@@ -4,6 +4,7 @@ import os
 import sys
 import warnings
 
+import numpy as np
 import pytest
 import torch
 
@@ -322,3 +323,29 @@ def test_text_an_ascii_terminal_cannot_show_is_escaped(tmp_path):
                          capture_output=True)
     assert out.returncode == 0, out.stderr.decode('ascii', 'replace')
     assert b'\\xa7' in out.stdout and b'library_name: timm' in out.stdout
+
+
+def test_an_interrupted_digits_export_leaves_no_split_folder(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+    from timm_pf.tools.data import digits_tensors
+    saved, real_save = [], Image.Image.save
+
+    def save_then_interrupt(self, path, *args, **kwargs):
+        if len(saved) == 50:
+            raise KeyboardInterrupt
+        saved.append(path)
+        return real_save(self, path, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, 'save', save_then_interrupt)
+    assert _exit_code(['digits', str(tmp_path / 'd'), '--img-size', '16']) == 130
+    assert _one_error_line(capsys) == 'timm-pf digits: error: interrupted'
+    assert list((tmp_path / 'd').iterdir()) == []  # no train/ that looks complete, no staging folder left
+    monkeypatch.setattr(Image.Image, 'save', real_save)
+    assert _exit_code(['digits', str(tmp_path / 'd'), '--img-size', '16']) == 0
+    x_tr, y_tr, x_va, _ = digits_tensors(img_size=16, normalize=False)
+    train = sorted((tmp_path / 'd' / 'train').rglob('*.png'))
+    assert len(train) == len(x_tr) and len(list((tmp_path / 'd' / 'validation').rglob('*.png'))) == len(x_va)
+    first = next(p for p in train if p.name == '00000.png')
+    pixels = torch.from_numpy(np.array(Image.open(first))).permute(2, 0, 1).float() / 255
+    torch.testing.assert_close(pixels, x_tr[0], atol=1 / 255, rtol=0)
+    assert first.parent.name == str(int(y_tr[0]))

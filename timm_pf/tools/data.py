@@ -3,6 +3,9 @@
 scikit-learn's ``load_digits`` (1797 greyscale 8x8 digits, 10 classes) is upscaled to RGB images, either
 as tensors in memory or written as an image folder that timm's ``train.py``/``validate.py`` read.
 """
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Tuple, Union
 
@@ -73,10 +76,19 @@ def export_digits(
         raise FileExistsError(f'{root} already has {" and ".join(f"{s}/" for s in existing)}: write the digits to a '
                               f'new folder, or remove {"them" if len(existing) > 1 else "it"} first')
     x_tr, y_tr, x_va, y_va = digits_split(val_fraction, seed)
-    for split, images, labels in (('train', x_tr, y_tr), ('validation', x_va, y_va)):
-        pixels = (_upscale(images, img_size).permute(0, 2, 3, 1) * 255).round().to(torch.uint8).numpy()
-        for i, (img, label) in enumerate(zip(pixels, labels)):
-            out = root / split / str(int(label))
-            out.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(img).save(out / f'{i:05d}.png')
+    root.mkdir(parents=True, exist_ok=True)
+    # written into a hidden folder of root and moved into place when complete: an interrupted export leaves no
+    # split folder that looks finished
+    staging = Path(tempfile.mkdtemp(prefix='.digits-', dir=root))
+    try:
+        for split, images, labels in (('train', x_tr, y_tr), ('validation', x_va, y_va)):
+            for i, (image, label) in enumerate(zip(images, labels)):  # one image at a time: large sizes fit
+                pixels = (_upscale(image[None], img_size)[0].permute(1, 2, 0) * 255).round().to(torch.uint8)
+                out = staging / split / str(int(label))
+                out.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels.numpy()).save(out / f'{i:05d}.png')
+        for split in ('train', 'validation'):
+            os.rename(staging / split, root / split)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
     return root

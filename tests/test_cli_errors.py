@@ -349,3 +349,14 @@ def test_an_interrupted_digits_export_leaves_no_split_folder(tmp_path, monkeypat
     pixels = torch.from_numpy(np.array(Image.open(first))).permute(2, 0, 1).float() / 255
     torch.testing.assert_close(pixels, x_tr[0], atol=1 / 255, rtol=0)
     assert first.parent.name == str(int(y_tr[0]))
+
+
+@pytest.mark.parametrize('argv, message', [
+    (['convert', '/dev/null', '--model', 'ours_r50_max', '-o', 'OUT'], 'checkpoint /dev/null is not a regular file'),
+    (['convert', '.', '--model', 'ours_r50_max', '-o', 'OUT'], '. is a folder; convert takes a checkpoint file'),
+    (['run', '.'], '. is not a script file'),
+])
+def test_inputs_that_exist_but_are_not_files_are_named_as_such(argv, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    assert _exit_code(argv) == 2
+    assert message in _one_error_line(capsys)

@@ -126,6 +126,8 @@ def test_train_config_prints_and_writes_the_config(argv, rel, capsys, tmp_path):
     assert cli_main(['train-config', *argv, '-o', str(out)]) == 0
     assert out.read_text() == expected
     assert str(out) in capsys.readouterr().out
+    assert cli_main(['train-config', *argv, '-o', '-']) == 0  # '-' is stdout, as for bench's outputs
+    assert capsys.readouterr().out == expected
 
 
 def test_train_config_list(capsys):
@@ -143,16 +145,22 @@ def test_train_config_list(capsys):
     (['ours_r50_hybri'], "no training config for 'ours_r50_hybri' (did you mean ours_r50_hybrid"),
     (['resnet50'], "no training config for 'resnet50'"),
     (['ours_r50_max', 'deit'], "ours_r50_max has no recipe 'deit'; its recipes: pflayer_standard, pflayer_improved"),
-    (['ours_r50_max', '-o', '{missing}/cfg.yaml'], 'cannot write {missing}/cfg.yaml: No such file or directory'),
-    (['ours_r50_max', '-o', '{tmp}'], 'cannot write {tmp}: Is a directory'),
+    (['ours_r50_max', '-o', '{missing}/cfg.yaml'],
+     'argument -o/--output: cannot write {missing}/cfg.yaml: {missing} is not a folder'),
+    (['ours_r50_max', '-o', '{tmp}'], 'argument -o/--output: {tmp} is a folder, not a file'),
     (['nope', '--list'], "no training config for 'nope'"),
     (['ours_r50_max', 'deit', '--list'], '--list takes at most a MODEL'),
     ([], 'name a MODEL'),
 ])
 def test_train_config_bad_input_exits_2_with_one_line(argv, message, capsys, tmp_path):
     fill = dict(missing=tmp_path / 'missing', tmp=tmp_path)
-    assert cli_main(['train-config', *[a.format(**fill) for a in argv]]) == 2
+    try:
+        code = cli_main(['train-config', *[a.format(**fill) for a in argv]])
+    except SystemExit as e:  # refused while parsing
+        code = e.code
+    assert code == 2
     captured = capsys.readouterr()
     assert captured.out == ''
-    assert captured.err.startswith('error: ' + message.format(**fill)) and captured.err.count('\n') == 1
+    assert captured.err.startswith('timm-pf train-config: error: ' + message.format(**fill)), captured.err
+    assert captured.err.count('\n') == 1
     assert not (tmp_path / 'missing').exists()

@@ -45,8 +45,10 @@ def cuda_request(script: Path, argv: List[str]) -> Optional[str]:
 
 def _run(args: argparse.Namespace) -> int:
     script = args.script
-    if not script.is_file():
+    if not script.exists():
         raise BadInput(f'no such script: {script} (get it from the timm repository: huggingface/pytorch-image-models)')
+    if not script.is_file():
+        raise BadInput(f'{script} is not a script file (a folder, a device or a pipe)')
     import torch
     source = cuda_request(script, args.script_args)
     if source and not torch.cuda.is_available():

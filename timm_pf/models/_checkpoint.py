@@ -43,8 +43,10 @@ class CheckpointDtypeError(CheckpointError):
 def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
     """The top-level dict of a checkpoint file: safetensors, else ``torch.load(weights_only=True)``."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise CheckpointError(f'checkpoint {path} does not exist')
+    if not path.is_file():
+        raise CheckpointError(f'checkpoint {path} is not a regular file (a folder, a device or a pipe)')
     try:
         if path.suffix == '.safetensors':
             checkpoint = safetensors.torch.load_file(str(path), device='cpu')

@@ -601,3 +601,12 @@ def test_cli_unknown_model_suggests_the_closest_names(digits_folder, tmp_path, c
     assert cli_main(['rba', 'analyze', '--model', 'ours_r50_hybrd', '--data-dir', str(digits_folder),
                      '--output', str(tmp_path)]) == 2
     assert 'did you mean ours_r50_hybrid' in _one_line_error(capsys)
+
+
+def test_the_span_table_prints_no_negative_zero():
+    nan = float('nan')
+    report = rba.RedundancyReport(
+        model_name='m', block_names=['blocks.0', 'blocks.1'], segments=['blocks', 'blocks'], block_params=[4, 4],
+        block_dims=[2, 2], num_images=1, metrics={'br': [[nan, -0.0], [nan, nan]]})
+    row = report.table().splitlines()[-1]
+    assert '| 0 |' in row and '-0' not in row, row

@@ -177,8 +177,10 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         'deform-points', help='draw the sampling points predicted by deformable pools on an image (Fig. E.2)',
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--model', default='ours_r50_deform_max', help='model with deformable pools')
+        description=__doc__.replace('``', '`'),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--model', default='ours_r50_deform_max',
+                        help='model with deformable pools (default: ours_r50_deform_max)')
     parser.add_argument('--pretrained', action='store_true', help='load the pretrained weights of the model')
     parser.add_argument('--checkpoint', type=input_file,
                         help='weights to load (.safetensors, or a .pth/.pt state dict)')
@@ -196,6 +198,6 @@ def register(subparsers) -> None:
                         help='output locations to draw, relative "y,x" in [0, 1] '
                              '(default: near the centre and near a corner)')
     parser.add_argument('--output', type=image_file, default='deform_points.png',
-                        help='figure to write (.png, .pdf, .svg, .jpg)')
+                        help='figure to write (.png, .pdf, .svg, .jpg; default: deform_points.png)')
     parser.add_argument('--dpi', type=number(int, 10, 1200), default=150, help='resolution of the figure (default 150)')
     parser.set_defaults(func=draw_sampling_points)

@@ -29,7 +29,8 @@ from ._errors import BadInput
 def register(subparsers) -> None:
     parser = subparsers.add_parser(
         'rba', help='find redundant blocks (Block Redundancy) and replace them by closed-form linear maps (RBA)',
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+        description=__doc__.replace('``', '`'),
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     commands = parser.add_subparsers(dest='rba_command', metavar='ACTION', required=True)
 
     analyze = commands.add_parser('analyze', help='similarity of every pair of blocks; heatmap and ranked spans')
@@ -39,12 +40,12 @@ def register(subparsers) -> None:
                          help='comma-separated subset of br,cosine,cka,linear_r2 (cka and linear_r2 keep a '
                               '(blocks*dim)^2 float64 matrix)')
     analyze.add_argument('--rank-by', default='br', help='metric that ranks the spans (default: br, the paper\'s)')
-    analyze.add_argument('--top', type=positive_int, default=10, help='spans to print')
+    analyze.add_argument('--top', type=positive_int, default=10, help='spans to print (default 10)')
     analyze.add_argument('--max-blocks', type=positive_int, default=None,
                          help='list only spans replacing at most this many blocks')
     analyze.add_argument('--output', type=output_dir, default='rba_analysis',
                          help='folder for rba_metrics.json, rba_spans.md and rba_heatmap.png (it must not hold '
-                              'them already)')
+                              'them already; default: rba_analysis)')
     analyze.add_argument('--no-plot', action='store_true', help='skip the heatmap (no matplotlib needed)')
     analyze.set_defaults(func=run_analyze)
 
@@ -90,7 +91,7 @@ def _add_data_args(parser: argparse.ArgumentParser, images_help: str) -> None:
                         help='split used for the analysis/fit (default: train)')
     parser.add_argument('--num-images', type=positive_int, default=1000,
                         help=f'{images_help} (random subset; default 1000)')
-    parser.add_argument('--batch-size', type=positive_int, default=32)
+    parser.add_argument('--batch-size', type=positive_int, default=32, help='images per batch (default 32)')
     parser.add_argument('--workers', type=non_negative_int, default=0, help='data loader processes (default 0)')
     parser.add_argument('--crop-pct', type=number(float, 0.1, 2.0), default=None,
                         help='override the model\'s eval crop_pct (0.1 to 2)')

@@ -149,7 +149,7 @@ class RedundancyReport:
             replaced = self.block_names[r['source_index'] + 1:r['target_index'] + 1]
             replaced_cell = f'{replaced[0]}..{replaced[-1]} ({len(replaced)})' if len(replaced) > 1 else replaced[0]
             cells = [str(rank), f"{r['source']} -> {r['target']}", replaced_cell,
-                     *(f'{r[m]:.4g}' for m in self.metrics), f"{r['params_removed']:,}"]
+                     *(f'{r[m] + 0.0:.4g}' for m in self.metrics), f"{r['params_removed']:,}"]  # + 0.0: no -0
             lines.append('| ' + ' | '.join(cells) + ' |')
         return '\n'.join(lines)
 

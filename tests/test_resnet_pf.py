@@ -169,14 +169,28 @@ def hybrid():
 @pytest.mark.parametrize('shape,message', [
     ((1, 4, 64, 64), r'expects images of shape \(N, 3, H, W\), got \(1, 4, 64, 64\)'),
     ((3, 64, 64), r'expects images of shape \(N, 3, H, W\)'),
-    ((1, 3, 16, 16), 'smaller than the network stride 32'),
-    ((1, 3, 64, 31), 'smaller than the network stride 32'),
+    ((1, 3, 0, 64), r'expects images of shape \(N, 3, H, W\), got \(1, 3, 0, 64\)'),
 ])
 def test_bad_input(hybrid, shape, message):
     with pytest.raises(ValueError, match=message):
         hybrid(torch.randn(shape))
     with pytest.raises(ValueError, match=message):
         hybrid.forward_intermediates(torch.randn(shape))
+
+
+@pytest.mark.parametrize('name', ['ours_r50_hybrid', 'ours_r50_deform_max'])
+@pytest.mark.parametrize('size', [(1, 1), (16, 16), (64, 31)])
+def test_inputs_below_the_network_stride_are_computed_as_by_resnet50(name, size):
+    """As timm's ResNet, any image of at least one pixel: the last maps shrink to 1x1; forward, features_only
+    and forward_intermediates take the same sizes."""
+    model = timm.create_model(name, num_classes=5, layers=(1, 1, 1, 1)).eval()
+    x = torch.randn(2, 3, *size)
+    with torch.no_grad():
+        out = model(x)
+        final, _ = model.forward_intermediates(x)
+        features = timm.create_model(name, layers=(1, 1, 1, 1), features_only=True).eval()(x)
+    assert out.shape == (2, 5) and torch.isfinite(out).all()
+    assert final.shape[-2:] == features[-1].shape[-2:]
 
 
 def test_channels_last_execution_matches_nchw(hybrid):

@@ -271,7 +271,7 @@ class PfResNet(ResNet):
     and 1x1 convolutions are fastest there (same values), and CPU inference reads its kxk kernels from
     channels-last copies (``ChannelsLastKernelConv2d``: the parameters stay NCHW for safetensors and timm's
     EMA). The exception is a last stage with few pixels (see :func:`_last_stage_layout`), which runs NCHW.
-    Inputs are checked: ``in_chans`` channels and at least the network stride (32) pixels per side.
+    Inputs are checked: ``in_chans`` channels and at least one pixel per side (any size, as timm's ResNet).
     """
 
     def __init__(
@@ -303,7 +303,7 @@ class PfResNet(ResNet):
 
     def _prepare_input(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.jit.is_scripting():
-            x = _prepare_input(x, self.in_chans, self.feature_info[-1]['reduction'], type(self).__name__)
+            x = _prepare_input(x, self.in_chans, type(self).__name__)
         return x
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -335,14 +335,11 @@ class PfResNet(ResNet):
 
 
 @torch.jit.ignore  # TorchScript skips it (see PfResNet._prepare_input), FX graphs scripted later call it
-def _prepare_input(x: torch.Tensor, in_chans: int, min_size: int, model_name: str) -> torch.Tensor:
-    """Check the input's shape and, on CPU, lay it out channels-last."""
-    if x.dim() != 4 or x.shape[1] != in_chans:
+def _prepare_input(x: torch.Tensor, in_chans: int, model_name: str) -> torch.Tensor:
+    """Check the input's shape and, on CPU, lay it out channels-last. Any height and width of at least one pixel
+    is computed, as by timm's ResNet (the maps shrink to 1x1; ``features_only`` takes the same sizes)."""
+    if x.dim() != 4 or x.shape[1] != in_chans or x.shape[-2] < 1 or x.shape[-1] < 1:
         raise ValueError(f'{model_name} expects images of shape (N, {in_chans}, H, W), got {tuple(x.shape)}')
-    if x.shape[-2] < min_size or x.shape[-1] < min_size:
-        raise ValueError(
-            f'input of {x.shape[-2]}x{x.shape[-1]} px is smaller than the network stride {min_size}; '
-            f'use images of at least {min_size}x{min_size}')
     if x.device.type == 'cpu':
         x = x.contiguous(memory_format=torch.channels_last)
     return x

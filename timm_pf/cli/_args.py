@@ -81,9 +81,9 @@ def _path_check(check: Callable[[str], Any]) -> Callable[[str], Any]:
     return checked
 
 
-def _non_empty(text: str) -> None:
+def _non_empty(text: str, what: str = 'path') -> None:
     if not text.strip():
-        raise argparse.ArgumentTypeError('an empty path')
+        raise argparse.ArgumentTypeError(f'an empty {what}')
 
 
 @_path_check
@@ -149,8 +149,8 @@ def split_name(text: str) -> str:
 
 
 def non_empty(text: str) -> str:
-    if not text.strip():
-        raise argparse.ArgumentTypeError('an empty value')
+    """Any text but an empty (or blank) one."""
+    _non_empty(text, 'value')
     return text
 
 

@@ -174,6 +174,26 @@ def test_deform_pool_below_same_padding_exports_grid_sample(exported):
     assert ops.count('GridSample') == 1 and 'DeformConv' not in ops and 'ReduceMax' in ops
 
 
+@pytest.mark.parametrize('dynamo', [True, False], ids=['default_exporter', 'torchscript_exporter'])
+@pytest.mark.parametrize('name', ['deform_max', 'deform_avg_s2_groups'])
+def test_deform_pool_exported_with_dynamic_height_and_width_serves_every_size(name, dynamo, tmp_path):
+    """Dynamic height and width: one file serves sizes above, below and off the exported one (a graph holding the
+    exported size's padding gave wrong results at larger sizes, without an error)."""
+    model, inputs = _case(name)
+    path = tmp_path / f'{name}_any_size.onnx'
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (inputs[0][:2],), str(path), input_names=['input0'], output_names=['out'],
+                          dynamic_axes={'input0': {0: 'batch', 2: 'height', 3: 'width'}}, dynamo=dynamo)
+    session = ort.InferenceSession(str(path), providers=['CPUExecutionProvider'])
+    for height, width in ((10, 9), (33, 40), (17, 5), (3, 3)):
+        x = torch.randn(3, 8, height, width)
+        with torch.no_grad():
+            expected = model(x)
+        (got,) = session.run(None, {'input0': x.numpy()})
+        torch.testing.assert_close(torch.from_numpy(got), expected, rtol=0, atol=1e-4)
+
+
 def test_deform_pool_exports_grid_sample_for_runtimes_without_deform_conv(tmp_path):
     """The TorchScript-based exporter, at an opset before DeformConv (19), writes the GridSample form."""
     model, inputs = _case('deform_max')

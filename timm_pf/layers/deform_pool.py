@@ -376,6 +376,16 @@ def _power_of_two(size: int) -> int:
     return power
 
 
+def _normalized(positions: torch.Tensor, size: int) -> torch.Tensor:
+    """Pixel ``positions`` clamped to ``[-1, size]`` and normalised for ``grid_sample`` (``align_corners=False``).
+    A symbolic ``size`` (an export with a dynamic height or width) enters the graph as a tensor: Python arithmetic
+    on it would fix the traced size."""
+    if isinstance(size, int):
+        return positions.clamp(-1.0, float(size)) * (2.0 / size) + (1.0 / size - 1.0)
+    size = torch.scalar_tensor(size, dtype=positions.dtype, device=positions.device)
+    return (positions.clamp(min=-1.0).minimum(size) * 2.0 + 1.0) / size - 1.0
+
+
 def sampled_deform_pool2d(
         input: torch.Tensor,
         offset: torch.Tensor,
@@ -393,11 +403,15 @@ def sampled_deform_pool2d(
     ``(2 * p + 1) / size - 1`` (``align_corners=False``) on the input zero-padded (right, bottom) to
     power-of-two sizes, where this round trip is exact for integer positions: with zero offsets the result
     equals the regular pooling exactly, ties included. TorchScript-compatible and batch-size independent: the
-    form used by TorchScript, tracing and ``torch.compile`` (ONNX: one ``GridSample`` node).
+    form used by TorchScript, tracing and ``torch.compile`` (ONNX: one ``GridSample`` node). An export with a
+    dynamic height or width samples the unpadded input (exact to float rounding), so that its graph serves
+    every size.
     """
     batch, channels = input.shape[0], input.shape[1]
-    height, width = _power_of_two(input.shape[2]), _power_of_two(input.shape[3])
-    input = F.pad(input, (0, width - input.shape[3], 0, height - input.shape[2]))
+    height, width = input.shape[2], input.shape[3]
+    if isinstance(height, int) and isinstance(width, int):  # not symbolic (a dynamic height or width in export)
+        height, width = _power_of_two(height), _power_of_two(width)
+        input = F.pad(input, (0, width - input.shape[3], 0, height - input.shape[2]))
     if input.device.type == 'cpu' and (input.dtype == torch.bfloat16 or input.dtype == torch.float16):
         input = input.contiguous()  # PyTorch's CPU grid_sample writes NaNs for channels-last half-precision input
     (kh, kw), out_height, out_width = kernel_size, offset.shape[2], offset.shape[3]
@@ -412,8 +426,8 @@ def sampled_deform_pool2d(
     offset = offset.reshape(batch * groups, num_points, 2, out_height, out_width)
     # beyond one pixel outside the (padded) input every corner reads zeros: clamped there, as the tap loop clamps,
     # so that infinite offsets sample zeros instead of reaching grid_sample as NaN
-    norm_y = (offset[:, :, 0] + grid_y).clamp(-1.0, float(height)) * (2.0 / height) + (1.0 / height - 1.0)
-    norm_x = (offset[:, :, 1] + grid_x).clamp(-1.0, float(width)) * (2.0 / width) + (1.0 / width - 1.0)
+    norm_y = _normalized(offset[:, :, 0] + grid_y, height)
+    norm_x = _normalized(offset[:, :, 1] + grid_x, width)
     grid = torch.stack((norm_x, norm_y), dim=-1).reshape(batch * groups, num_points * out_height, out_width, 2)
     samples = F.grid_sample(
         input.reshape(batch * groups, channels // groups, height, width), grid,
@@ -465,7 +479,8 @@ def _onnx_deform_pool2d(
         reduction: str,
 ) -> Optional[torch.Tensor]:
     """ONNX export form: ``DeformConv`` nodes (opset 19); ``None`` for what they cannot express (max-pools
-    padded less than "same"), which export as :func:`sampled_deform_pool2d`.
+    padded less than "same", and max-pools of an export with a dynamic height or width, whose stacked layout's
+    pads would depend on the size), which export as :func:`sampled_deform_pool2d`.
 
     * avg: the mean of the ``K`` modulated samples is the pool's own deformable depthwise convolution with
       weights ``1 / K``: one ``DeformConv`` with the pool's kernel, stride, padding and dilation.
@@ -484,6 +499,8 @@ def _onnx_deform_pool2d(
         weight = torch.full((channels, 1, kh, kw), 1.0 / num_points, dtype=input.dtype, device=input.device)
         return _deform_conv_node(input, weight, offset, mask, geometry.out_size, geometry.stride,
                                  (pad_y, pad_x, pad_y, pad_x), geometry.dilation)
+    if not (isinstance(height, int) and isinstance(width, int)):
+        return None  # symbolic sizes: ONNX attributes (the pads) are constants
     rows = _rows_layout_pads(height, num_points * out_height, stride_y, (num_points // 2) * out_height * stride_y)
     cols = _rows_layout_pads(width, out_width, stride_x, pad_x)
     if rows is None or cols is None:

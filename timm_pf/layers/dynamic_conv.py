@@ -102,6 +102,10 @@ def _scanned_conv2d(
 
         return scan(step, features.new_zeros(()), (features, kernels))[1]
 
+    if padding != (0, 0) and not (isinstance(x.shape[2], int) and isinstance(x.shape[3], int)):
+        # a dynamic height or width: padded outside the scan, whose body's padded convolution fails to export
+        x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+        padding = (0, 0)
     return torch.cond(x.shape[0] <= 1, at_most_one, each, (x, weight))
 
 
@@ -344,12 +348,13 @@ class DynamicConv2d(CondConv2d):
     def routing_weights(self, x: torch.Tensor) -> torch.Tensor:
         """Mixing coefficients (B, num_experts) of input ``x`` (B, C_in, H, W)."""
         if not torch.jit.is_scripting():
-            if (type(self.routing) is nn.Linear and not torch.jit.is_tracing()
+            if (type(self.routing) is nn.Linear and not torch.jit.is_tracing() and not _is_exporting()
                     and x.dtype in (torch.float32, torch.float64) and not _autocasting(x)):
                 # sigmoid routing as one addmm on the spatial sum, the 1 / (H * W) of the mean folded into its
                 # scale: this runs once per conv, so its op count matters at batch 1. (Not in TorchScript: its
                 # type check of a submodule goes wrong once any module of the class has been traced; not when
-                # tracing, where the scale would be a traced value that the TorchScript ONNX exporter rejects;
+                # tracing or exporting, where the scale would be a traced value (symbolic with a dynamic height or
+                # width) that the ONNX exporters reject;
                 # not in half precision or under autocast, where the sum of a large map overflows float16; not
                 # for a routing layer replaced by another module, e.g. quantized.)
                 logits = torch.addmm(self.routing.bias, x.sum((2, 3)), self.routing.weight.t(),

@@ -426,3 +426,10 @@ def test_misuse_is_reported():
         finalize(timm.create_model('vit_tiny_patch16_224', **TINY_VIT))
     with pytest.raises(ValueError, match='not in replacement-learning form'):
         replacement_report(nn.Linear(2, 2))
+
+
+def test_scripting_the_training_form_says_to_finalize_first():
+    with pytest.raises(RuntimeError, match=r'finalize\(model\)'):
+        torch.jit.script(_tiny_replaced())
+    scripted = torch.jit.script(finalize(_tiny_replaced()).eval())  # the plain model scripts
+    assert scripted(torch.randn(1, 3, 16, 16)).shape == (1, TINY_VIT['num_classes'])

@@ -100,6 +100,12 @@ class _MixedTensor(nn.Module):
         self._registered = True
         return ()
 
+    def __prepare_scriptable__(self) -> nn.Module:
+        """Called by ``torch.jit.script`` on every submodule: the references to the neighbours cannot be scripted."""
+        raise RuntimeError(
+            'a model in its Replacement Learning training form (layers computed from their neighbours) cannot be '
+            'scripted: timm_pf.methods.replacement.finalize(model) gives back the plain architecture, which can')
+
     def forward(self) -> torch.Tensor:
         mix, prev_owner, next_owner = self.sources
         return mix(getattr(prev_owner, self.tensor_name), getattr(next_owner, self.tensor_name))

@@ -360,3 +360,22 @@ def test_inputs_that_exist_but_are_not_files_are_named_as_such(argv, message, tm
     monkeypatch.chdir(tmp_path)
     assert _exit_code(argv) == 2
     assert message in _one_error_line(capsys)
+
+
+@pytest.mark.parametrize('argv, prog', [
+    (['bench', '--bogus'], 'timm-pf bench'),
+    (['rba', 'analyze', '--model', 'resnet18', '--data-dir', '.', '--bogus', '1'], 'timm-pf rba analyze'),
+    (['--bogus'], 'timm-pf'),
+])
+def test_unknown_options_point_at_the_help_of_their_command(argv, prog, capsys):
+    assert _exit_code(argv) == 2
+    line = _one_error_line(capsys)
+    assert line.startswith(f'{prog}: error: unrecognized arguments: --bogus') and line.endswith(f'(see {prog} --help)')
+
+
+def test_run_passes_options_it_does_not_know_to_its_script(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, 'argv', list(sys.argv))
+    (tmp_path / 'echo.py').write_text('import sys, pathlib\npathlib.Path("argv.txt").write_text(" ".join(sys.argv[1:]))\n')
+    assert main(['run', 'echo.py', '--bogus', '1', '-x']) == 0
+    assert (tmp_path / 'argv.txt').read_text() == '--bogus 1 -x'

@@ -43,6 +43,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The parser of the (sub)command that ``args`` names, whose errors point at its own help."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
+
+
 def _tolerant_streams() -> None:
     """Text the terminal's encoding cannot show (a card's section sign in an ASCII locale) is escaped, not fatal."""
     for stream in (sys.stdout, sys.stderr):
@@ -53,7 +61,9 @@ def _tolerant_streams() -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     _tolerant_streams()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named by the subcommand that was given them
+        _chosen_parser(parser, args).error(f'unrecognized arguments: {" ".join(unknown)}')
     if not getattr(args, 'func', None):
         parser.print_help(sys.stderr)
         return EXIT_BAD_INPUT

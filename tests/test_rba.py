@@ -12,6 +12,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import save_for_hf
 from timm_pf.cli import main as cli_main
 from timm_pf.methods import rba
+from timm_pf.methods.rba.metrics import _GroupStats
 from timm_pf.methods.stats import count_macs, count_params
 from timm_pf.tools.data import digits_tensors, export_digits
 
@@ -610,3 +611,15 @@ def test_the_span_table_prints_no_negative_zero():
         block_dims=[2, 2], num_images=1, metrics={'br': [[nan, -0.0], [nan, nan]]})
     row = report.table().splitlines()[-1]
     assert '| 0 |' in row and '-0' not in row, row
+
+
+def test_cosine_of_equal_directions_is_one_to_float_precision():
+    torch.manual_seed(0)
+    reported = []
+    for dim in (7, 64, 384, 1000):
+        for _ in range(5):
+            x = torch.randn(256, 1, dim) * torch.randn(1, 1, dim).exp() * 3
+            stats = _GroupStats([0, 1], dim, gram=False)
+            stats.update(torch.cat([x, x * 1.0001], 1))  # the same direction: cosine 1
+            reported.append(stats.metrics(['cosine'])['cosine'])
+    assert all((c <= 1).all() and (c > 1 - 1e-6).all() for c in reported), reported

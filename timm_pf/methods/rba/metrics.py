@@ -55,7 +55,9 @@ class _GroupStats:
             s = diff.square().sum(dim=(0, 2), dtype=torch.float64)
             self.sq_diff[a, a + 1:] += s
             self.sq_diff[a + 1:, a] += s
-        self.cos += torch.einsum('rad,rbd->ab', unit, unit).double()
+        # each row's cosines in float32, summed over the rows in float64 (a float32 sum over rows and channels
+        # at once was off by 2e-4 for equal directions)
+        self.cos += torch.bmm(unit, unit.transpose(1, 2)).sum(0, dtype=torch.float64)
         if self.gram is not None:
             flat = z.reshape(z.shape[0], -1).double()
             self.gram += flat.T @ flat
@@ -67,7 +69,7 @@ class _GroupStats:
         if 'br' in wanted:
             out['br'] = -self.sq_diff.cpu() / (n * d)
         if 'cosine' in wanted:
-            out['cosine'] = self.cos.cpu() / n
+            out['cosine'] = (self.cos.cpu() / n).clamp(-1.0, 1.0)  # float32 row cosines can round past 1
         if self.gram is None:
             return out
         gram, col_sum = self.gram.cpu(), self.col_sum.cpu()

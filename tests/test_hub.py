@@ -283,6 +283,32 @@ def test_only_safetensors_from_our_repos_other_repos_unchanged(client, hub, weig
     assert client(client_pull, 'hf-hub:maintainer/test_resnet') == ('ok', tensor_digests(other.state_dict()))
 
 
+@pytest.mark.parametrize('with_safetensors', [False, True])
+def test_a_weights_file_named_in_our_repos_config_is_ignored(client, hub, weights, with_safetensors, tmp_path):
+    """A ``file`` key in the pretrained cfg of one of our repositories' config.json does not bring back timm's own
+    loader (with its pickle fallback, and without our sha256 check): only our verified model.safetensors loads."""
+    folder = tmp_path / 'repo'
+    model = timm.create_model(weights['name_tag'])
+    save_for_hf(model, str(folder), safe_serialization=with_safetensors)
+    config = json.loads((folder / 'config.json').read_text())
+    config['pretrained_cfg']['file'] = 'anything'
+    (folder / 'config.json').write_text(json.dumps(config))
+    repo_id = f'timm-pf/{weights["name_tag"].split(".")[0]}.cfg_names_a_file_{int(with_safetensors)}'
+    client(client_upload_folder, repo_id, str(folder))
+    if with_safetensors:
+        hub[1].corrupt.add((repo_id, WEIGHTS_NAME))  # our download checks the sha256; timm's loader does not
+        try:
+            result = client(client_pull, f'hf-hub:{repo_id}', cache_dir=str(tmp_path / 'cache'))
+        finally:
+            hub[1].corrupt.discard((repo_id, WEIGHTS_NAME))
+        assert result[:2] == ('error', 'PretrainedWeightsError') and 'corrupted (sha256' in result[2], result
+        assert client(client_pull, f'hf-hub:{repo_id}') == ('ok', tensor_digests(model.state_dict()))
+    else:
+        result = client(client_pull, f'hf-hub:{repo_id}')
+        assert result[:2] == ('error', 'PretrainedWeightsError') and 'only safetensors' in result[2], result
+    assert f'GET /{repo_id}/resolve/main/pytorch_model.bin' not in hub[1].requests
+
+
 def test_push_deletes_the_pickle_weights_it_replaces(client, hub, tmp_path):
     repo_id = 'maintainer/was_pickled'
     model = timm.create_model('test_resnet', num_classes=7)

@@ -176,11 +176,14 @@ def build_pf_model(
     pretrained cfg keeps the Hub source it was resolved from.
     """
     resolved = resolve_pretrained_cfg(variant, pretrained_cfg, pretrained_cfg_overlay)
+    # a user's own file or state dict replaces our weights, as in timm; under an hf-hub source these keys come from
+    # the repository's config.json, and timm itself ignores them there (it loads from the repository)
+    own_weights = resolved.source != 'hf-hub' and (resolved.state_dict or resolved.file)
     ours = (pretrained and resolved.hf_hub_id and is_pf_repo(resolved.hf_hub_id)
-            and resolved.source in (None, '', 'timm', 'hf-hub') and not resolved.state_dict and not resolved.file)
+            and resolved.source in (None, '', 'timm', 'hf-hub') and not own_weights)
     if ours:
         path = download_weights(resolved.hf_hub_id, cache_dir=cache_dir)
-        pretrained_cfg_overlay = dict(pretrained_cfg_overlay or {}, source='', file=path)
+        pretrained_cfg_overlay = dict(pretrained_cfg_overlay or {}, source='', file=path, state_dict=None)
     model = build_model_with_cfg(
         model_cls, variant, pretrained, pretrained_cfg=pretrained_cfg, pretrained_cfg_overlay=pretrained_cfg_overlay,
         cache_dir=cache_dir, **kwargs)

@@ -1,6 +1,8 @@
 """Block Redundancy analysis and Redundant Blocks Approximation (timm_pf.methods.rba, ``timm-pf rba``)."""
 import json
 import math
+import shutil
+import sys
 
 import pytest
 import timm
@@ -623,3 +625,29 @@ def test_cosine_of_equal_directions_is_one_to_float_precision():
             stats.update(torch.cat([x, x * 1.0001], 1))  # the same direction: cosine 1
             reported.append(stats.metrics(['cosine'])['cosine'])
     assert all((c <= 1).all() and (c > 1 - 1e-6).all() for c in reported), reported
+
+
+def test_cli_evaluate_labels_the_validation_split_as_the_probe_split(saved_vit, digits_folder, tmp_path, capsys):
+    """A validation split without one of the classes keeps the labels of the others (each split numbered its own
+    classes, which shifted them silently), and one with a class the probe split lacks is refused."""
+    data = tmp_path / 'data'
+    shutil.copytree(digits_folder, data, symlinks=True)
+    shutil.rmtree(data / 'validation' / '3')
+    results = tmp_path / 'results.json'
+    assert cli_main(['rba', 'evaluate', '--model', saved_vit, '--data-dir', str(data), '--span', '3:4',
+                     '--num-images', '256', '--probe-images', '600', '--output', str(results)]) == 0
+    original = next(r for r in json.loads(results.read_text())['results'] if r['model'] == 'original')
+    assert original['head_top1'] > 85 and original['probe_top1'] > 80, original
+    capsys.readouterr()
+    shutil.move(str(data / 'train' / '7'), str(tmp_path / 'train_7'))
+    assert cli_main(['rba', 'evaluate', '--model', saved_vit, '--data-dir', str(data), '--span', '3:4',
+                     '--num-images', '256']) == 2
+    assert 'has classes that --split train has not: 7' in capsys.readouterr().err
+
+
+def test_cli_analyze_without_matplotlib_exits_2_before_the_analysis(digits_folder, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, 'matplotlib', None)
+    out = tmp_path / 'analysis'
+    assert cli_main(['rba', 'analyze', '--model', 'resnet18', '--data-dir', str(digits_folder), '--num-images', '4',
+                     '--output', str(out)]) == 2
+    assert 'needs matplotlib' in capsys.readouterr().err and not out.exists()

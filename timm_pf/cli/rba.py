@@ -9,6 +9,7 @@
 by a linear map from block ``i``'s output to block ``j``'s.
 """
 import argparse
+import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -130,8 +131,11 @@ def _data_config(model: nn.Module, args) -> Dict[str, Any]:
     return resolve_input_data_config(model, args=overrides)
 
 
-def _loader(model: nn.Module, args, split: str, num_images: Optional[int]) -> Tuple[DataLoader, int]:
-    """Eval-transformed loader over a seeded random subset of ``split``, and the split's class count."""
+def _loader(model: nn.Module, args, split: str, num_images: Optional[int],
+            class_to_idx: Optional[Dict[str, int]] = None) -> Tuple[DataLoader, Dict[str, int]]:
+    """Eval-transformed loader over a seeded random subset of ``split``, and its classes (folder name -> label).
+    With ``class_to_idx`` (another split's classes) the labels are that split's, and the split may not hold
+    other classes."""
     from timm.data import create_dataset, create_transform
     root = args.data_dir / split
     if not root.is_dir():
@@ -145,17 +149,24 @@ def _loader(model: nn.Module, args, split: str, num_images: Optional[int]) -> Tu
     config = _data_config(model, args)
     try:
         dataset = create_dataset('', root=str(args.data_dir), split=split)
+        classes = dict(getattr(dataset.reader, 'class_to_idx', {}))
+        if class_to_idx is not None and classes != class_to_idx:
+            extra = sorted(set(classes) - set(class_to_idx))
+            if extra:
+                raise BadInput(f'{root} has classes that --split {args.split} has not: {", ".join(extra[:5])}'
+                               f'{" ..." if len(extra) > 5 else ""} (the splits must share their class folders)')
+            dataset = create_dataset('', root=str(args.data_dir), split=split, class_map=class_to_idx)
+            classes = class_to_idx
     except RuntimeError as e:  # timm's folder reader finds no images
         raise BadInput(f'{root}: {e}') from e
     dataset.transform = create_transform(**{k: v for k, v in config.items() if k in (
         'input_size', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')}, is_training=False)
-    num_classes = len(getattr(dataset.reader, 'class_to_idx', {})) or None
     if num_images is not None and num_images < len(dataset):
         generator = torch.Generator().manual_seed(args.seed)
         dataset = Subset(dataset, torch.randperm(len(dataset), generator=generator)[:num_images].tolist())
     if len(dataset) == 0:
         raise BadInput(f'{root} holds no images')
-    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers), num_classes
+    return DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers), classes
 
 
 def _parse_spans(specs: Sequence[str]) -> List[Tuple[str, str]]:
@@ -189,6 +200,8 @@ def run_analyze(args) -> int:
                        f'subset of {",".join(METRICS)}')
     if args.rank_by not in metrics:
         raise BadInput(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
+    if not args.no_plot and importlib.util.find_spec('matplotlib') is None:  # before the analysis, not after
+        raise BadInput("the heatmap needs matplotlib: pip install 'timm-pf[plot]' (or pass --no-plot)")
     _check_fresh_output(args.output, _ANALYSIS_FILES)
     model = _create_model(args)
     loader, _ = _loader(model, args, args.split, args.num_images)
@@ -266,9 +279,9 @@ def run_evaluate(args) -> int:
     if args.skip_baseline:
         models['skip'] = skip_spans(model, spans)
     models['rba'] = approx
-    train_loader, num_classes = _loader(model, args, args.split, args.probe_images)
-    val_loader, _ = _loader(model, args, args.val_split, None)
-    rows = evaluate_models(models, train_loader, val_loader, _input_size(model, args), num_classes,
+    train_loader, classes = _loader(model, args, args.split, args.probe_images)
+    val_loader, _ = _loader(model, args, args.val_split, None, class_to_idx=classes)  # labelled as the probe's
+    rows = evaluate_models(models, train_loader, val_loader, _input_size(model, args), len(classes) or None,
                            device=args.device)
     print(f'{args.model}, spans {", ".join(f"{s}:{t}" for s, t in spans)}; top-1 on {args.val_split} '
           f'({len(val_loader.dataset)} images), probe trained on {len(train_loader.dataset)} images of {args.split}')

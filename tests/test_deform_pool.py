@@ -285,6 +285,11 @@ def test_deform_points_cli_writes_png(tmp_path, capsys):
     out = tmp_path / 'points.png'
     assert main(['deform-points', '--img-size', '64', '--init-std', '0.02', '--output', str(out)]) == 0
     assert out.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    again = tmp_path / 'again.png'  # random offset predictors, and the same figure on every run
+    assert main(['deform-points', '--img-size', '64', '--init-std', '0.02', '--output', str(again)]) == 0
+    assert again.read_bytes() == out.read_bytes()
+    assert main(['deform-points', '--img-size', '64', '--init-std', '0.02', '--pretrained', '--output', str(out)]) == 2
+    assert 'does not go with --checkpoint or --pretrained' in capsys.readouterr().err
     assert main(['deform-points', '--img-size', '64', '--blocks', 'layer9.spatial', '--output', str(out)]) == 2
     for blocks in (['layer4.2.spatial', 'layer4.1.spatial'], ['layer4.1.spatial', 'layer4.1.spatial']):
         assert main(['deform-points', '--img-size', '64', '--blocks', *blocks, '--output', str(out)]) == 2

@@ -119,6 +119,11 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
         raise BadInput("timm-pf deform-points needs matplotlib: pip install 'timm-pf[plot]'") from None
     from timm_pf.tools.hub import create_model
 
+    if args.init_std and (args.checkpoint or args.pretrained):
+        raise BadInput('--init-std replaces the offset predictors with random ones: it illustrates a model without '
+                       'trained weights, so it does not go with --checkpoint or --pretrained')
+    if args.init_std:
+        torch.manual_seed(0)  # the untrained model's other weights too: the same figure on every run
     model = create_model(args.model, pretrained=args.pretrained).eval()
     pools = _deform_pools(model)
     if not pools:
@@ -126,10 +131,9 @@ def draw_sampling_points(args: argparse.Namespace) -> int:
     if args.checkpoint:
         _load_weights(model, args.checkpoint)
     if args.init_std:
-        generator = torch.Generator().manual_seed(0)
         with torch.no_grad():
             for pool in pools.values():
-                pool.offset_conv.weight.normal_(0, args.init_std, generator=generator)
+                pool.offset_conv.weight.normal_(0, args.init_std)
     names = list(args.blocks) if args.blocks else list(pools)[-2:]
     unknown = [n for n in names if n not in pools]
     if unknown:

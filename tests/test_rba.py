@@ -588,6 +588,9 @@ def test_cli_evaluate_checks_the_rba_model_against_the_model(saved_vit, digits_f
     untrained = ['--model', 'vit_tiny_patch16_224', '--model-kwargs', *(f'{k}={v}' for k, v in TINY_VIT.items())]
     assert cli_main(['rba', 'evaluate', *untrained, *common, '--rba-model', str(approx_dir)]) == 2
     assert 'was not made from this --model' in _one_line_error(capsys)
+    assert cli_main(['rba', 'evaluate', '--model', 'resnet18', '--model-kwargs', 'num_classes=10', *common,
+                     '--rba-model', str(approx_dir)]) == 2
+    assert 'was not made from this --model: they share no weights' in _one_line_error(capsys)
 
 
 def test_cli_input_the_data_cannot_feed_exits_2(digits_folder, tmp_path, capsys):
@@ -651,3 +654,14 @@ def test_cli_analyze_without_matplotlib_exits_2_before_the_analysis(digits_folde
     assert cli_main(['rba', 'analyze', '--model', 'resnet18', '--data-dir', str(digits_folder), '--num-images', '4',
                      '--output', str(out)]) == 2
     assert 'needs matplotlib' in capsys.readouterr().err and not out.exists()
+
+
+def test_metrics_stay_in_their_ranges_without_negative_zero():
+    torch.manual_seed(0)
+    x = torch.randn(64, 1, 16)
+    stats = _GroupStats([0, 1, 2], 16, gram=True)
+    stats.update(torch.cat([x, x, torch.randn(64, 1, 16)], 1))  # blocks 0 and 1 equal
+    metrics = stats.metrics(['br', 'cka'])
+    br = metrics['br'].tolist()
+    assert br[0][1] == 0 and math.copysign(1, br[0][1]) == 1 and all(math.copysign(1, br[i][i]) == 1 for i in range(3))
+    assert (metrics['cka'] <= 1).all() and metrics['cka'][0, 1] == 1

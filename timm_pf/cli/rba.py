@@ -254,10 +254,11 @@ def _load_rba_model(folder: Path, base: nn.Module) -> nn.Module:
     ours, theirs = base.state_dict(), approx.state_dict()
     kept = [k for k in ours if k in theirs]
     differing = [k for k in kept if ours[k].shape != theirs[k].shape or not torch.equal(ours[k].cpu(), theirs[k].cpu())]
-    if differing or not kept:
-        first = f' (first: {differing[0]})' if differing else ''
+    if not kept:
+        raise BadInput(f'--rba-model {folder} was not made from this --model: they share no weights')
+    if differing:
         raise BadInput(f'--rba-model {folder} was not made from this --model: {len(differing)} of the {len(kept)} '
-                       f'weights they share differ{first}')
+                       f'weights they share differ (first: {differing[0]})')
     return approx
 
 

@@ -67,7 +67,7 @@ class _GroupStats:
         k, d, n = len(self.members), self.dim, max(self.rows, 1)
         out = {}
         if 'br' in wanted:
-            out['br'] = -self.sq_diff.cpu() / (n * d)
+            out['br'] = -self.sq_diff.cpu() / (n * d) + 0.0  # + 0.0: no -0.0 for equal outputs
         if 'cosine' in wanted:
             out['cosine'] = (self.cos.cpu() / n).clamp(-1.0, 1.0)  # float32 row cosines can round past 1
         if self.gram is None:
@@ -84,7 +84,7 @@ class _GroupStats:
             for a in range(k):
                 for b in range(k):
                     cka[a, b] = blk(centred, a, b).square().sum() / (norms[a] * norms[b]).clamp_min(1e-300)
-            out['cka'] = cka
+            out['cka'] = cka.clamp(0.0, 1.0)  # its range; float64 rounding put the diagonal at 1 + 7e-16
         if 'linear_r2' in wanted:
             r2 = torch.full((k, k), float('nan'), dtype=torch.float64)
             for a in range(k - 1):
@@ -203,7 +203,7 @@ class RedundancyReport:
                 for i in range(n):
                     for j in range(n):
                         if np.isfinite(mat[i, j]):
-                            ax.text(j, i, f'{mat[i, j] + 0.0:.2g}', ha='center', va='center',
+                            ax.text(j, i, f'{mat[i, j] + 0.0:.3g}', ha='center', va='center',
                                     fontsize=5.5 if n <= 8 else 4.5,
                                     color='black' if mat[i, j] > mid else 'white')
             bar = fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)

@@ -28,7 +28,9 @@ from timm_pf.cli import main as cli_main
 from timm_pf.tools.cards import CardError, weights_provenance
 from timm.models import save_for_hf
 from timm_pf.models._pretrained import sha256_file
-from timm_pf.tools.hub import WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, verify_folder
+from timm_pf.tools.hub import (
+    WEIGHTS_NAME, CheckpointError, load_folder_model, pf_pretrained_tags, resolve_name_tag, verify_folder,
+)
 
 ORGS = {'timm-pf': {'maintainer'}}
 
@@ -621,6 +623,103 @@ def test_convert_with_a_tag_refuses_another_model_of_the_family(weights, tmp_pat
     assert 'describes its own model' in err and '--model ours_r50_hybrid' in err and not out.exists()
     assert cli_main(['convert', str(small), '--model', 'ours_r50_hybrid', '--model-kwargs', *kwargs,
                      '--num-classes', '10', '--img-size', '32', '-o', str(out)]) == 0
+
+
+def _small_r50_hybrid(path: Path, **extra) -> list:
+    """A 10-class scaled-down ours_r50_hybrid saved to ``path`` (with ``extra`` entries, e.g. train.py ``args``);
+    returns the --model-kwargs that build it."""
+    state_dict = timm.create_model('ours_r50_hybrid', num_classes=10, layers=[1, 1, 1, 1], channels=[16, 32, 64, 128],
+                                   stem_width=16).state_dict()
+    torch.save(dict(state_dict=state_dict, **extra), path)
+    return ['--model-kwargs', 'layers=[1,1,1,1]', 'channels=[16,32,64,128]', 'stem_width=16']
+
+
+def test_convert_takes_only_the_models_own_kwargs(tmp_path, capsys):
+    """num_classes in --model-kwargs is the class count (config.json's), and timm.create_model's own arguments are
+    refused: config.json records the model kwargs, which ``local-dir:`` passes to create_model again."""
+    checkpoint = tmp_path / 'plain.pth'
+    model_kwargs = _small_r50_hybrid(checkpoint)
+    out = tmp_path / 'out'
+
+    def convert(*extra):
+        return cli_main(['convert', str(checkpoint), '--model', 'ours_r50_hybrid', '--img-size', '32', *model_kwargs,
+                         *extra, '-o', str(out)])
+
+    assert convert('num_classes=5') == 2
+    err = capsys.readouterr().err
+    assert 'the checkpoint has 10 classes and the model 5' in err and 'num_classes=10' in err, err
+    assert not out.exists()
+    assert convert('num_classes=10', '--num-classes', '5') == 2
+    assert 'num_classes=10 disagrees with --num-classes 5' in capsys.readouterr().err and not out.exists()
+    for kwarg in (f'checkpoint_path={checkpoint}', 'pretrained_cfg_overlay={"num_classes":5}', 'pretrained=True'):
+        assert convert(kwarg) == 2, kwarg
+        err = capsys.readouterr().err
+        assert kwarg.split('=')[0] in err and 'timm.create_model' in err and len(err.splitlines()) == 1, err
+        assert not out.exists()
+    assert convert('num_classes=10') == 0
+    assert timm.create_model(f'local-dir:{out}', pretrained=True).num_classes == 10
+
+
+def test_convert_records_a_non_square_train_size(tmp_path, capsys):
+    """train.py's input_size (C, H, W) is what it trained at, before img_size; a non-square one stays so."""
+    trained = tmp_path / 'last.pth.tar'
+    model_kwargs = _small_r50_hybrid(trained, args=argparse.Namespace(img_size=None, input_size=[3, 48, 40]))
+    out = tmp_path / 'out'
+    assert cli_main(['convert', str(trained), '--model', 'ours_r50_hybrid', *model_kwargs, '-o', str(out)]) == 0
+    assert '48x40 px from its train.py arguments' in capsys.readouterr().out
+    assert json.loads((out / 'config.json').read_text())['pretrained_cfg']['input_size'] == [3, 48, 40]
+    assert timm.create_model(f'local-dir:{out}', pretrained=True).pretrained_cfg['input_size'] == (3, 48, 40)
+
+
+def test_convert_with_a_tag_refuses_another_image_size(tmp_path, capsys):
+    """config.json of a tag describes the tag's image size: --img-size is for the bare model name."""
+    tag = 'ours_r50_hybrid.pf_in1k'
+    size = timm.models.get_pretrained_cfg(tag).input_size[-1]
+    checkpoint = tmp_path / 'weights.safetensors'
+    safetensors.torch.save_file(timm.create_model(tag).state_dict(), str(checkpoint))
+    out = tmp_path / 'out'
+    assert cli_main(['convert', str(checkpoint), '--model', tag, '--img-size', str(size - 64), '-o', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f'--img-size {size - 64}' in err and '--model ours_r50_hybrid)' in err and not out.exists(), err
+    assert cli_main(['convert', str(checkpoint), '--model', tag, '--img-size', str(size), '-o', str(out)]) == 0
+
+
+def test_push_refuses_a_folder_converted_for_another_tag(client, hub, tmp_path):
+    """-m without a tag pushes to the default tag: a folder whose config.json describes another tag is refused."""
+    default = resolve_name_tag('ours_r50_hybrid')
+    other = next(t for t in pf_pretrained_tags(['ours_r50_hybrid']) if t != default)
+    checkpoint = tmp_path / 'weights.safetensors'
+    safetensors.torch.save_file(timm.create_model(other).state_dict(), str(checkpoint))
+    folder = tmp_path / 'converted'
+    assert cli_main(['convert', str(checkpoint), '--model', other, '-o', str(folder)]) == 0
+    before = len(hub[1].requests)
+    for target in ('ours_r50_hybrid', default):
+        rc, _, err = _push(client, folder, target, '--dry-run')
+        assert rc == 2 and other in err and default in err and len(err.splitlines()) == 1, err
+    assert len(hub[1].requests) == before
+
+
+def test_class_count_mismatch_names_the_model_named(client, hub, weights, tmp_path, capsys):
+    """With a tag the hint for another class count points at the bare model name, and without one the error
+    names the model given, not its default tag."""
+    name_tag = weights['name_tag']
+    arch = name_tag.split('.')[0]
+    size = str(timm.models.get_pretrained_cfg(name_tag).input_size[-1])
+    checkpoint = tmp_path / 'ten_classes.safetensors'
+    safetensors.torch.save_file(timm.create_model(name_tag, num_classes=10).state_dict(), str(checkpoint))
+    out = tmp_path / 'out'
+    hint = f'(--model {arch} --num-classes 10)'
+    assert cli_main(['convert', str(checkpoint), '--model', name_tag, '-o', str(out)]) == 2
+    assert hint in capsys.readouterr().err
+    rc, _, err = _push(client, checkpoint, name_tag, '--dry-run')
+    assert rc == 2 and hint in err, err
+    assert cli_main(['convert', str(checkpoint), '--model', arch, '--num-classes', '100', '--img-size', size,
+                     '-o', str(out)]) == 2
+    err = capsys.readouterr().err
+    assert f'does not fit {arch}: the checkpoint has 10 classes and the model 100' in err, err
+    assert not out.exists()
+    assert cli_main(['convert', str(checkpoint), '--model', arch, '--num-classes', '10', '--img-size', size,
+                     '-o', str(out)]) == 0
 
 
 def test_convert_of_a_replacement_training_form_says_to_finalize_first(tmp_path, capsys):

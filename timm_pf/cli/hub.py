@@ -91,7 +91,7 @@ def run_convert(args) -> int:
                                 img_size=args.img_size)
     how = "through the family's checkpoint filter" if result.filtered else 'as is'
     print(f'{args.source} -> {result.folder} ({result.name_tag}, {result.num_params:,d} parameters, '
-          f'{result.num_classes} classes, {result.img_size} px, keys mapped {how}, strict load ok; '
+          f'{result.num_classes} classes, {result.px}, keys mapped {how}, strict load ok; '
           f'config.json describes {result.described_by})')
     return 0
 

@@ -16,6 +16,7 @@ repository; both check that the weights load strictly and add a model card, and 
 the staged files through ``huggingface_hub.HfApi``.
 """
 import argparse
+import inspect
 import json
 import os
 import shutil
@@ -142,14 +143,21 @@ def checkpoint_filter_for(model_name: str) -> Optional[Callable]:
     return getattr(module, 'checkpoint_filter_fn', None)
 
 
-def _num_classes_hint(model: nn.Module) -> Callable[[CheckpointMismatch], List[str]]:
-    """For a strict-load report: the classes of a checkpoint whose classifier differs from the model's."""
+def _num_classes_hint(model: nn.Module, fix: str) -> Callable[[CheckpointMismatch], List[str]]:
+    """For a strict-load report: the classes of a checkpoint whose classifier differs from the model's, and
+    what to do (``fix``, formatted with ``classes``, the checkpoint's)."""
     classifier = f'{model.pretrained_cfg.get("classifier")}.weight'
 
     def hints(mismatch: CheckpointMismatch) -> List[str]:
-        return [f'the checkpoint has {shape[0]} classes and the model {want[0]}: pass --num-classes {shape[0]}'
+        return [f'the checkpoint has {shape[0]} classes and the model {want[0]}: {fix.format(classes=shape[0])}'
                 for key, shape, want in mismatch.mis_shaped if key == classifier and shape[0] != want[0]]
     return hints
+
+
+def _px(input_size: Tuple[int, ...]) -> str:
+    """An image size for messages: ``224 px``, or ``48x40 px`` (height x width) when not square."""
+    height, width = input_size[-2:]
+    return f'{width} px' if height == width else f'{height}x{width} px'
 
 
 @dataclass
@@ -158,14 +166,23 @@ class ConvertResult:
     folder: Path
     num_params: int
     num_classes: int
-    img_size: int
+    input_size: Tuple[int, int, int]
     filtered: bool
     described_by: str  # where config.json's classes and image size come from
+
+    @property
+    def px(self) -> str:
+        return _px(self.input_size)
 
 
 # what config.json keeps of our cfg for weights no tag of ours describes: how to feed the model, nothing else
 _DATA_CFG_KEYS = ('architecture', 'interpolation', 'mean', 'std', 'crop_pct', 'crop_mode', 'first_conv',
                   'classifier', 'fixed_input_size')
+
+
+# timm.create_model's own arguments (what to load, how to script): not the model's kwargs that config.json records
+_CREATE_MODEL_ARGS = [name for name, p in inspect.signature(timm.create_model).parameters.items()
+                      if name != 'model_name' and p.kind is not p.VAR_KEYWORD]
 
 
 def _train_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
@@ -174,13 +191,24 @@ def _train_args(checkpoint: Dict[str, Any]) -> Dict[str, Any]:
     return vars(args) if isinstance(args, argparse.Namespace) else {}
 
 
-def _described_cfg(model: nn.Module, img_size: int, train_args: Dict[str, Any]) -> Dict[str, Any]:
+def _train_input_size(train_args: Dict[str, Any]) -> Optional[Tuple[int, int, int]]:
+    """The input size of timm ``train.py`` arguments: ``input_size`` (C, H, W) before a square ``img_size``, as
+    train.py resolves them (None when they set neither)."""
+    if train_args.get('input_size'):
+        return tuple(train_args['input_size'])
+    if train_args.get('img_size'):
+        return 3, train_args['img_size'], train_args['img_size']
+    return None
+
+
+def _described_cfg(
+        model: nn.Module, input_size: Tuple[int, int, int], train_args: Dict[str, Any]) -> Dict[str, Any]:
     """Pretrained cfg of weights trained on other data: the model's data settings (train.py's where it set
     them), the image size and classes of the checkpoint, and no tag, notes or Hub id of ours."""
     cfg = {k: v for k, v in model.pretrained_cfg.items() if k in _DATA_CFG_KEYS}
     cfg.update({k: train_args[k] for k in ('interpolation', 'mean', 'std', 'crop_pct', 'crop_mode')
                 if train_args.get(k) not in (None, '')})
-    cfg.update(input_size=(3, img_size, img_size), num_classes=model.num_classes)
+    cfg.update(input_size=input_size, num_classes=model.num_classes)
     return cfg
 
 
@@ -198,36 +226,53 @@ def convert_checkpoint(
     The checkpoint goes through the family's ``checkpoint_filter_fn`` (authors' keys -> ours; our own keys
     pass unchanged) and must then load strictly; ``output_dir`` gets ``model.safetensors`` and
     ``config.json`` written by timm's ``save_for_hf``. With a tag, ``config.json`` describes that tag. Without
-    one it describes the checkpoint: its classifier's classes (or ``num_classes``), the image size of its
-    timm ``train.py`` arguments (or ``img_size``, required when it has none), and no tag or notes of ours.
+    one it describes the checkpoint: its classifier's classes (or ``num_classes``, also taken from
+    ``model_kwargs``), the input size of its timm ``train.py`` arguments (or ``img_size``, required when it has
+    none), and no tag or notes of ours. ``model_kwargs`` are the model's own: ``timm.create_model``'s arguments
+    (``checkpoint_path``, ``pretrained_cfg_overlay``, ...) raise :class:`ModelArgsError`.
     """
     arch, tag = split_model_name_tag(model_name)
     name_tag = resolve_name_tag(model_name)  # checks it is one of our models
+    model_kwargs = dict(model_kwargs or {})
+    not_model_args = [k for k in model_kwargs if k in _CREATE_MODEL_ARGS]
+    if not_model_args:
+        raise ModelArgsError(
+            f'--model-kwargs {", ".join(not_model_args)}: not a kwarg of the model but of timm.create_model; '
+            f'--model-kwargs takes the model\'s own kwargs, which config.json records to rebuild it')
     raw = load_checkpoint_file(checkpoint)
     state_dict = unwrap_checkpoint(raw, use_ema=use_ema, source=f'checkpoint {checkpoint}')
-    model_kwargs = dict(model_kwargs or {})
     train_args = _train_args(raw)
     if tag:
-        tag_classes = timm.models.get_pretrained_cfg(name_tag).num_classes
+        tag_cfg = timm.models.get_pretrained_cfg(name_tag)
         other = [f'--model-kwargs {_typed_kwargs(model_kwargs)}'] if model_kwargs else []
-        other += [f'--num-classes {num_classes}'] if num_classes not in (None, tag_classes) else []
+        other += [f'--num-classes {num_classes}'] if num_classes not in (None, tag_cfg.num_classes) else []
+        other += [f'--img-size {img_size}'] if img_size and (3, img_size, img_size) != tag_cfg.input_size else []
         if other:
             raise CheckpointError(
-                f'{name_tag} describes its own model ({tag_classes} classes, no model kwargs), not one built with '
-                f'{" and ".join(other)}: convert such weights with the bare model name (--model {arch}), and '
-                f'config.json describes the checkpoint')
+                f'{name_tag} describes its own model ({tag_cfg.num_classes} classes, {_px(tag_cfg.input_size)}, no '
+                f'model kwargs), not one built with {" and ".join(other)}: convert such weights with the bare model '
+                f'name (--model {arch}), and config.json describes the checkpoint')
+        input_size = tag_cfg.input_size
         described_by = f'the tag {name_tag}'
+        fix = f'convert weights of another class count with the bare model name (--model {arch} ' \
+              f'--num-classes {{classes}})'
     else:
         name_tag = arch
-        train_size = train_args.get('img_size') or (train_args.get('input_size') or [None])[-1]
-        img_size = img_size or train_size
-        if img_size is None:
+        kwarg_classes = model_kwargs.pop('num_classes', None)  # recorded as config.json's num_classes
+        fix = 'pass --num-classes {classes}'
+        if kwarg_classes is not None:
+            if num_classes not in (None, kwarg_classes):
+                raise ModelArgsError(f'--model-kwargs num_classes={kwarg_classes} disagrees with --num-classes '
+                                     f'{num_classes}: give the classes once')
+            num_classes, fix = kwarg_classes, 'pass --model-kwargs num_classes={classes}'
+        input_size = _train_input_size(train_args) if img_size is None else (3, img_size, img_size)
+        if input_size is None:
             raise CheckpointError(f'{checkpoint} does not record the image size it was trained at (no timm '
                                   f'train.py arguments): pass --img-size, or name a tag of ours with --model')
+        size_source = '--img-size' if img_size else 'its train.py arguments'
         classifier = f'{timm.models.get_pretrained_cfg(arch).classifier}.weight'
         if num_classes is None and classifier in state_dict:
             num_classes = state_dict[classifier].shape[0]
-        size_source = 'its train.py arguments' if img_size == train_size else '--img-size'
     kwargs = model_kwargs if num_classes is None else {**model_kwargs, 'num_classes': num_classes}
     model = create_model(name_tag, **kwargs)
     filter_fn = checkpoint_filter_for(name_tag)
@@ -246,18 +291,20 @@ def convert_checkpoint(
                 f'{checkpoint} does not fit {name_tag}: {"; ".join(resampled)} would be resampled (weights of '
                 f'another image size?): build the model at the checkpoint\'s size, e.g. --model-kwargs img_size=N')
         state_dict = filtered
-    load_strict(model, state_dict, str(checkpoint), hints=_num_classes_hint(model))
+    load_strict(model, state_dict, str(checkpoint), target=name_tag, hints=_num_classes_hint(model, fix))
     if not tag:
-        model.pretrained_cfg = _described_cfg(model, img_size, train_args)
-        described_by = f'the checkpoint ({model.num_classes} classes, {img_size} px from {size_source})'
-    data_config = {'input_size': (3, img_size, img_size)} if img_size else None  # else the tag's
+        model.pretrained_cfg = _described_cfg(model, input_size, train_args)
+        described_by = f'the checkpoint ({model.num_classes} classes, {_px(input_size)} from {size_source})'
+    data_config = None if tag else {'input_size': input_size}
     try:
         resolve_input_data_config(model, args=data_config)
     except ValueError as e:  # a ViT/PiT is built for one image size
-        built_for = built_input_size(model)[-1]
-        raise CheckpointError(f'{name_tag} is built for {built_for} px, not {img_size}: give the image size '
-                              f'it is built for with --img-size {built_for}, or build it at {img_size} px with '
-                              f'--model-kwargs img_size={img_size}') from e
+        built_for = built_input_size(model)
+        height, width = input_size[-2:]
+        size_kwarg = f'img_size={width}' if height == width else f"'img_size=({height},{width})'"
+        raise CheckpointError(f'{name_tag} is built for {_px(built_for)}, not {_px(input_size)}: give the image '
+                              f'size it is built for with --img-size {built_for[-1]}, or build it at '
+                              f'{_px(input_size)} with --model-kwargs {size_kwarg}') from e
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=output_dir, prefix='.converting-') as written:
@@ -271,14 +318,16 @@ def convert_checkpoint(
         folder=output_dir,
         num_params=count_params(model),
         num_classes=model.num_classes,
-        img_size=model.pretrained_cfg['input_size'][-1] if img_size is None else img_size,
+        input_size=tuple(input_size),
         filtered=filter_fn is not None,
         described_by=described_by,
     )
 
 
-def _read_folder(folder: Path, make_it: str) -> Tuple[str, Dict[str, Any], Dict[str, torch.Tensor]]:
-    """Architecture, model args and weights of a folder in timm's ``save_for_hf`` layout (safetensors only)."""
+def _read_folder(
+        folder: Path, make_it: str) -> Tuple[Dict[str, Any], str, Dict[str, Any], Dict[str, torch.Tensor]]:
+    """Pretrained cfg, architecture, model args and weights of a folder in timm's ``save_for_hf`` layout
+    (safetensors only)."""
     if not folder.is_dir():
         raise CheckpointError(f'{folder} is not a folder with {WEIGHTS_NAME} + {CONFIG_NAME}: make one with {make_it}')
     if not (folder / WEIGHTS_NAME).is_file() and any(folder.glob('*.bin')):
@@ -288,22 +337,27 @@ def _read_folder(folder: Path, make_it: str) -> Tuple[str, Dict[str, Any], Dict[
         if not (folder / fname).is_file():
             raise CheckpointError(f'{folder} has no {fname}: make it with {make_it}')
     try:
-        _, arch, model_args = load_model_config_from_path(folder)
+        pretrained_cfg, arch, model_args = load_model_config_from_path(folder)
     except Exception as e:
         raise CheckpointError(f'{folder / CONFIG_NAME} is not a timm config: {type(e).__name__}: {e}') from e
     model_args = {k: v for k, v in model_args.items() if k != 'pretrained_cfg'}
-    return arch, model_args, read_checkpoint(folder / WEIGHTS_NAME)
+    return pretrained_cfg, arch, model_args, read_checkpoint(folder / WEIGHTS_NAME)
 
 
 def verify_folder(folder: Union[str, Path], name_tag: str) -> nn.Module:
     """Check that a converted folder holds weights that load strictly into ``name_tag`` as
     ``timm.create_model(name_tag, pretrained=True)`` builds it (the folder's own model args, e.g. a smaller
-    variant or another class count, do not apply there); returns the model."""
+    variant or another class count, do not apply there); a folder converted for another tag is refused;
+    returns the model."""
     folder = Path(folder)
-    arch, model_args, state_dict = _read_folder(folder, '`timm-pf convert`')
+    pretrained_cfg, arch, model_args, state_dict = _read_folder(folder, '`timm-pf convert`')
     expected_arch = split_model_name_tag(name_tag)[0]
     if arch != expected_arch:
         raise CheckpointError(f'{folder} holds weights of {arch}, not of {expected_arch}')
+    folder_tag = pretrained_cfg.get('tag')
+    if folder_tag and f'{arch}.{folder_tag}' != name_tag:
+        raise CheckpointError(f'{folder} was converted for {arch}.{folder_tag} (its {CONFIG_NAME}), not for '
+                              f'{name_tag}: push it with -m {arch}.{folder_tag}')
     model = timm.create_model(name_tag, pretrained=False)
     built_with = f' (the folder was made with {", ".join(f"{k}={v!r}" for k, v in model_args.items())})' \
         if model_args else ''
@@ -320,7 +374,7 @@ def load_folder_model(folder: Union[str, Path]) -> Tuple[nn.Module, Dict[str, An
     its model args. Weights that do not fit it raise :class:`CheckpointError` with the differing keys/shapes.
     """
     folder = Path(folder)
-    arch, model_args, state_dict = _read_folder(
+    _, arch, model_args, state_dict = _read_folder(
         folder, "timm's `save_for_hf(model, folder, safe_serialization=True)` or `timm_pf.rba.save_rba`")
     described = f'the model {folder / CONFIG_NAME} describes ({arch}' + \
         (f' with model_args {model_args})' if model_args else ')')

@@ -3,6 +3,7 @@ when the checkpoint fits it, integer weights) and the strict load of the Hub too
 import argparse
 
 import pytest
+import safetensors.torch
 import torch
 
 import timm
@@ -106,3 +107,11 @@ def test_read_checkpoint_unwraps_training_checkpoints(models, tmp_path):
         read_checkpoint(path)
     with pytest.raises(CheckpointError, match='does not exist'):
         read_checkpoint(tmp_path / 'missing.safetensors')
+
+
+def test_a_safetensors_file_is_read_whatever_its_name(models, tmp_path):
+    state_dict = models['ours_r50_max'].state_dict()
+    path = tmp_path / 'weights.pth'
+    safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, str(path))
+    loaded = read_checkpoint(path)
+    assert loaded.keys() == state_dict.keys() and all(torch.equal(loaded[k], v) for k, v in state_dict.items())

@@ -453,7 +453,9 @@ def test_convert_never_unpickles_code(weights, tmp_path, capsys):
     torch.save({'state_dict': state_dict, 'payload': _Payload()}, evil)
     rc = cli_main(['convert', str(evil), '--model', weights['name_tag'], '-o', str(tmp_path / 'out')])
     assert rc == 2
-    assert 'cannot read checkpoint' in capsys.readouterr().err
+    err = capsys.readouterr().err
+    # named as what it is, without torch's advice to load it with weights_only=False
+    assert 'holds Python objects besides tensors, which are never unpickled' in err and 'False' not in err, err
     assert not (tmp_path / 'out').exists()
 
 

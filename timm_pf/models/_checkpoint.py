@@ -10,6 +10,7 @@ pretrained loader and names the registered models the checkpoint does fit), the 
 :func:`load_strict`. Every problem raises a :class:`CheckpointError` (a ``ValueError``).
 """
 import argparse
+import pickle
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -40,6 +41,13 @@ class CheckpointDtypeError(CheckpointError):
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """A safetensors file whatever its name: an 8-byte little-endian header length, then the JSON header."""
+    with open(path, 'rb') as f:
+        start = f.read(9)
+    return len(start) == 9 and start[8:] == b'{' and int.from_bytes(start[:8], 'little') < path.stat().st_size
+
+
 def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
     """The top-level dict of a checkpoint file: safetensors, else ``torch.load(weights_only=True)``."""
     path = Path(path)
@@ -48,13 +56,22 @@ def load_checkpoint_file(path: Union[str, Path]) -> Dict[str, Any]:
     if not path.is_file():
         raise CheckpointError(f'checkpoint {path} is not a regular file (a folder, a device or a pipe)')
     try:
-        if path.suffix == '.safetensors':
+        if path.suffix == '.safetensors' or _looks_like_safetensors(path):
             checkpoint = safetensors.torch.load_file(str(path), device='cpu')
         else:
             # timm train.py checkpoints also store their argparse.Namespace of arguments: a plain attribute
             # container, allowed next to tensors; anything else still refuses to unpickle
             with torch.serialization.safe_globals([argparse.Namespace]):
                 checkpoint = torch.load(str(path), map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:  # torch's own text advises weights_only=False: not repeated here
+        reason = next((line.strip() for line in str(e).splitlines() if line.strip() and not line.startswith(
+            ('Weights only load failed', 'Check the documentation', 'Please file an issue'))), '')
+        if 'GLOBAL' not in reason:
+            raise CheckpointError(f'cannot read checkpoint {path} (not a safetensors or torch.save file, or a '
+                                  f'damaged one): {reason or type(e).__name__}') from e
+        raise CheckpointError(
+            f'checkpoint {path} holds Python objects besides tensors, which are never unpickled ({reason}): save '
+            f'the state dict alone (torch.save(model.state_dict(), ...)) or as safetensors') from e
     except Exception as e:  # torch/safetensors raise many types for truncated or foreign files
         raise CheckpointError(f'cannot read checkpoint {path} (not a safetensors or torch.save file, or a damaged '
                               f'one): {type(e).__name__}: {e}') from e

@@ -150,7 +150,8 @@ def _fake_timings(monkeypatch, case: str) -> None:
 
 def _synthetic_run(monkeypatch, case: str, **options) -> bench.BenchResult:
     _fake_timings(monkeypatch, case)
-    options = BenchOptions(**{'memory': 'off', 'time_budget': 5 * 1.8 * _BASE, **options})
+    options = BenchOptions(**{'memory': 'off', 'time_budget': 5 * 1.8 * _BASE, 'threads': 2, 'cpu_kernels': 'build',
+                              **options})
     return bench.run_benchmark([(SYNTHETIC_SETTING, list(SMALL_PAIR))], [SMALL_PAIR], options, progress=False)
 
 
@@ -202,7 +203,7 @@ def test_strict_fails_on_an_unstable_target(monkeypatch, capsys):
     monkeypatch.setattr(runner, 'SPEED_TARGETS', (target,))
     _fake_timings(monkeypatch, 'busy_baseline')
     argv = ['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--batch-sizes', '1', '--repeats', '8',
-            '--memory', 'off', '--no-progress']
+            '--memory', 'off', '--no-progress', '--threads', '2']
     assert main(argv) == 0
     assert 'UNSTABLE' in capsys.readouterr().out
     assert main(argv + ['--strict']) == 1
@@ -287,12 +288,53 @@ def test_resolve_models_globs_and_explicit_pairs():
 
 
 def test_paper_latency_ratio_prefers_the_same_batch():
-    ratio, basis = bench.paper_latency_ratio('ours_r50_hybrid', 'resnet50', 1)
+    ratio, basis = bench.paper_latency_ratio('ours_r50_hybrid', 'resnet50', 1, 'cuda')
     assert ratio == pytest.approx(7.3 / 8.7) and basis == 'V100'
-    ratio, basis = bench.paper_latency_ratio('vit_s_maxpool', 'vit_small_patch16_224', 1)
+    ratio, basis = bench.paper_latency_ratio('vit_s_maxpool', 'vit_small_patch16_224', 1, 'cuda')
     assert ratio == pytest.approx(86 / 96) and basis == 'GPU b1'
-    ratio, basis = bench.paper_latency_ratio('pit_s_maxpool', 'pit_s_224', 32)
+    ratio, basis = bench.paper_latency_ratio('pit_s_maxpool', 'pit_s_224', 32, 'cuda')
     assert ratio == pytest.approx(952 / 1000) and basis == 'GPU b256'
+
+
+def test_paper_latency_ratio_of_the_run_device():
+    ratio, basis = bench.paper_latency_ratio('ours_r50_hybrid', 'resnet50', 1, 'cpu')
+    assert ratio == pytest.approx(39.8 / 45.4) and basis == 'CPU'
+    assert bench.paper_latency_ratio('vit_s_maxpool', 'vit_small_patch16_224', 1, 'cpu') == (None, '')
+
+
+def test_paper_values_only_beside_inference_at_the_paper_size(monkeypatch):
+    reports = {'resnet18': bench.PaperReport('test', 11.7, 1.8, (bench.ReportedSpeed(6.0, 'ms', 'V100'),
+                                                                  bench.ReportedSpeed(30.0, 'ms', 'CPU'))),
+               'resnet10t': bench.PaperReport('test', 5.4, 1.1, (bench.ReportedSpeed(4.0, 'ms', 'V100'),
+                                                                  bench.ReportedSpeed(20.0, 'ms', 'CPU')))}
+    monkeypatch.setattr(paper, 'PAPER_REPORTS', reports)
+    monkeypatch.setattr(runner, 'PAPER_REPORTS', reports)
+    _fake_timings(monkeypatch, 'stable')
+    settings = [Setting('infer', 1, 224), Setting('train', 2, 224), Setting('infer', 1, 64)]
+    options = BenchOptions(repeats=2, memory='off')
+    result = bench.run_benchmark([(s, list(SMALL_PAIR)) for s in settings], [SMALL_PAIR], options, progress=False)
+    infer, train, small = (result.row('resnet18', s) for s in settings)
+    assert (infer.paper_latency_ratio, infer.paper_latency_ratio_basis) == (1.5, 'CPU')
+    assert train.paper_latency_ratio is None and train.paper_params_m == 11.7
+    assert (small.paper_latency_ratio, small.paper_params_m, small.paper_gmacs, small.paper_speeds) == (
+        None, None, None, '')
+    lines = {(r['model'], r['mode'], r['img_size']): r for r in csv.DictReader(io.StringIO(bench.to_csv(result)))}
+    assert lines['resnet18', 'infer', '64']['paper_params_m'] == lines['resnet18', 'infer', '64']['paper_gmacs'] == ''
+    assert lines['resnet18', 'infer', '224']['paper_latency_ratio'] == '1.5'
+    assert [r['paper_latency_ratio'] for r in json.loads(bench.to_json(result))['rows']] == [None, 1.5, None, None,
+                                                                                             None, None]
+    text = bench.format_report(result)
+    assert text.count('1.50x (CPU)') == 1 and 'V100' not in text.split('== infer, batch 1, 224px')[1].split('==')[0]
+
+
+def test_rss_memory_of_a_model_built_for_the_image_size(tmp_path, capsys):
+    code = main(['bench', '--models', 'vit_ti_maxpool', '--img-size', '64', '--batch-sizes', '1', '--repeats', '1',
+                 '--memory', 'rss', '--no-progress', '--cpu-kernels', 'off', '--json', str(tmp_path / 'r.json')])
+    assert code == 0, capsys.readouterr().err
+    rows = json.loads((tmp_path / 'r.json').read_text())['rows']
+    for row in rows:
+        weights_mb = sum(p.numel() * 4 for p in timm.create_model(row['model'], img_size=64).parameters()) / 2 ** 20
+        assert weights_mb < row['peak_memory_mb'] < weights_mb + 512
 
 
 def test_paper_numbers_are_read_from_the_card_tables(tmp_path):
@@ -353,12 +395,42 @@ def test_targets_are_checked_in_their_own_runtime_and_a_fail_fails_strict(monkey
     monkeypatch.setattr(runner, 'SPEED_TARGETS', targets)
     _fake_timings(monkeypatch, 'stable')
     argv = ['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--batch-sizes', '1', '--repeats', '8',
-            '--memory', 'off', '--no-progress', '--json', '-']
+            '--memory', 'off', '--no-progress', '--threads', '2', '--json', '-']
     assert main(argv) == 0  # without --strict a failed target is reported, not an error
     out = capsys.readouterr()
     [check] = json.loads(out.out)['targets']  # the ONNX Runtime target is not checked in a PyTorch run
     assert check['status'] == 'FAIL' and check['runtime'] == 'torch'
     assert main(argv + ['--strict']) == 1
+    err = capsys.readouterr().err.strip().splitlines()  # the report, then one line
+    assert err[-1] == ('timm-pf bench: error: 1 of 1 targets not passed: '
+                       'resnet18 latency <= 0.50x resnet10t, infer b1 32px (FAIL)')
+
+
+@pytest.mark.parametrize('options, deviations', [
+    ({'threads': 1, 'amp': True}, '--threads 1, --amp'),
+    ({'channels_last': True, 'cpu_kernels': 'off'}, '--channels-last, --cpu-kernels off'),
+])
+def test_targets_get_no_verdict_outside_their_conditions(monkeypatch, options, deviations):
+    target = SpeedTarget('resnet18', 'resnet10t', SYNTHETIC_SETTING, 'latency', 1.5)
+    monkeypatch.setattr(runner, 'SPEED_TARGETS', (target,))
+    result = _synthetic_run(monkeypatch, 'stable', repeats=9, **options)
+    [check] = result.targets
+    assert check.status == 'n/c' and check.deviations == deviations
+    assert f'this run used {deviations}' in bench.format_report(result)
+    assert json.loads(bench.to_json(result))['targets'][0]['status'] == 'n/c'
+
+
+def test_strict_counts_an_unmeasured_or_incomparable_target_as_not_passed(monkeypatch, capsys):
+    setting = Setting('train', 2, 32)
+    monkeypatch.setattr(runner, 'SPEED_TARGETS', (SpeedTarget('resnet18', 'resnet10t', setting, 'memory', 9.0),))
+    _fake_timings(monkeypatch, 'stable')
+    argv = ['bench', '--models', 'resnet18:resnet10t', '--img-size', '32', '--batch-sizes', '2', '--train',
+            '--repeats', '2', '--no-progress', '--threads', '2', '--strict']
+    assert main(argv + ['--memory', 'tensors']) == 0
+    assert main(argv + ['--memory', 'off']) == 1
+    assert 'resnet10t, train b2 32px (n/a)' in capsys.readouterr().err
+    assert main(argv + ['--memory', 'tensors', '--threads', '1']) == 1  # the last --threads wins
+    assert 'resnet10t, train b2 32px (n/c)' in capsys.readouterr().err
 
 
 def test_cli_writes_every_format(tmp_path, capsys):
@@ -382,6 +454,12 @@ def test_cli_writes_every_format(tmp_path, capsys):
     (['--models', 'resnet18:no_such_base'], 'unknown model'),
     (['--models', 'resnet18', '--batch-sizes', '0'], 'must be positive'),
     (['--preset', 'targets', '--batch-sizes', '4'], 'fixes the settings'),
+    (['--preset', 'targets', '--models', 'ours_r50_max', '--threads', '1', '--amp', '--cpu-kernels', 'off'],
+     'drop --threads 1, --amp, --cpu-kernels off'),
+    (['--preset', 'targets', '--models', 'ours_r50_max', '--channels-last', '--compile'],
+     'drop --channels-last, --compile'),
+    (['--models', 'resnet18:resnet10t', 'resnet18:resnet14t'], 'a model has one baseline per run'),
+    (['--models', 'ours_r50_max', 'ours_r50_max:resnet18'], 'ours_r50_max is paired with resnet50 and resnet18'),
     (['--models', 'resnet18:resnet18'], 'pairs resnet18 with itself'),
     (['--models', 'resnet18', '--amp', '--dtype', 'float16'], 'drop --dtype float16 or --amp'),
     (['--models', 'resnet18', '--threads', '100000'], '--threads must be between 1 and'),
@@ -390,7 +468,8 @@ def test_cli_writes_every_format(tmp_path, capsys):
 ])
 def test_cli_bad_input_exits_2(argv, message, capsys):
     assert main(['bench', '--no-progress', *argv]) == 2
-    assert message in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1
 
 
 @pytest.mark.parametrize('command, path, message', [
@@ -596,7 +675,7 @@ def _onnx_run(monkeypatch, export=None, pairs=TINY_PAIRS, sizes=(32, 48), batch_
     monkeypatch.setattr(onnxrt, 'export_onnx', counted_export)
     names = list(dict.fromkeys(n for pair in pairs for n in pair))
     jobs = [(Setting('infer', bs, size), names) for size in sizes for bs in batch_sizes]
-    options = BenchOptions(runtime='onnxruntime', repeats=5)
+    options = BenchOptions(runtime='onnxruntime', repeats=5, threads=2)  # the targets' conditions
     return bench.run_benchmark(jobs, pairs, options, progress=False), exports
 
 

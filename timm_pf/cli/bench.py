@@ -6,9 +6,9 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from ._args import image_file, output_file, positive_float
+from ._errors import Failure
 
 _DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0, 'scaling': 300.0}
-_TARGET_THREADS = 2  # the targets are promised for 2 CPU threads
 
 
 def _split(values: Optional[Sequence[str]]) -> List[str]:
@@ -104,18 +104,24 @@ def _list() -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from timm_pf.tools.bench import (
-        BenchInputError, BenchOptions, format_report, plot_result, run_benchmark, to_csv, to_json,
+        TARGET_CONDITIONS, TARGET_THREADS, BenchInputError, BenchOptions, format_report, plot_result, run_benchmark,
+        target_deviations, to_csv, to_json,
     )
     if args.list:
         return _list()
     jobs, pairs = _plan(args)  # BenchInputError and the others: exit codes in timm_pf.cli._errors
     options = BenchOptions(
         device=args.device, dtype=args.dtype, amp=args.amp, channels_last=args.channels_last,
-        compile=args.compile, threads=_TARGET_THREADS if args.threads is None and args.preset == 'targets'
+        compile=args.compile, threads=TARGET_THREADS if args.threads is None and args.preset == 'targets'
         else args.threads, warmup=args.warmup, repeats=args.repeats, max_repeats=args.max_repeats,
         time_budget=args.time_budget if args.time_budget is not None else _DEFAULT_BUDGET[args.preset],
         memory=args.memory, statistic=args.statistic, cpu_kernels=args.cpu_kernels, runtime=args.runtime)
     options.validate()
+    if args.preset == 'targets':
+        deviations = target_deviations(options, options.threads)
+        if deviations:
+            raise BenchInputError(f'--preset targets runs the conditions of the targets ({TARGET_CONDITIONS}): '
+                                  f'drop {", ".join(deviations)}')
     if args.plot:
         import importlib.util
         if importlib.util.find_spec('matplotlib') is None:
@@ -135,8 +141,10 @@ def _run(args: argparse.Namespace) -> int:
     for path, render in outputs:
         if path == '-':
             _write(render(), path)
-    failed = [c for c in result.targets if c.status in ('FAIL', 'UNSTABLE', 'ERROR')]
-    return 1 if args.strict and failed else 0
+    failed = [f'{c.target} ({c.status})' for c in result.targets if c.status != 'PASS']
+    if args.strict and failed:
+        raise Failure(f'{len(failed)} of {len(result.targets)} targets not passed: {"; ".join(failed)}')
+    return 0
 
 
 def register(subparsers) -> None:
@@ -163,8 +171,9 @@ def register(subparsers) -> None:
                    help='model names or globs (comma or space separated); each is paired with its baseline; '
                         'MODEL:BASELINE pairs explicitly (default: the six headline variants)')
     p.add_argument('--preset', choices=('headline', 'targets', 'scaling'), default='headline',
-                   help='targets: exactly the settings of the promised ratios; scaling: the resolution sweep of '
-                        'the ViT, PiT and ResNet pairs (default: headline)')
+                   help='targets: exactly the settings and conditions of the promised ratios (refuses flags that '
+                        'change them); scaling: the resolution sweep of the ViT, PiT and ResNet pairs (default: '
+                        'headline)')
     p.add_argument('--batch-sizes', nargs='+', type=int, metavar='N', help='batch sizes (default: 1 8)')
     p.add_argument('--img-size', nargs='+', type=int, metavar='PX',
                    help='square image sizes in pixels; several sizes sweep the resolution (models with a position '
@@ -180,7 +189,8 @@ def register(subparsers) -> None:
                    help='torch (default) or onnxruntime: export each model once per size (torch.onnx.export, '
                         'dynamic batch), check its output against PyTorch (1e-4), time it in ONNX Runtime on the '
                         "CPU (needs the onnx extra: pip install 'timm-pf[onnx]')")
-    p.add_argument('--threads', type=int, help='CPU threads (default: torch default; --preset targets: 2)')
+    p.add_argument('--threads', type=int, help='CPU threads (default: torch default; --preset targets: 2, the only '
+                                               'count it takes)')
     p.add_argument('--warmup', type=int, default=1, help='discarded rounds per setting (default: 1)')
     p.add_argument('--repeats', type=int,
                    help='timed rounds per setting (default: fill --time-budget, at least 5, more while a '
@@ -209,6 +219,9 @@ def register(subparsers) -> None:
                    help='latency vs params and vs GMACs per family (needs matplotlib)')
     p.add_argument('--no-progress', action='store_true', help='no progress bar')
     p.add_argument('--strict', action='store_true',
-                   help='exit 1 when a measured target fails, is unstable or its models could not be timed')
+                   help='exit 1 unless every target the run covers passes: a target that fails, is unstable, '
+                        'could not be timed, was not measured (n/a: memory with --memory off) or was measured '
+                        'outside its conditions (n/c: CPU, 2 threads, float32, no --amp, --channels-last or '
+                        '--compile, --cpu-kernels build) counts as a failure')
     p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')
     p.set_defaults(func=_run)

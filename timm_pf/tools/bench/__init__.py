@@ -12,14 +12,15 @@ from .paper import (
 from .plot import plot_result
 from .report import format_report, ratio_vs_resolution, to_csv, to_json
 from .runner import (
-    DEFAULT_BATCH_SIZES, BenchResult, BenchRow, TargetCheck, check_targets, resolve_models, run_benchmark,
-    target_settings,
+    DEFAULT_BATCH_SIZES, TARGET_CONDITIONS, TARGET_THREADS, BenchResult, BenchRow, TargetCheck, check_targets,
+    resolve_models, run_benchmark, target_deviations, target_settings,
 )
 
 __all__ = [
     'HEADLINE_MODELS', 'BASELINE_RULES', 'PAPER_REPORTS', 'SPEED_TARGETS', 'SCALING_PAIRS', 'SCALING_SIZES',
-    'DEFAULT_BATCH_SIZES', 'BenchInputError', 'ReportedSpeed', 'PaperReport', 'Setting', 'SpeedTarget', 'BenchOptions',
+    'DEFAULT_BATCH_SIZES', 'TARGET_THREADS', 'TARGET_CONDITIONS', 'BenchInputError', 'ReportedSpeed', 'PaperReport',
+    'Setting', 'SpeedTarget', 'BenchOptions',
     'BenchRow', 'TargetCheck', 'BenchResult', 'PeakTensorMemory', 'baseline_for', 'resolve_models',
-    'target_settings', 'paper_latency_ratio', 'run_benchmark', 'check_targets', 'format_report',
+    'target_settings', 'target_deviations', 'paper_latency_ratio', 'run_benchmark', 'check_targets', 'format_report',
     'ratio_vs_resolution', 'to_csv', 'to_json', 'plot_result',
 ]

@@ -158,7 +158,7 @@ class _Subject:
 
     def __init__(self, name: str, options: BenchOptions, img_size: Optional[int] = None):
         import timm
-        self.name = name
+        self.name, self.img_size = name, img_size
         kwargs = {} if img_size is None else {'img_size': img_size}
         try:
             model = timm.create_model(name, pretrained=False, **kwargs)
@@ -260,7 +260,7 @@ class _Step:
             self.sync()
             return fixed + torch.cuda.max_memory_allocated(self.device) - before
         if self.options.memory == 'rss':
-            return _peak_rss_in_fresh_process(self.subject.name, self.setting, self.options)
+            return _peak_rss_in_fresh_process(self.subject.name, self.setting, self.options, self.subject.img_size)
         if self.options.compile:
             return None  # compiled CPU kernels allocate outside the dispatcher
         existing = [self.x, self.target, *self.subject.eager.parameters(), *self.subject.eager.buffers()]
@@ -289,12 +289,15 @@ def _proc_status_bytes(key: str) -> int:
     raise RuntimeError(f'{key} missing from {_PROC_STATUS}')
 
 
-def _peak_rss_in_fresh_process(name: str, setting: Setting, options: BenchOptions) -> int:
-    request = json.dumps({'model': name, 'setting': asdict(setting), 'options': asdict(options)})
+def _peak_rss_in_fresh_process(name: str, setting: Setting, options: BenchOptions,
+                                img_size: Optional[int] = None) -> int:
+    """Peak bytes of ``name`` (built for ``img_size`` when given, see :class:`_Subject`) in a fresh process."""
+    request = json.dumps({'model': name, 'img_size': img_size, 'setting': asdict(setting), 'options': asdict(options)})
     code = 'import sys; from timm_pf.tools.bench.measure import _peak_rss_main; _peak_rss_main(sys.argv[1])'
     proc = subprocess.run([sys.executable, '-c', code, request], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise RuntimeError(f'measuring the memory of {name} at {setting} failed:\n{proc.stderr[-2000:]}')
+        error = (proc.stderr.strip().splitlines() or [f'exit status {proc.returncode}'])[-1]  # the exception's line
+        raise RuntimeError(f'measuring the memory of {name} at {setting} failed: {error}')
     return int(proc.stdout.strip().splitlines()[-1])
 
 
@@ -306,6 +309,6 @@ def _peak_rss_main(request: str) -> None:
     torch.set_flush_denormal(True)
     if options.threads is not None:
         torch.set_num_threads(options.threads)
-    subject = _Subject(spec['model'], options)
+    subject = _Subject(spec['model'], options, img_size=spec['img_size'])
     subject.prepare()
     print(_Step(subject, Setting(**spec['setting']), options).peak_rss())

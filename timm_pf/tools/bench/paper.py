@@ -110,6 +110,8 @@ _PAPER_ROWS: Dict[str, Tuple[str, str, str]] = {
 _SPEED_COLUMNS = {'GPU (ms)': ('ms', 'V100'), 'CPU (ms)': ('ms', 'CPU'),
                   'Throughput (img/s, batch 256 / 1)': ('img/s', 'GPU')}
 _SCALE = {'M': 1e6, 'G': 1e9}
+# The torch device type of each speed column's device.
+_DEVICE_TYPES = {'V100': 'cuda', 'GPU': 'cuda', 'CPU': 'cpu'}
 
 
 def _count(cell: str, column: str, unit: str) -> Optional[float]:
@@ -235,15 +237,17 @@ def baseline_for(model: str) -> Optional[str]:
     return None
 
 
-def paper_latency_ratio(model: str, baseline: str, batch_size: int) -> Tuple[Optional[float], str]:
-    """The latency ratio the paper reports for the pair, preferring speeds at ``batch_size``."""
+def paper_latency_ratio(model: str, baseline: str, batch_size: int, device_type: str) -> Tuple[Optional[float], str]:
+    """The latency ratio the paper reports for the pair on a ``device_type`` ('cpu' or 'cuda') device, preferring
+    speeds at ``batch_size``."""
     ours, base = PAPER_REPORTS.get(model), PAPER_REPORTS.get(baseline)
     if ours is None or base is None:
         return None, ''
     candidates = []
     for a in ours.speeds:
         for b in base.speeds:
-            if (a.unit, a.device, a.batch_size) == (b.unit, b.device, b.batch_size):
+            if (a.unit, a.device, a.batch_size) == (b.unit, b.device, b.batch_size) \
+                    and _DEVICE_TYPES[a.device] == device_type:
                 ratio = a.value / b.value if a.unit == 'ms' else b.value / a.value
                 # same batch size first, then an unstated one, then the nearest on a log scale
                 rank = 0 if a.batch_size == batch_size else 1 if a.batch_size is None \

@@ -7,7 +7,7 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 from .paper import PAPER_IMG_SIZE, Setting
-from .runner import BenchResult, BenchRow
+from .runner import TARGET_CONDITIONS, BenchResult, BenchRow
 
 __all__ = ['format_report', 'ratio_vs_resolution', 'to_csv', 'to_json']
 
@@ -107,10 +107,10 @@ def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
     out = []
     for img_size in dict.fromkeys(r.img_size for r in result.rows):
         rows = []
-        at_paper_size = img_size == PAPER_IMG_SIZE  # the papers report their 224 px models
+        at_paper_size = img_size == PAPER_IMG_SIZE  # the papers report their 224 px models, rows elsewhere no values
         for r in {r.model: r for r in result.rows if r.img_size == img_size}.values():
             paper = [_fmt(r.paper_params_m, 'g'), _fmt(r.paper_gmacs, 'g'), r.paper_speeds or '-',
-                     r.paper_source or '-'] if at_paper_size else ['-'] * 4
+                     r.paper_source or '-']
             rows.append([
                 r.model, r.baseline or '',
                 _fmt(r.params / 1e6), paper[0], _fmt(r.params_ratio, '.2f', 'x'),
@@ -183,6 +183,8 @@ def _target_table(result: BenchResult, markdown: bool) -> List[str]:
              c.status] for c in result.targets]
     unstable = [f'- {c.target}: {c.unstable}' for c in result.targets if c.status == 'UNSTABLE']
     errors = [f'- {c.target}: {c.error}' for c in result.targets if c.status == 'ERROR']
+    deviations = next((c.deviations for c in result.targets if c.deviations), '')
+    missing = [f'- {c.target}' for c in result.targets if c.status == 'n/a']
     method = 'CUDA allocator' if result.options.device.startswith('cuda') else _memory_method(result.options)
     out = [_heading(f'Targets (ratio to the baseline, measured side by side; memory: {method})', markdown),
             _table(['model', 'baseline', 'setting', 'metric', 'target', 'measured', 'check'], rows, markdown), '']
@@ -191,6 +193,12 @@ def _target_table(result: BenchResult, markdown: bool) -> List[str]:
         out += unstable + ['']
     if errors:
         out += ['ERROR: the model or its baseline could not be timed:'] + errors + ['']
+    if missing:
+        out += ['n/a: not measured in this run, e.g. memory with --memory off (--strict counts it as a failure):']
+        out += missing + ['']
+    if deviations:
+        out += [f'n/c: not comparable, so neither passed nor failed: the targets hold for {TARGET_CONDITIONS}; '
+                f'this run used {deviations} (--strict counts it as a failure)', '']
     return out
 
 

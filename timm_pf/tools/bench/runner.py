@@ -44,17 +44,26 @@ from timm_pf.layers.cpu_kernels import cpu_kernel_policy, kernel_status
 from timm_pf.layers.dynamic_conv import DynamicConv2d
 from .measure import BenchInputError, BenchOptions, _Step, _Subject
 from .onnxrt import OnnxModel, OnnxModelError, onnx_step
-from .paper import PAPER_REPORTS, SPEED_TARGETS, Setting, SpeedTarget, baseline_for, paper_latency_ratio
+from .paper import (
+    PAPER_IMG_SIZE, PAPER_REPORTS, SPEED_TARGETS, Setting, SpeedTarget, baseline_for, paper_latency_ratio,
+)
 from .ratio import MIN_STABLE_ROUNDS, latency_ratio, quantiles
 
 __all__ = [
-    'DEFAULT_BATCH_SIZES', 'BenchRow', 'TargetCheck', 'BenchResult', 'resolve_models', 'target_settings',
-    'run_benchmark', 'check_targets',
+    'DEFAULT_BATCH_SIZES', 'TARGET_THREADS', 'TARGET_CONDITIONS', 'BenchRow', 'TargetCheck', 'BenchResult',
+    'resolve_models', 'target_settings', 'target_deviations', 'run_benchmark', 'check_targets',
 ]
 
 # Batch sizes of the default run: batch 1 and a batch large enough to use both cores of a laptop
 # while the whole run stays near two minutes on 2 CPU cores.
 DEFAULT_BATCH_SIZES = (1, 8)
+
+# The conditions the targets are promised under; a run under others measures them but gives no verdict.
+TARGET_THREADS = 2
+TARGET_CONDITIONS = (f'CPU, {TARGET_THREADS} threads, float32, no --amp, --channels-last or --compile, '
+                     '--cpu-kernels build')
+
+
 def _registered(name: str) -> bool:
     import timm
     return timm.is_model(name)
@@ -107,6 +116,30 @@ def target_settings(targets: Sequence[SpeedTarget]) -> List[Tuple[Setting, List[
     return list(jobs.items())
 
 
+def target_deviations(options: BenchOptions, threads: int) -> List[str]:
+    """The flags by which a run with ``options`` on ``threads`` CPU threads leaves :data:`TARGET_CONDITIONS`."""
+    return [flag for flag, differs in (
+        (f'--device {options.device}', torch.device(options.device).type != 'cpu'),
+        (f'--threads {threads}', threads != TARGET_THREADS),
+        (f'--dtype {options.dtype}', options.dtype != 'float32'), ('--amp', options.amp),
+        ('--channels-last', options.channels_last), ('--compile', options.compile),
+        (f'--cpu-kernels {options.cpu_kernels}',  # ONNX Runtime runs no kernel of ours
+         options.runtime == 'torch' and options.cpu_kernels != 'build'),
+    ) if differs]
+
+
+def _baselines(pairs: Sequence[Tuple[str, Optional[str]]]) -> Dict[str, Optional[str]]:
+    """Each model's baseline; raises :class:`BenchInputError` for a model paired with two."""
+    baselines: Dict[str, Optional[str]] = {}
+    for name, baseline in pairs:
+        known = baselines.get(name)
+        if known is not None and baseline is not None and baseline != known:
+            raise BenchInputError(f'{name} is paired with {known} and {baseline}: a model has one baseline per run, '
+                                  'compare the other in a run of its own')
+        baselines[name] = baseline or known
+    return baselines
+
+
 # Extra rounds for unstable ratios stop at ``options.max_repeats`` rounds or this many times the setting's budget.
 _EXTENSION_BUDGET_FACTOR = 3.0
 
@@ -137,11 +170,11 @@ class BenchRow:
     latency_ratio_q3: Optional[float] = None
     latency_ratio_unstable: str = ''  # why the ratio is not to be quoted; '' when it is stable
     memory_ratio: Optional[float] = None
-    paper_source: Optional[str] = None
+    paper_source: Optional[str] = None  # the paper fields: at PAPER_IMG_SIZE only, the size the papers report
     paper_params_m: Optional[float] = None
     paper_gmacs: Optional[float] = None
     paper_speeds: str = ''
-    paper_latency_ratio: Optional[float] = None
+    paper_latency_ratio: Optional[float] = None  # inference only, from speeds on the run's device type
     paper_latency_ratio_basis: str = ''
     error: str = ''  # why the model was not timed (ONNX Runtime: export failed or output differs from PyTorch)
 
@@ -156,9 +189,12 @@ class TargetCheck:
     measured: Optional[float]  # None when the run did not measure it
     unstable: str = ''  # why the measured ratio is unstable; then the target is neither passed nor failed
     error: str = ''  # why the model or its baseline could not be timed
+    deviations: str = ''  # how the run left TARGET_CONDITIONS; then the target is neither passed nor failed
 
     @property
     def status(self) -> str:
+        if self.deviations:
+            return 'n/c'
         if self.error:
             return 'ERROR'
         if self.measured is None:
@@ -298,6 +334,7 @@ def run_benchmark(
     no ratios). Raises :class:`BenchInputError` for bad options, RuntimeError when a model fails.
     """
     options.validate()
+    _baselines(pairs)
     if options.runtime == 'onnxruntime' and any(setting.mode != 'infer' for setting, _ in jobs):
         raise BenchInputError('--runtime onnxruntime times inference only: drop --train')
     if options.threads is not None and torch.device(options.device).type == 'cpu':
@@ -315,7 +352,7 @@ def _run_benchmark(
         options: BenchOptions,
         progress: bool,
 ) -> BenchResult:
-    baselines = dict(pairs)
+    baselines = _baselines(pairs)
     bar = _Progress(progress)
     onnx = options.runtime == 'onnxruntime'
     folder = tempfile.TemporaryDirectory(prefix='timm-pf-bench-') if onnx else nullcontext()
@@ -456,7 +493,7 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
         throughput=setting.batch_size / (median / 1e3) if latencies else None,
         peak_memory_mb=None if peak is None else peak / 2 ** 20, error=failures.get((name, setting), ''),
     )
-    if report is not None:
+    if report is not None and setting.img_size == PAPER_IMG_SIZE:  # the papers report their 224 px models
         row.paper_source, row.paper_params_m, row.paper_gmacs = report.source, report.params_m, report.gmacs
         row.paper_speeds = '; '.join(str(s) for s in report.speeds)
     if baseline is not None:
@@ -471,14 +508,16 @@ def _make_row(name: str, baseline: Optional[str], setting: Setting, subjects: Di
             row.latency_ratio_unstable = ratio.unstable
         if peak is not None and base_peak:
             row.memory_ratio = peak / base_peak
-        row.paper_latency_ratio, row.paper_latency_ratio_basis = paper_latency_ratio(
-            name, baseline, setting.batch_size)
+        if setting.mode == 'infer' and setting.img_size == PAPER_IMG_SIZE:  # the papers time inference
+            row.paper_latency_ratio, row.paper_latency_ratio_basis = paper_latency_ratio(
+                name, baseline, setting.batch_size, torch.device(options.device).type)
     return row
 
 
 def check_targets(result: BenchResult, targets: Optional[Sequence[SpeedTarget]] = None) -> List[TargetCheck]:
     """The targets (default :data:`SPEED_TARGETS`) this run measured: model and baseline both ran in the
-    target's setting and runtime."""
+    target's setting and runtime. A run outside :data:`TARGET_CONDITIONS` gives them no verdict ('n/c')."""
+    deviations = ', '.join(target_deviations(result.options, result.environment['threads']))
     checks = []
     for target in SPEED_TARGETS if targets is None else targets:
         row = result.row(target.model, target.setting)
@@ -487,7 +526,7 @@ def check_targets(result: BenchResult, targets: Optional[Sequence[SpeedTarget]] 
         base = result.row(target.baseline, target.setting)
         error = '; '.join(f'{r.model}: {r.error}' for r in (row, base) if r is not None and r.error)
         if target.metric == 'latency':
-            checks.append(TargetCheck(target, row.latency_ratio, row.latency_ratio_unstable, error))
+            checks.append(TargetCheck(target, row.latency_ratio, row.latency_ratio_unstable, error, deviations))
         else:
-            checks.append(TargetCheck(target, row.memory_ratio, error=error))
+            checks.append(TargetCheck(target, row.memory_ratio, error=error, deviations=deviations))
     return checks

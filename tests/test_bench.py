@@ -17,7 +17,7 @@ from timm_pf.tools import bench
 from timm_pf.tools.bench import (
     BenchInputError, BenchOptions, PeakTensorMemory, Setting, SpeedTarget, measure, paper, runner,
 )
-from timm_pf.tools.bench.ratio import quantiles
+from timm_pf.tools.bench.ratio import latency_ratio, quantiles
 from timm_pf.tools.cards import CARDS_DIR
 
 SMALL_PAIR = ('resnet18', 'resnet10t')
@@ -461,6 +461,7 @@ def test_cli_writes_every_format(tmp_path, capsys):
     (['--models', 'resnet18:resnet10t', 'resnet18:resnet14t'], 'a model has one baseline per run'),
     (['--models', 'ours_r50_max', 'ours_r50_max:resnet18'], 'ours_r50_max is paired with resnet50 and resnet18'),
     (['--models', 'resnet18:resnet18'], 'pairs resnet18 with itself'),
+    (['--models', 'local-dir:some_folder'], 'not local-dir: or hf-hub: sources'),
     (['--models', 'resnet18', '--amp', '--dtype', 'float16'], 'drop --dtype float16 or --amp'),
     (['--models', 'resnet18', '--threads', '100000'], '--threads must be between 1 and'),
     (['--models', 'resnet18:resnet10t', '--train', '--batch-sizes', '1', '--img-size', '32', '--repeats', '1',
@@ -765,3 +766,10 @@ def test_model_stats_measure_a_vit_at_the_size_it_was_built_for():
         assert stats.input_size == (3, 96, 96)
     resnet = timm.create_model('resnet10t')
     assert model_stats(resnet).input_size == tuple(resnet.pretrained_cfg['input_size'])
+
+
+@pytest.mark.parametrize('statistic, advice', [('median', True), ('min', False)])
+def test_an_unstable_ratio_suggests_the_other_statistic_only(statistic, advice):
+    latencies = [1.0, 1.5, 2.0, 1.1, 3.0, 1.4, 4.0, 1.2]  # scattered against a steady baseline
+    ratio = latency_ratio(latencies, [1.0] * len(latencies), statistic)
+    assert 'machine busy' in ratio.unstable and ('--statistic min' in ratio.unstable) == advice

@@ -376,6 +376,7 @@ def test_unknown_options_point_at_the_help_of_their_command(argv, prog, capsys):
 def test_run_passes_options_it_does_not_know_to_its_script(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(sys, 'argv', list(sys.argv))
-    (tmp_path / 'echo.py').write_text('import sys, pathlib\npathlib.Path("argv.txt").write_text(" ".join(sys.argv[1:]))\n')
+    (tmp_path / 'echo.py').write_text(
+        'import sys, pathlib\npathlib.Path("argv.txt").write_text(" ".join(sys.argv[1:]))\n')
     assert main(['run', 'echo.py', '--bogus', '1', '-x']) == 0
     assert (tmp_path / 'argv.txt').read_text() == '--bogus 1 -x'

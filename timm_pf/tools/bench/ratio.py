@@ -58,8 +58,9 @@ def latency_ratio(latencies: Sequence[float], base_latencies: Sequence[float],
     if rounds < MIN_STABLE_ROUNDS:
         reason = f'only {rounds} rounds ({MIN_STABLE_ROUNDS} needed): rerun with a larger --time-budget or --repeats'
     elif q3 - q1 > MAX_RELATIVE_SPREAD * value:
+        other_statistic = ' or with --statistic min' if statistic == 'median' else ''
         reason = (f'{spread_name} {q1:.2f}-{q3:.2f} is wider than {MAX_RELATIVE_SPREAD:.0%} of the ratio: '
-                  'machine busy? rerun on an idle machine or with --statistic min')
+                  f'machine busy? rerun on an idle machine{other_statistic}')
     else:
         reason = ''
     return LatencyRatio(value, q1, q3, reason)

@@ -82,6 +82,9 @@ def resolve_models(patterns: Sequence[str]) -> List[Tuple[str, Optional[str]]]:
     import timm
     pairs: List[Tuple[str, Optional[str]]] = []
     for pattern in patterns:
+        if pattern.startswith(('local-dir:', 'hf-hub:')):
+            raise BenchInputError(f'--models {pattern}: bench builds registered models by name (weights do not '
+                                  'change their timing), not local-dir: or hf-hub: sources')
         pattern, _, explicit_baseline = pattern.partition(':')
         if any(ch in pattern for ch in '*?['):
             names = timm.list_models(pattern)

@@ -773,3 +773,19 @@ def test_an_unstable_ratio_suggests_the_other_statistic_only(statistic, advice):
     latencies = [1.0, 1.5, 2.0, 1.1, 3.0, 1.4, 4.0, 1.2]  # scattered against a steady baseline
     ratio = latency_ratio(latencies, [1.0] * len(latencies), statistic)
     assert 'machine busy' in ratio.unstable and ('--statistic min' in ratio.unstable) == advice
+
+
+def test_plot_titles_say_how_the_models_ran(monkeypatch, tmp_path):
+    pytest.importorskip('matplotlib')
+    from matplotlib.axes import Axes
+    result = _synthetic_run(monkeypatch, 'stable', amp=True, channels_last=True)
+    titles = []
+    set_title = Axes.set_title
+
+    def record(ax, label, *args, **kwargs):
+        titles.append(label)
+        return set_title(ax, label, *args, **kwargs)
+
+    monkeypatch.setattr(Axes, 'set_title', record)
+    bench.plot_result(result, str(tmp_path / 'bench.png'))
+    assert titles and all('amp channels_last' in title for title in titles), titles

@@ -1,6 +1,6 @@
 """The benchmark's plot: latency against params and MACs, and the ratio against image size for a
 resolution sweep (needs the ``plot`` extra, matplotlib)."""
-from .report import ratio_vs_resolution
+from .report import ratio_vs_resolution, run_conditions
 from .runner import BenchResult
 
 __all__ = ['plot_result']
@@ -59,7 +59,7 @@ def plot_result(result: BenchResult, path: str) -> None:
                 axis.set_minor_formatter(NullFormatter())
             ax.set_xlabel(xlabel)
             ax.set_ylabel('latency (ms, median; bars: IQR)')
-            ax.set_title(f'{setting}, {result.options.device} {result.options.dtype}', fontsize=10)
+            ax.set_title(f'{setting}, {result.options.device} {run_conditions(result.options)}', fontsize=10)
             ax.grid(True, which='both', alpha=0.3)
         axes_row[0].legend(fontsize=8, title='family (square: baseline)', title_fontsize=8)
     fig.tight_layout()
@@ -86,6 +86,7 @@ def _plot_sweep(axes_row, sweep, result: BenchResult, colors) -> None:
         ax.axhline(1.0, color='black', linewidth=1, linestyle=':')
         ax.set_xlabel('image size (px)')
         ax.set_ylabel(f'{title} ratio (ours / baseline; below 1 is better)')
-        ax.set_title(f'{title} ratio vs image size, {result.options.device} {result.options.dtype}', fontsize=10)
+        ax.set_title(f'{title} ratio vs image size, {result.options.device} {run_conditions(result.options)}',
+                     fontsize=10)
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)

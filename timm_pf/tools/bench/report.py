@@ -7,9 +7,10 @@ from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 from .paper import PAPER_IMG_SIZE, Setting
+from .measure import BenchOptions
 from .runner import TARGET_CONDITIONS, BenchResult, BenchRow
 
-__all__ = ['format_report', 'ratio_vs_resolution', 'to_csv', 'to_json']
+__all__ = ['format_report', 'ratio_vs_resolution', 'run_conditions', 'to_csv', 'to_json']
 
 def _fmt(value: Optional[float], spec: str = '.2f', suffix: str = '') -> str:
     return '-' if value is None or (isinstance(value, float) and math.isnan(value)) else f'{value:{spec}}{suffix}'
@@ -128,11 +129,16 @@ def _cost_table(result: BenchResult, markdown: bool) -> List[str]:
 _RATIO_OF = {'median': 'ratio = median of the per-run ratios', 'min': 'ratio of the fastest runs'}
 
 
+def run_conditions(options: BenchOptions) -> str:
+    """How the models ran, for table and plot titles: dtype, amp, layout, compilation, runtime."""
+    return options.dtype + (' amp' if options.amp else '') + (' channels_last' if options.channels_last else '') \
+        + (' compiled' if options.compile else '') + (' ONNX Runtime' if options.runtime == 'onnxruntime' else '')
+
+
 def _speed_tables(result: BenchResult, markdown: bool) -> List[str]:
     out = []
     opts = result.options
-    numerics = opts.dtype + (' amp' if opts.amp else '') + (' channels_last' if opts.channels_last else '') \
-        + (' compiled' if opts.compile else '') + (' ONNX Runtime' if opts.runtime == 'onnxruntime' else '')
+    numerics = run_conditions(opts)
     for setting in dict.fromkeys(r.setting for r in result.rows):
         rows = []
         for r in result.rows:

@@ -374,11 +374,13 @@ def test_targets_preset_settings():
         'ours_r50_max', 'ours_r50_hybrid'}
 
 
-def test_cli_list_shows_the_targets_of_both_runtimes(capsys):
+def test_cli_list_shows_every_preset_and_the_targets_of_both_runtimes(capsys):
     assert main(['bench', '--list']) == 0
     out = capsys.readouterr().out
-    torch_part, onnx_part = out.split('targets (--preset targets; CPU, 2 threads):')[1].split(
-        'targets (--preset targets --runtime onnxruntime; CPU, 2 threads):')
+    scaling = out.split('pairs of --preset scaling (batch 1, 224 384 512 768 1024 px')[1].split('targets')[0]
+    assert all(f'{model:<20} vs {baseline}' in scaling for model, baseline in bench.SCALING_PAIRS)
+    torch_part, onnx_part = out.split(f'targets (--preset targets; {bench.TARGET_CONDITIONS}):')[1].split(
+        f'targets (--preset targets --runtime onnxruntime; {bench.TARGET_CONDITIONS}):')
     for line in ('vit_s_maxpool latency <= 1.05x vit_small_patch16_224, infer b1 224px',
                  'vit_s_maxpool latency <= 0.78x vit_small_patch16_224, infer b1 1024px',
                  'pit_s_maxpool latency <= 0.75x pit_s_224, infer b1 672px',

@@ -83,8 +83,10 @@ def _plan(args: argparse.Namespace):
 
 
 def _list() -> int:
-    from timm_pf.tools.bench import BASELINE_RULES, HEADLINE_MODELS, PAPER_REPORTS, SPEED_TARGETS
-    print('default models: ' + ', '.join(HEADLINE_MODELS))
+    from timm_pf.tools.bench import (
+        BASELINE_RULES, HEADLINE_MODELS, PAPER_REPORTS, SCALING_PAIRS, SCALING_SIZES, SPEED_TARGETS, TARGET_CONDITIONS,
+    )
+    print('default models (--preset headline): ' + ', '.join(HEADLINE_MODELS))
     print('\nbaselines (first matching pattern wins; MODEL:BASELINE on --models overrides):')
     for pattern, baseline in BASELINE_RULES:
         print(f'  {pattern:<20} -> {baseline}')
@@ -94,8 +96,11 @@ def _list() -> int:
         params = f'{report.params_m:g} M params' if report.params_m else '-'
         macs = f'{report.gmacs:g} GMACs' if report.gmacs else '-'
         print(f'  {name:<22} {params:<16} {macs:<13} {speeds:<36} [{report.source}]')
+    print(f'\npairs of --preset scaling (batch 1, {" ".join(map(str, SCALING_SIZES))} px; --img-size overrides):')
+    for model, baseline in SCALING_PAIRS:
+        print(f'  {model:<20} vs {baseline}')
     for runtime, flags in (('torch', ''), ('onnxruntime', ' --runtime onnxruntime')):
-        print(f'\ntargets (--preset targets{flags}; CPU, 2 threads):')
+        print(f'\ntargets (--preset targets{flags}; {TARGET_CONDITIONS}):')
         for target in SPEED_TARGETS:
             if target.runtime == runtime:
                 print(f'  {target}')

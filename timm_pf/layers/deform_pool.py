@@ -49,7 +49,7 @@ from torch import nn
 from timm.layers import register_notrace_module
 
 from .._private import current_dispatch_mode
-from .graph_capture import is_capturing_graph
+from .graph_capture import is_capturing_graph, is_static_size
 
 __all__ = [
     'deform_pool2d', 'sampled_deform_pool2d', 'DeformPool2d', 'DeformMaxPool2d', 'DeformAvgPool2d',
@@ -409,7 +409,7 @@ def sampled_deform_pool2d(
     """
     batch, channels = input.shape[0], input.shape[1]
     height, width = input.shape[2], input.shape[3]
-    if isinstance(height, int) and isinstance(width, int):  # not symbolic (a dynamic height or width in export)
+    if is_static_size(height, width):
         height, width = _power_of_two(height), _power_of_two(width)
         input = F.pad(input, (0, width - input.shape[3], 0, height - input.shape[2]))
     if input.device.type == 'cpu' and (input.dtype == torch.bfloat16 or input.dtype == torch.float16):
@@ -499,7 +499,7 @@ def _onnx_deform_pool2d(
         weight = torch.full((channels, 1, kh, kw), 1.0 / num_points, dtype=input.dtype, device=input.device)
         return _deform_conv_node(input, weight, offset, mask, geometry.out_size, geometry.stride,
                                  (pad_y, pad_x, pad_y, pad_x), geometry.dilation)
-    if not (isinstance(height, int) and isinstance(width, int)):
+    if not is_static_size(height, width):
         return None  # symbolic sizes: ONNX attributes (the pads) are constants
     rows = _rows_layout_pads(height, num_points * out_height, stride_y, (num_points // 2) * out_height * stride_y)
     cols = _rows_layout_pads(width, out_width, stride_x, pad_x)

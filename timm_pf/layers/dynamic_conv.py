@@ -31,7 +31,7 @@ from timm.layers import CondConv2d, Mlp, is_exporting, pad_same, register_notrac
 
 from .._private import scan
 from .cpu_kernels import cpu_kernels
-from .graph_capture import is_capturing_graph
+from .graph_capture import is_capturing_graph, is_static_size
 
 __all__ = ['DynamicConv2d', 'per_sample_conv2d', 'check_num_experts', 'ROUTING_TYPES']
 
@@ -102,7 +102,7 @@ def _scanned_conv2d(
 
         return scan(step, features.new_zeros(()), (features, kernels))[1]
 
-    if padding != (0, 0) and not (isinstance(x.shape[2], int) and isinstance(x.shape[3], int)):
+    if padding != (0, 0) and not is_static_size(x.shape[2], x.shape[3]):
         # a dynamic height or width: padded outside the scan, whose body's padded convolution fails to export
         x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
         padding = (0, 0)

@@ -4,6 +4,7 @@ Exit codes: 0 ok, 1 a failure outside the user's control (the Hub unreachable or
 an unexpected error), 2 bad input (the message names it). Commands raise; they do not print errors
 themselves. ``TIMM_PF_TRACEBACK=1`` re-raises, for debugging.
 """
+import importlib.util
 import os
 import sys
 from typing import Callable, Tuple, Type
@@ -21,6 +22,13 @@ class BadInput(Exception):
 
 class Failure(Exception):
     """A failure the message explains (stale cards, a kernel that disagrees): exit code 1."""
+
+
+def require_plot_extra(needs_it: str) -> None:
+    """:class:`BadInput` before any work when matplotlib (the ``plot`` extra) is missing; ``needs_it`` names what
+    needs it."""
+    if importlib.util.find_spec('matplotlib') is None:
+        raise BadInput(f"{needs_it} needs matplotlib: pip install 'timm-pf[plot]'")
 
 
 def _loaded(module: str, *names: str) -> Tuple[Type[BaseException], ...]:

@@ -6,7 +6,7 @@ import sys
 from typing import Dict, List, Optional, Sequence
 
 from ._args import image_file, output_file, positive_float
-from ._errors import Failure
+from ._errors import Failure, require_plot_extra
 
 _DEFAULT_BUDGET = {'headline': 50.0, 'targets': 240.0, 'scaling': 300.0}
 
@@ -128,9 +128,7 @@ def _run(args: argparse.Namespace) -> int:
             raise BenchInputError(f'--preset targets runs the conditions of the targets ({TARGET_CONDITIONS}): '
                                   f'drop {", ".join(deviations)}')
     if args.plot:
-        import importlib.util
-        if importlib.util.find_spec('matplotlib') is None:
-            raise BenchInputError("--plot needs matplotlib: pip install 'timm-pf[plot]'")
+        require_plot_extra('--plot')
     result = run_benchmark(jobs, pairs, options, progress=not args.no_progress)
     # the files first: a closed or full stdout must not lose the run's results
     outputs = [(args.markdown, lambda: format_report(result, markdown=True)), (args.csv, lambda: to_csv(result)),
@@ -226,7 +224,6 @@ def register(subparsers) -> None:
     p.add_argument('--strict', action='store_true',
                    help='exit 1 unless every target the run covers passes: a target that fails, is unstable, '
                         'could not be timed, was not measured (n/a: memory with --memory off) or was measured '
-                        'outside its conditions (n/c: CPU, 2 threads, float32, no --amp, --channels-last or '
-                        '--compile, --cpu-kernels build) counts as a failure')
+                        'outside its conditions (n/c; --list prints them) counts as a failure')
     p.add_argument('--list', action='store_true', help='list default models, baselines, paper values and targets')
     p.set_defaults(func=_run)

@@ -9,7 +9,6 @@
 by a linear map from block ``i``'s output to block ``j``'s.
 """
 import argparse
-import importlib.util
 import json
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -24,7 +23,7 @@ from ._args import (
     device, input_file, key_value, non_negative_float, non_negative_int, number, output_dir, output_file, positive_int,
     split_name,
 )
-from ._errors import BadInput
+from ._errors import BadInput, require_plot_extra
 
 
 def register(subparsers) -> None:
@@ -200,8 +199,8 @@ def run_analyze(args) -> int:
                        f'subset of {",".join(METRICS)}')
     if args.rank_by not in metrics:
         raise BadInput(f'--rank-by {args.rank_by} is not among --metrics {",".join(metrics)}')
-    if not args.no_plot and importlib.util.find_spec('matplotlib') is None:  # before the analysis, not after
-        raise BadInput("the heatmap needs matplotlib: pip install 'timm-pf[plot]' (or pass --no-plot)")
+    if not args.no_plot:  # before the analysis, not after
+        require_plot_extra('the heatmap (without --no-plot)')
     _check_fresh_output(args.output, _ANALYSIS_FILES)
     model = _create_model(args)
     loader, _ = _loader(model, args, args.split, args.num_images)
